@@ -1,0 +1,162 @@
+"""ModelConfig: the few numbers that define a Llama-3.x or Qwen2/2.5 decoder.
+
+Read straight from a Hugging Face `config.json`, so any folder users already have
+works. The two families differ only in small switches (q/k/v bias, tied head, rope
+scaling), so one dataclass covers both; anything else is refused by name rather than
+loaded wrong.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "LlamaForCausalLM"
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 always; Llama when attention_bias
+    o_bias: bool = False  # Llama attention_bias also puts a bias on o_proj
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def model_type(self) -> str:
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count from the shapes alone (used for memory budgets and MFU)."""
+        H, I, L, D = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.head_dim
+        q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
+        attn = H * q + 2 * H * kv + q * H + (q + 2 * kv if self.qkv_bias else 0) + (H if self.o_bias else 0)
+        per_layer = attn + 3 * H * I + 2 * H
+        head = 0 if self.tie_word_embeddings else self.vocab_size * H
+        return self.vocab_size * H + L * per_layer + H + head
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        archs = d.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{source}: unsupported architecture {arch!r} "
+                f"(sso-mini supports {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        qwen = arch == "Qwen2ForCausalLM"
+        if d.get("mlp_bias"):
+            raise ValueError(f"{source}: mlp_bias=true is not supported")
+        if qwen and d.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        scaling = d.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind != "llama3":
+                raise ValueError(f"{source}: unsupported rope_scaling type {kind!r} (only 'llama3')")
+            scaling = {**scaling, "rope_type": "llama3"}
+        heads = d["num_attention_heads"]
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=True if qwen else bool(d.get("attention_bias", False)),
+            o_bias=False if qwen else bool(d.get("attention_bias", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face model folder?)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=str(path))
+
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers reads back into the same model."""
+        d = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.model_type == "llama":
+            d["attention_bias"] = self.qkv_bias
+            d["mlp_bias"] = False
+        return d
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Shapes of the models people run SSO on (from their published config.json files).
+# Used for random-weight benchmarks at real sizes and for memory budgets.
+PRESETS = {
+    "SmolLM2-135M": ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+        tie_word_embeddings=True, max_position_embeddings=8192,
+    ),
+    "Qwen2.5-0.5B": ModelConfig(
+        architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, qkv_bias=True,
+        max_position_embeddings=32768,
+    ),
+    "Qwen2-7B": ModelConfig(
+        architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, qkv_bias=True,
+        max_position_embeddings=32768,
+    ),
+    "Llama-3.1-8B": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072,
+    ),
+}

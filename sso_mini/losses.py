@@ -1,0 +1,142 @@
+"""Preference losses: DPO, IPO and the SSO objective (SSO_SPEC.md §1.3-1.7).
+
+Everything here takes per-sequence log-probs (the sum of the response-token
+log-probs and the response-token counts), never a model, so the whole objective
+can be read and tested on hand-picked numbers.
+
+One SSO record gives six sequences, always in this column order:
+
+    col  name        pair                  sequence
+    0    chosen      base  (x:  y+ > y-)   y_pos | x
+    1    rejected    base                  y_neg | x
+    2    p_chosen    G+    (x+: y+ > y-)   y_pos | x+
+    3    p_rejected  G+                    y_neg | x+
+    4    n_chosen    G-    (x-: y^o > y+)  y_raw | x-
+    5    n_rejected  G-                    y_pos | x-
+
+Under the bad principle the raw response is chosen and the good one rejected
+(not y- > y+): it keeps p- from becoming a way to elicit y- (SSO_SPEC §1.2).
+"""
+
+import torch
+import torch.nn.functional as F
+
+SEQUENCES = ("chosen", "rejected", "p_chosen", "p_rejected", "n_chosen", "n_rejected")
+CHOSEN, REJECTED, P_CHOSEN, P_REJECTED, N_CHOSEN, N_REJECTED = range(6)
+PAIRS = (("", CHOSEN, REJECTED), ("p_", P_CHOSEN, P_REJECTED), ("n_", N_CHOSEN, N_REJECTED))
+
+LOSS_TYPES = ("ipo", "dpo")
+FORMS = ("v1", "head", "v2")
+DEFAULT_BETA = {"ipo": 0.2, "dpo": 0.1}  # IPO: HEAD train.sh; DPO: v2 §5.1
+
+
+def _margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected):
+    """h = [l_pi(y_w) - l_ref(y_w)] - [l_pi(y_l) - l_ref(y_l)], the implicit reward margin."""
+    return (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)  # [B]
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1):
+    """DPO: -log sigmoid(beta * h) per example [B]. Pass SUMMED log-probs."""
+    return -F.logsigmoid(beta * _margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected))
+
+
+def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.2):
+    """IPO: (h - 1/(2 beta))^2 per example [B]. Pass PER-TOKEN-MEAN log-probs.
+
+    IPO regresses the margin onto a fixed target instead of pushing it to
+    infinity; with means the target does not depend on response length.
+    """
+    return (_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2
+
+
+def _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
+    if form == "v2" and not use_g:
+        raise ValueError("form 'v2' is made of the G pairs only; use_g=False would leave no loss")
+    if beta is not None and beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    for name, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps), ("lengths", lengths)):
+        if t.dim() != 2 or t.shape[1] != len(SEQUENCES) or t.shape != policy_logps.shape:
+            raise ValueError(f"{name} must have shape [B, 6] like policy_logps "
+                             f"{tuple(policy_logps.shape)}, got {tuple(t.shape)}")
+    if (lengths <= 0).any():
+        raise ValueError("lengths must be positive response-token counts")
+
+
+def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", use_w=True,
+             use_g=True, theta=0.1, alpha=0.66, beta=None, gamma=0.1):
+    """The SSO objective on one batch of records.
+
+    policy_logps: [B, 6] summed response log-probs under the policy (differentiable).
+    ref_logps:    [B, 6] the same under the reference (no grad needed).
+    lengths:      [B, 6] response-token counts; columns as in the module docstring.
+
+    With L the base loss (IPO on per-token means, DPO on sums, for policy and
+    reference alike) and
+        G = L(x+, y+, y-) + L(x-, y^o, y+)
+        W = sigmoid(-(alpha * mean_logp(y+|x) + (1 - alpha) * mean_logp(y-|x)))
+    the per-example loss is
+        v1   (paper v1 / INIT code, default):  W * (L(x, y+, y-) + theta * G)
+        head (HEAD code):                      L(x, y+, y-) + W * theta * G
+        v2   (data generator):  L(x+,y+,y-) + gamma*SFT(x+,y+) + L(x-,y^o,y+) + gamma*SFT(x-,y^o)
+    with SFT = -mean_logp of the chosen side. v2 has no W and no base term,
+    so use_w does not change it (W is still reported).
+
+    W is NOT detached: its gradient pushes log pi(y+|x), log pi(y-|x) up, which
+    keeps the pair on-policy. It always uses per-token means, computed per
+    example as sum/len (not the official code's broadcast, SSO_SPEC §1.7).
+
+    Ablations (both v1 and head): use_w=False -> L + theta*G (INIT's "w/o W";
+    HEAD would silently drop G), use_g=False -> W * L, neither -> L (PBAA).
+
+    beta=None picks 0.2 for IPO and 0.1 for DPO.
+    Returns (batch-mean loss, metrics) where metrics holds floats (batch means):
+        loss, raw_loss (the same loss with W set to 1), W, and for each prefix
+        "", "p_", "n_": rewards/{chosen,rejected,accuracies,margins} with
+        reward = beta * (l_pi - l_ref) normalised as the loss uses it, and
+        logps/{chosen,rejected} = the policy's SUMMED log-probs (as TRL logs).
+        For "n_", chosen is y^o and rejected is y+ (both under x-).
+    """
+    _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta)
+    beta = DEFAULT_BETA[loss_type] if beta is None else beta
+    lengths = lengths.to(policy_logps.dtype)
+    mean_logps = policy_logps / lengths  # [B, 6] pi~(y|x), used by W and SFT whatever the loss
+    if loss_type == "ipo":
+        base_loss, l_pi, l_ref = ipo_loss, mean_logps, ref_logps / lengths  # [B, 6]
+    else:
+        base_loss, l_pi, l_ref = dpo_loss, policy_logps, ref_logps  # [B, 6]
+
+    def L(c, r):  # base loss of the pair (column c chosen, column r rejected), [B]
+        return base_loss(l_pi[:, c], l_pi[:, r], l_ref[:, c], l_ref[:, r], beta)
+
+    L_base = L(CHOSEN, REJECTED)  # x:  y+ > y-
+    L_pos = L(P_CHOSEN, P_REJECTED)  # x+: y+ > y-
+    L_neg = L(N_CHOSEN, N_REJECTED)  # x-: y^o > y+
+    G = L_pos + L_neg  # [B]
+    W = torch.sigmoid(-(alpha * mean_logps[:, CHOSEN] + (1 - alpha) * mean_logps[:, REJECTED]))  # [B]
+
+    if form == "v2":
+        raw = (L_pos - gamma * mean_logps[:, P_CHOSEN]) + (L_neg - gamma * mean_logps[:, N_CHOSEN])
+        loss = raw
+    elif form == "head" and use_w and use_g:
+        raw = L_base + theta * G
+        loss = L_base + W * theta * G
+    else:  # v1, and every ablation of either form
+        raw = L_base + theta * G if use_g else L_base
+        loss = W * raw if use_w else raw
+
+    stats = {"loss": loss.mean(), "raw_loss": raw.mean(), "W": W.mean()}
+    for prefix, c, r in PAIRS:
+        chosen = beta * (l_pi[:, c] - l_ref[:, c])  # [B]
+        rejected = beta * (l_pi[:, r] - l_ref[:, r])  # [B]
+        stats[f"{prefix}rewards/chosen"] = chosen.mean()
+        stats[f"{prefix}rewards/rejected"] = rejected.mean()
+        stats[f"{prefix}rewards/accuracies"] = (chosen > rejected).float().mean()
+        stats[f"{prefix}rewards/margins"] = (chosen - rejected).mean()
+        stats[f"{prefix}logps/chosen"] = policy_logps[:, c].mean()
+        stats[f"{prefix}logps/rejected"] = policy_logps[:, r].mean()
+    values = torch.stack([v.detach().float() for v in stats.values()]).tolist()  # one device sync
+    return loss.mean(), dict(zip(stats, values))

@@ -1,0 +1,223 @@
+"""The decoder-only transformer shared by Llama-3.x and Qwen2/2.5.
+
+    tokens -> embed -> L x [x + attn(norm(x)), x + mlp(norm(x))] -> norm -> lm_head
+
+Every numeric choice follows the Hugging Face reference so that a checkpoint gives the
+same logits here as in `transformers`: RMSNorm in fp32, rotate-half RoPE (with the
+llama3 long-context frequency scaling), grouped-query attention, SwiGLU MLP. Parameter
+names are HF's minus the leading "model." so checkpoints load without a mapping table.
+
+Two callers shape the interface:
+- training/scoring calls `hidden_states(...)` on right- or left-padded batches and never
+  asks for full logits (see logprobs.py);
+- sampling (generate.py) attaches a static KVCache to each attention layer and feeds
+  `input_pos`, the cache slots being written, plus a ready-made 4-D boolean mask.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)  # normalise in fp32, scale in the weight's dtype (as HF)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies theta^(-2i/d), with llama3 scaling when configured.
+
+    llama3 scaling (Llama-3.1) leaves high frequencies alone, divides low ones by `factor`
+    and blends smoothly in between, so short-range order is kept while long contexts fit.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [d/2]
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    """A preallocated per-layer cache; decode writes one slot per step, shapes never change."""
+
+    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos: [T] slots; k, v: [B, Hkv, T, D]
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, H, bias=config.o_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, Tmax, D]
+        rep = self.n_heads // self.n_kv  # grouped-query: each kv head serves `rep` query heads
+        k = k.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
+        v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, Hq, T, D]
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, I = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def padding_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 1/0 padding mask -> [B, 1, T, T] boolean causal mask over real keys.
+
+    Each query may also see itself, so a padding row never has zero keys (SDPA would
+    return NaN there); padding rows' outputs are ignored anyway.
+    """
+    B, T = attention_mask.shape
+    device = attention_mask.device
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # [T, T]
+    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    diag = torch.eye(T, dtype=torch.bool, device=device)
+    return (causal & keys) | diag  # [B, 1, T, T]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding shifts each row; positions count real tokens only: [B, T]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.gradient_checkpointing = False
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output matrix [V, H]: the embedding itself when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def reset_rope(self):
+        """Recompute the RoPE buffer (needed after building on the meta device)."""
+        self.inv_freq = rope_inv_freq(self.config).to(self.embed_tokens.weight.device)
+
+    def rope(self, position_ids, dtype):
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D] (broadcast over heads)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
+        """Final-norm hidden states [B, T, H].
+
+        attention_mask: None (all real, causal), a [B, T] 1/0 padding mask, or a ready
+        [B, 1, T, S] boolean mask (sampling with a KV cache, S = cache length).
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            mask = None  # plain causal: SDPA's is_causal path
+            if position_ids is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        elif attention_mask.dim() == 2:
+            mask = padding_causal_mask(attention_mask)
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)
+        else:
+            mask = attention_mask
+            if position_ids is None:
+                raise ValueError("a 4-D attention mask needs explicit position_ids")
+        x = self.embed_tokens(input_ids)  # [B, T, H]
+        cos, sin = self.rope(position_ids, x.dtype)
+        if mask is None and input_pos is not None:
+            raise ValueError("sampling with a KV cache needs a [B, 1, T, S] attention mask")
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
+        return self.norm(x)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
+        """Logits [B, T, V]. Training never calls this (it would materialise [B, T, V])."""
+        h = self.hidden_states(input_ids, position_ids, attention_mask, input_pos)
+        return F.linear(h, self.lm_head_weight)
+
+    def setup_cache(self, batch_size: int, max_len: int):
+        """Attach a static KV cache of `max_len` slots to every layer (for generate.py)."""
+        w = self.embed_tokens.weight
+        for layer in self.layers:
+            a = layer.self_attn
+            a.kv_cache = KVCache(batch_size, a.n_kv, max_len, a.head_dim, w.dtype, w.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
