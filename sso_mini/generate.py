@@ -1,0 +1,197 @@
+"""Batched sampling with a static KV cache: many prompts, n samples each, fixed shapes.
+
+SSO samples three responses per prompt every iteration (y+, y-, y^o), so this loop is
+most of the wall time. One call lays the batch out like this (T = longest prompt,
+Tmax = T + max_new_tokens):
+
+    cache slot   0 ............ T-1 | T ............ Tmax-1
+    row 0        pad pad  prompt 0  | new tokens ->
+    row 1        prompt 1 (longest) | new tokens ->
+
+Prompts are left-padded, so every row writes its t-th new token into the same slot T+t:
+one `input_pos` serves the whole batch and each decode step has the same shapes (input
+[B, 1], mask [B, 1, 1, Tmax]), which is what torch.compile / CUDA graphs need. RoPE
+positions count each row's real tokens only, and a boolean key mask hides pad slots.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th kept), the rest -> -inf."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= p  # the top token always stays (its mass_before is 0)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def exponential_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Exp(1) draws, strictly positive (u is clamped away from 0; u < 1 always)."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_()
+
+
+def sample(logits, noise, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Next token per row: [B, V] logits -> [B] ids.
+
+    temperature 0 is greedy (noise unused). Otherwise temperature, then top-k, then top-p,
+    then the exponential race argmax(probs / E), E ~ Exp(1): token i wins with probability
+    probs[i]. Each row uses only its own noise row, so no row depends on another.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+
+
+def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature, top_k, top_p):
+    """One token for every row; tensors only and fixed shapes, so it can be compiled.
+
+    tokens [B, 1], input_pos [1] (the cache slot written), position_ids [B, 1],
+    mask [B, 1, 1, Tmax] -> next tokens [B].
+    """
+    h = model.hidden_states(tokens, position_ids, mask, input_pos)  # [B, 1, H]
+    logits = F.linear(h[:, -1], model.lm_head_weight)  # [B, V]
+    return sample(logits, noise, temperature, top_k, top_p)
+
+
+@functools.cache
+def compiled_decode_step(cuda: bool):
+    """Compiled once per process; "reduce-overhead" replays the step as a CUDA graph."""
+    return torch.compile(decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
+
+
+def check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
+    if not prompts:
+        raise ValueError("generate: prompts is empty (give a list of token-id lists)")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if n < 1:
+        raise ValueError(f"generate: n must be >= 1, got {n}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"generate: top_k must be >= 0 (0 = off), got {top_k}")
+    V, context = model.config.vocab_size, model.config.max_position_embeddings
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"generate: prompt {i} is empty")
+        if min(p) < 0 or max(p) >= V:
+            raise ValueError(f"generate: prompt {i} has token ids outside the vocabulary [0, {V})")
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) + max_new_tokens > context:
+        raise ValueError(
+            f"generate: prompt {longest} has {len(prompts[longest])} tokens; with max_new_tokens="
+            f"{max_new_tokens} it needs {len(prompts[longest]) + max_new_tokens} positions, "
+            f"more than the model's context of {context}"
+        )
+
+
+@torch.inference_mode()
+def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), n=1,
+             seed=None, progress=True, compile=False) -> list[list[int]]:
+    """Sample `n` completions for each prompt (lists of token ids).
+
+    Returns B*n lists of new token ids, prompt-major (prompt 0's n samples first); a row ends
+    at its first stop id, which is not included. The same seed gives the same output.
+    """
+    check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
+    device = model.embed_tokens.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    Tmax = T + max_new_tokens
+    ids = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, Tmax, dtype=torch.bool)  # which cache slots hold real tokens
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        valid[i, T - len(p):T] = True
+    ids, valid = ids.to(device), valid.to(device)
+    position_ids = (valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+
+    # prefill mask [B, 1, T, Tmax]: real keys at or before the query's slot; pad queries see
+    # themselves only, so no softmax row is empty (their outputs are never used)
+    slots = torch.arange(Tmax, device=device)
+    query = slots[:T, None]  # [T, 1]
+    mask = (valid[:, None, None, :] & (slots <= query)) | (slots == query)
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed) if seed is not None else generator.seed()
+
+    def noise(rows):  # fresh Exp(1) draws for every row and vocabulary entry; none when greedy
+        return None if temperature == 0 else exponential_noise((rows, model.config.vocab_size), generator, device)
+
+    step = compiled_decode_step(device.type == "cuda") if compile else decode_step
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    try:
+        model.setup_cache(B, Tmax)
+        h = model.hidden_states(ids, position_ids, mask, torch.arange(T, device=device))  # [B, T, H]
+        logits = F.linear(h[:, -1], model.lm_head_weight)  # [B, V]: last position only
+        if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
+            for layer in model.layers:
+                cache = layer.self_attn.kv_cache
+                cache.k, cache.v = cache.k.repeat_interleave(n, 0), cache.v.repeat_interleave(n, 0)
+            logits, valid = logits.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
+        rows = B * n
+        position = valid.sum(-1, keepdim=True)  # [rows, 1]: next position = real tokens so far
+        input_pos = torch.tensor([T], device=device)
+        out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens before the stop
+
+        tok = sample(logits, noise(rows), temperature, top_k, top_p)  # [rows]
+        bar = tqdm(total=max_new_tokens, desc="sampling", unit="tok", disable=not progress, leave=False)
+        for t in range(max_new_tokens):
+            tok = tok.masked_fill(done, 0)  # finished rows keep decoding pad; it is never returned
+            out[:, t] = tok
+            done = done | torch.isin(tok, stops)
+            length += ~done
+            bar.update(1)
+            if t == max_new_tokens - 1 or (len(stops) and done.all()):
+                break
+            valid.index_fill_(1, input_pos, True)  # the slot this token is written to
+            tok = step(model, tok[:, None], input_pos, position, valid[:, None, None, :], noise(rows),
+                       temperature, top_k, top_p).clone()
+            input_pos += 1
+            position += 1
+        bar.close()
+    finally:
+        model.clear_cache()
+    return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
+
+
+def complete(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, n=1, seed=None,
+             stop_strings=(), progress=True) -> list[str]:
+    """Text in, text out: each prompt is raw text (used as is, e.g. few-shot) or a list of chat
+    messages (rendered with the chat template). Returns n strings per prompt, in prompt order,
+    each cut before the first of `stop_strings`."""
+    if any(not s for s in stop_strings):
+        raise ValueError("complete: stop_strings contains an empty string")
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            ids.append(tokenizer.encode(p))
+        elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
+            ids.append(tokenizer.encode_chat(p, add_generation_prompt=True))
+        else:
+            raise ValueError(f"complete: prompt {i} is a {type(p).__name__}; expected text or a list of messages")
+    outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    stop_ids=tokenizer.stop_ids, n=n, seed=seed, progress=progress)
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+    return [min((t.split(s, 1)[0] for s in stop_strings), key=len, default=t) for t in texts]

@@ -1,0 +1,151 @@
+"""Log-probabilities of target tokens without ever building [tokens, vocab] logits.
+
+Preference losses need log pi(y_t | y_<t) for every response token, i.e. one entry per row of
+log_softmax(h @ W.T). The naive formula materialises the full [N, V] logits (and, in autograd,
+several more tensors of that size): 2.5 GB per tensor at N = 4096, V = 151,936. Here the lm_head
+matmul, the log-softmax and the gather are fused into one autograd Function that walks over the
+vocabulary in chunks, keeps only a [N, chunk] fp32 block alive at a time, saves just the inputs and
+the per-token logsumexp, and recomputes each chunk's logits in the backward.
+"""
+
+import torch
+
+from sso_mini.model import position_ids_from_mask
+
+IGNORE_INDEX = -100
+CHUNK_BYTES = 32 * 2**20  # budget of one fp32 [N, chunk] logits block
+
+
+def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
+    """Vocab rows per chunk so that a [n_tokens, chunk] fp32 block stays within CHUNK_BYTES."""
+    chunk = CHUNK_BYTES // (4 * max(n_tokens, 1))
+    chunk = max(128, chunk // 128 * 128)  # multiples of 128 keep the matmuls well shaped
+    return min(chunk, vocab_size)
+
+
+def _on_tensor_cores(hidden, weight) -> bool:
+    """Whether half-precision operands can enter the matmuls as they are.
+
+    A product of two bf16 (or fp16) numbers is exact in fp32, and cuBLAS sums in fp32 when asked
+    for an fp32 result (out_dtype), so on CUDA the logits equal those of upcasting first, at
+    tensor-core speed instead of fp32 speed (7x on an H100). CPU has no such matmul: upcast there.
+    """
+    return hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
+
+
+def _mm(a, b, dtype):
+    """a @ b, accumulated and returned in `dtype` (fp32, or fp64 for gradcheck)."""
+    return a @ b if a.dtype == dtype else torch.mm(a, b, out_dtype=dtype)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T)[i, targets[i]], chunked over the vocabulary.
+
+    Why vocab chunks rather than token chunks: the softmax needs every logit of a row, but its
+    normaliser composes exactly across chunks (logsumexp of the chunks' logsumexps), so the forward
+    stays one pass. In the backward the logsumexp is known, and a vocab chunk then yields its rows
+    of grad_weight complete from one matmul over all N tokens: they are written once, straight into
+    the output. Token chunks instead read-modify-write the whole [V, H] grad_weight (545 MB for
+    Qwen) once per chunk, which measured about 2x slower on CPU, and bf16 weights would need an
+    extra fp32 [V, H] accumulator. grad_hidden ([N, H], small) is the accumulated one here.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16 -> fp32; fp64 stays
+        fast = _on_tensor_cores(hidden, weight)
+        h = hidden if fast else hidden.to(dtype)  # [N, H] matmul operand
+        valid = targets != IGNORE_INDEX  # [N]
+        t = torch.where(valid, targets, 0)  # [N] ignored rows score token 0, masked below
+        target_logit = (h.to(dtype) * weight[t].to(dtype)).sum(-1)  # [N]
+        chunk_lse = []
+        for start in range(0, weight.shape[0], chunk_size):
+            w = weight[start:start + chunk_size]  # [C, H]
+            z = _mm(h, (w if fast else w.to(dtype)).T, dtype)  # [N, C] logits of this chunk
+            z_max = z.amax(dim=1)  # [N]
+            z_sum = z.sub_(z_max[:, None]).exp_().sum(dim=1)  # [N]
+            chunk_lse.append(z_max + z_sum.log())  # [N]
+        lse = torch.stack(chunk_lse, dim=1).logsumexp(dim=1)  # [N] exact merge of the chunks
+        ctx.save_for_backward(hidden, weight, t, valid, lse)
+        ctx.chunk_size, ctx.fast = chunk_size, fast
+        return torch.where(valid, target_logit - lse, 0.0)  # [N]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, t, valid, lse = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[:2]
+        dtype = lse.dtype
+        h = hidden if ctx.fast else hidden.to(dtype)  # [N, H] matmul operand
+        g = torch.where(valid, grad_out.to(dtype), 0.0)  # [N] no gradient from ignored rows
+        grad_h = torch.zeros(h.shape, dtype=dtype, device=h.device) if want_h else None  # [N, H]
+        grad_w = torch.empty_like(weight) if want_w else None  # [V, H] each chunk written once
+        for start in range(0, weight.shape[0], ctx.chunk_size):
+            w = weight[start:start + ctx.chunk_size]  # [C, H]
+            w = w if ctx.fast else w.to(dtype)
+            # d out_i / d z_ij = onehot_ij - softmax_ij, so the logits gradient is g_i * (onehot - p)
+            z = _mm(h, w.T, dtype)  # [N, C] the forward's logits again
+            z.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # [N, C] -g * softmax
+            inside = (t >= start) & (t < start + w.shape[0])  # [N] target falls in this chunk
+            col = (t - start).clamp_(0, w.shape[0] - 1)[:, None]  # [N, 1]
+            z.scatter_add_(1, col, torch.where(inside, g, 0.0)[:, None])  # + g * onehot
+            z = z.to(h.dtype)  # on tensor cores the operand is rounded to bf16; sums stay fp32
+            if want_h:
+                grad_h += _mm(z, w, dtype)  # [N, H]
+            if want_w:
+                grad_w[start:start + w.shape[0]] = _mm(z.T, h, dtype)  # [C, H]
+        grad_h = grad_h.to(hidden.dtype) if want_h else None
+        return grad_h, grad_w, None, None
+
+
+def token_logprobs(hidden, weight, targets, chunk_size=None):
+    """log p(targets[i] | hidden[i]) under the head `weight`: [N, H], [V, H], [N] -> [N] float32.
+
+    Computed in fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64, for gradcheck); gradients come back
+    in the inputs' dtypes. On CUDA, half-precision inputs are multiplied on tensor cores with fp32
+    sums (same logits); the backward's [N, chunk] logit-gradient operand is then rounded to bf16,
+    which is below the bf16 rounding of the returned gradients.
+    Targets equal to -100 give 0 and contribute no gradient. `chunk_size` is the number of
+    vocabulary rows per chunk (default: a [N, chunk] fp32 block of about CHUNK_BYTES).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"token_logprobs: expected hidden [N, H] and weight [V, H], "
+                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1] or targets.is_floating_point():
+        raise ValueError(f"token_logprobs: targets must be integer ids of shape [{hidden.shape[0]}], "
+                         f"got {targets.dtype} {tuple(targets.shape)}")
+    V = weight.shape[0]
+    if ((targets >= V) | ((targets < 0) & (targets != IGNORE_INDEX))).any():
+        raise ValueError(f"token_logprobs: targets must be in [0, {V}) or {IGNORE_INDEX}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], V)
+    if chunk_size < 1:
+        raise ValueError(f"token_logprobs: chunk_size must be positive, got {chunk_size}")
+    return _TokenLogprobs.apply(hidden, weight, targets, chunk_size)
+
+
+def sequence_logprobs(model, input_ids, attention_mask, response_mask):
+    """Summed log-prob of each row's response tokens, and how many there are.
+
+    input_ids, attention_mask, response_mask: [B, T]; response_mask marks the tokens to score.
+    Token t is predicted by the hidden state at t - 1, so only those rows go through the lm_head.
+    Positions count attended tokens only, so left-padded rows see the same positions as unpadded.
+    Returns (logp_sum [B] float32, n_tokens [B] int64).
+    """
+    if not (input_ids.shape == attention_mask.shape == response_mask.shape) or input_ids.dim() != 2:
+        raise ValueError(f"sequence_logprobs: input_ids, attention_mask and response_mask must share "
+                         f"one [B, T] shape, got {tuple(input_ids.shape)}, "
+                         f"{tuple(attention_mask.shape)}, {tuple(response_mask.shape)}")
+    response_mask = response_mask.bool()
+    if response_mask[:, 0].any():
+        raise ValueError("sequence_logprobs: response_mask marks position 0, which has no context")
+    if (response_mask & (attention_mask == 0)).any():
+        raise ValueError("sequence_logprobs: response_mask marks padding (attention_mask is 0 there)")
+    position_ids = position_ids_from_mask(attention_mask)  # [B, T]
+    hidden = model.hidden_states(input_ids, position_ids=position_ids,
+                                 attention_mask=attention_mask)  # [B, T, H]
+    scored = response_mask[:, 1:]  # [B, T-1] target positions, shifted onto their predictors
+    logp = token_logprobs(hidden[:, :-1][scored], model.lm_head_weight,
+                          input_ids[:, 1:][scored])  # [n]
+    row = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)
+    logp_sum = logp.new_zeros(input_ids.shape[0]).index_add(0, row[scored], logp)  # [B]
+    return logp_sum, scored.sum(dim=1)

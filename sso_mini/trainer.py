@@ -1,0 +1,238 @@
+"""One SSO iteration of training: reference log-probs once, then one epoch of the SSO loss.
+
+    records (pairs.jsonl) -> six sequences each -> reference log-probs (cached, no grad)
+      -> for each step: micro-batches of 6*b sequences -> ONE forward -> fused log-probs
+         -> sso_loss -> backward (accumulate) -> clip -> AdamW -> cosine lr
+      -> metrics.jsonl per step; a resumable step checkpoint every k steps
+
+The reference is the iteration's starting weights. Scoring all six sequences with it
+once, before the first update, means no second copy of the model is ever held.
+Everything on disk is safetensors or JSON (no pickle), written atomically.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .data import collate, end_of_turn_id, record_sequences
+from .logprobs import sequence_logprobs
+from .losses import sso_loss
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last checkpoint is intact."""
+
+
+@dataclass
+class TrainConfig:
+    loss_type: str = "ipo"
+    form: str = "v1"
+    use_w: bool = True
+    use_g: bool = True
+    theta: float = 0.1
+    alpha: float = 0.66
+    beta: float | None = None  # None: 0.2 for IPO, 0.1 for DPO
+    gamma: float = 0.1
+    lr: float = 5e-6
+    batch_size: int = 8  # records per optimizer step
+    micro_batch_size: int = 1  # records per forward (6 sequences each)
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    cutoff: int = 2048
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 4  # steps
+    seed: int = 0
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over the first 10% of steps, then cosine decay to 0 (as HF's cosine schedule)."""
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def autocast(device):
+    """bf16 autocast on GPU; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def score(model, batch_sequences, pad_id, device):
+    """Summed response log-probs and token counts of a list of (prompt, response) sequences."""
+    b = {k: v.to(device) for k, v in collate(batch_sequences, pad_id).items()}
+    with autocast(device):
+        logp, n = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"])
+    return logp, n, int(b["attention_mask"].sum())
+
+
+@torch.no_grad()
+def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path | None = None, progress=True):
+    """[R, 6] summed log-probs of the iteration's starting weights, cached next to the pairs."""
+    if cache is not None and cache.exists():
+        saved = load_file(cache)
+        if saved["logps"].shape[0] == len(records):
+            return saved["logps"]
+    device = model.lm_head_weight.device
+    eot = end_of_turn_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    out = []
+    for r in tqdm(records, desc="reference log-probs", disable=not progress):
+        logp, _, _ = score(model, record_sequences(tokenizer, r, cfg.cutoff, eot), tokenizer.pad_id, device)
+        out.append(logp.float().cpu())
+    model.train(was_training)
+    logps = torch.stack(out)  # [R, 6]
+    if cache is not None:
+        _atomic_save({"logps": logps}, cache)
+    return logps
+
+
+def _atomic_save(tensors: dict, path: Path):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    os.close(fd)
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --- step checkpoints: weights, optimizer, schedule position, RNG -------------------------
+
+
+def save_step_checkpoint(path: Path, model, optimizer, step: int, params: list):
+    """Everything needed to continue exactly from `step`, as safetensors + JSON, atomically."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
+    index = {id(p): i for i, p in enumerate(params)}
+    tensors = {}
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            tensors[f"{index[id(p)]}.{k}"] = v.detach().cpu().contiguous()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in _trainable_state(model).items()},
+              str(tmp / "weights.safetensors"))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_step_checkpoint(path: Path, model, optimizer, params: list) -> int:
+    weights = load_file(path / "weights.safetensors")
+    with torch.no_grad():
+        for name, t in _trainable_state(model).items():
+            t.copy_(weights[name])
+    saved = load_file(path / "optimizer.safetensors")
+    for key, v in saved.items():
+        i, k = key.split(".", 1)
+        p = params[int(i)]
+        on_device = k != "step" or optimizer.defaults.get("fused")  # as torch keeps it
+        optimizer.state[p][k] = v.to(p.device) if on_device else v
+    torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
+    state = json.loads((path / "state.json").read_text())
+    return state["step"]
+
+
+def _trainable_state(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --- the epoch --------------------------------------------------------------------------
+
+
+def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir: Path, *, iteration=0,
+                    metrics_path: Path | None = None, progress=True, on_step=None) -> list[dict]:
+    """One epoch of the SSO loss over `records`; resumes from out_dir/checkpoint if present."""
+    out_dir = Path(out_dir)
+    device = model.lm_head_weight.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda",
+    )
+    params = decay + [p for p in params if p.dim() < 2]  # the optimizer's own order, for checkpoints
+    order = list(range(len(records)))
+    random.Random(f"{cfg.seed}-{iteration}-order").shuffle(order)
+    total = math.ceil(len(order) / cfg.batch_size)
+    ckpt = out_dir / "checkpoint"
+    start = load_step_checkpoint(ckpt, model, optimizer, params) if ckpt.exists() else 0
+    if metrics_path is not None:
+        _truncate_metrics(metrics_path, iteration, start)
+    eot = end_of_turn_id(tokenizer)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
+    history = []
+    bar = tqdm(range(start, total), desc=f"iter {iteration} train", disable=not progress, initial=start, total=total)
+    for step in bar:
+        t0 = time.perf_counter()
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        sums, tokens = {}, 0
+        for m in range(0, len(idx), cfg.micro_batch_size):
+            mb = idx[m:m + cfg.micro_batch_size]
+            seqs = [s for i in mb for s in record_sequences(tokenizer, records[i], cfg.cutoff, eot)]
+            logp, n, ntok = score(model, seqs, tokenizer.pad_id, device)
+            loss, metrics = sso_loss(
+                logp.float().view(len(mb), 6), ref_logps[mb].to(device), n.view(len(mb), 6),
+                loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,
+                alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
+            )
+            if not math.isfinite(metrics["loss"]):
+                raise TrainingError(f"non-finite loss at iteration {iteration} step {step}; "
+                                    f"the last good checkpoint is {ckpt if ckpt.exists() else 'the iteration start'}")
+            (loss * len(mb) / len(idx)).backward()  # mean over the step's records
+            tokens += ntok
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * len(mb) / len(idx)
+        lr = lr_at(step, total, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {"iteration": iteration, "step": step + 1, "steps": total, **sums, "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        history.append(row)
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracies']:.2f}", W=f"{sums['W']:.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            save_step_checkpoint(ckpt, model, optimizer, step + 1, params)
+        if on_step is not None:
+            on_step(step + 1)
+    model.eval()
+    model.gradient_checkpointing = False
+    return history
+
+
+def _truncate_metrics(path: Path, iteration: int, step: int):
+    """Drop metric rows a killed run logged past its last checkpoint, so none is counted twice."""
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [r for r in rows if (r["iteration"], r["step"]) <= (iteration, step)]
+    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def write_config(path: Path, cfg: TrainConfig):
+    _atomic_write(path, json.dumps(asdict(cfg), indent=2))

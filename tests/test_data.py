@@ -1,0 +1,212 @@
+"""Self-steering data: filters, files, the six training sequences, and sampling on SmolLM2."""
+
+import json
+
+import pytest
+import torch
+
+from sso_mini import data
+from sso_mini.data import (clean, collate, drop_reason, end_of_turn_id, load_prompts, prompt_ids, read_jsonl,
+                           record_sequences, truncate, write_jsonl)
+from sso_mini.principles import FEATURES, system_prompts
+
+PROMPTS = ["Name three primary colors.", "Write a haiku about rain.", "What is 7 times 8?",
+           "Give one tip for sleeping better."]
+
+
+# --- filters (SSO_SPEC §2.6) -----------------------------------------------------------
+
+
+def test_clean_strips_and_adds_a_dot_only_after_a_lowercase_letter():
+    assert clean("  it rains\n", dot=True) == "it rains."
+    assert clean("It rains!", dot=True) == "It rains!"
+    assert clean("ends in CAPS", dot=True) == "ends in CAPS"
+    assert clean("  short ", dot=False) == "short"
+
+
+def test_dot_rule_needs_both_texts_longer_than_20_characters(smollm2, monkeypatch):
+    model, tok = smollm2
+    p_sys, n_sys = system_prompts(["Helpfulness", "Accuracy"])
+    answers = {tuple(prompt_ids(tok, p_sys, "q")): "a long enough good answer here",
+               tuple(prompt_ids(tok, n_sys, "q")): "short bad one",
+               tuple(prompt_ids(tok, "", "q")): "raw answer without a dot"}
+    fake = lambda m, prompts, **k: [tok.encode(answers[tuple(p)]) for p in prompts]  # noqa: E731
+    monkeypatch.setattr(data, "generate", fake)
+    monkeypatch.setattr(data, "select_features", lambda *a, **k: [["Helpfulness", "Accuracy"]])
+    records, _ = data.build_records(model, tok, ["q"], progress=False)
+    assert records[0]["chosen"] == "a long enough good answer here"  # y- is only 13 characters: no dots
+    assert records[0]["raw"] == "raw answer without a dot"
+
+
+def test_drop_reasons():
+    assert drop_reason("Same text.", "Same text.", "other", "Helpfulness") == "identical_pair"
+    # prefixes are stripped for the comparison only
+    assert drop_reason("Helpful Response: Same.", "Unhelpful Response: Same.", "x", "Helpfulness") == "identical_pair"
+    assert drop_reason("Response: Same.", "Same.", "x", "Accuracy") == "identical_pair"
+    assert drop_reason("good", "bad", "good", "Safety") == "chosen_equals_raw"
+    assert drop_reason("good", "bad", "bad", "Safety") == "rejected_equals_raw"
+    assert drop_reason("good", "bad", "plain", "Safety") is None
+
+
+def test_truncate_keeps_the_response():
+    p, r = list(range(100)), list(range(1000, 1030))
+    assert truncate(p, r, 200) == (p, r)
+    tp, tr = truncate(p, r, 64)
+    assert tr == r and len(tp) + len(tr) == 64 and tp == p[-34:]  # the prompt loses its start
+    tp, tr = truncate(p, list(range(1000, 1200)), 64)
+    assert len(tr) == 32 and len(tp) == 32 and tp == p[-32:]  # a huge response keeps half the budget
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def record(**kw):
+    base = {"prompt": "q", "system": "", "p_system": "be good", "n_system": "be bad", "chosen": "yes",
+            "rejected": "no", "raw": "maybe", "features": ["Safety", "Accuracy"], "iteration": 0, "seed": 0}
+    return {**base, **kw}
+
+
+def test_jsonl_round_trip(tmp_path):
+    records = [record(prompt="héllo 😀"), record(chosen="multi\nline")]
+    write_jsonl(tmp_path / "pairs.jsonl", records)
+    assert read_jsonl(tmp_path / "pairs.jsonl") == records
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.jsonl"]
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(record()) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: not valid JSON"):
+        read_jsonl(path)
+    bad = record()
+    del bad["raw"]
+    path.write_text(json.dumps(record()) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: missing or non-string field\(s\) raw"):
+        read_jsonl(path)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    class Boom:
+        def __iter__(self):
+            yield record()
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_jsonl(tmp_path / "pairs.jsonl", Boom())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("first\n\n  second  \n")
+    assert load_prompts(tmp_path / "p.txt") == ["first", "second"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"instruction": "b"}\n')
+    assert load_prompts(tmp_path / "p.jsonl") == ["a", "b"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: needs a string 'prompt' or 'instruction' field"):
+        load_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:3: not valid JSON"):
+        load_prompts(tmp_path / "broken.jsonl")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="no such prompt file"):
+        load_prompts(tmp_path / "missing.txt")
+
+
+def test_default_prompts_are_real_alpaca_eval_instructions():
+    prompts = data.default_prompts()
+    assert len(prompts) == 627 and all(0 < len(p) <= 200 for p in prompts)
+
+
+# --- the six training sequences ------------------------------------------------------------
+
+
+def test_response_mask_selects_exactly_the_response_tokens(smollm2):
+    _, tok = smollm2
+    r = record(prompt="Say hi.", chosen="Hi there!", rejected="Go away.", raw="Hello.")
+    seqs = record_sequences(tok, r)
+    batch = collate(seqs, tok.pad_id)
+    eot = end_of_turn_id(tok)
+    assert tok.decode([eot], skip_special_tokens=False) == "<|im_end|>"
+    expected = [("", "chosen"), ("", "rejected"), ("p_system", "chosen"), ("p_system", "rejected"),
+                ("n_system", "raw"), ("n_system", "chosen")]
+    for i, (system_key, response_key) in enumerate(expected):
+        ids = batch["input_ids"][i]
+        response = ids[batch["response_mask"][i]].tolist()
+        assert response == tok.encode(r[response_key]) + [eot]
+        # the tokens before the response are exactly the rendered prompt of that pair
+        n_prompt = int(batch["response_mask"][i].nonzero()[0])
+        system = r[system_key] if system_key else ""
+        assert ids[:n_prompt].tolist() == prompt_ids(tok, system, r["prompt"])
+        # and prompt + response is what the template renders for the whole conversation
+        convo = data.chat(system, r["prompt"]) + [{"role": "assistant", "content": r[response_key]}]
+        full = tok.encode(tok.apply_chat_template(convo, add_generation_prompt=False))
+        assert ids[:n_prompt + len(response)].tolist() == full[:n_prompt + len(response)]
+    assert (batch["attention_mask"].sum(1) == torch.tensor([len(p) + len(q) for p, q in seqs])).all()
+
+
+# --- sampling on the real model --------------------------------------------------------------
+
+
+def test_build_records_on_smollm2(smollm2, monkeypatch):
+    model, tok = smollm2
+    calls = {}
+    real = data.generate
+
+    def spy(m, prompts, **kw):
+        out = real(m, prompts, **kw)
+        for p, o in zip(prompts, out):
+            calls[tuple(p)] = o
+        return out
+
+    monkeypatch.setattr(data, "generate", spy)
+    records, stats = data.build_records(model, tok, PROMPTS, seed=3, max_new_tokens=16, progress=False)
+    assert stats["prompts"] == 4 and stats["kept"] == len(records)
+    assert sum(v for k, v in stats.items() if k not in ("prompts", "kept", "capped")) == 4 - len(records)
+    assert records, stats
+    for r in records:
+        assert set(r) >= {"prompt", "system", "p_system", "n_system", "chosen", "rejected", "raw", "features",
+                          "iteration", "seed"}
+        assert r["system"] == "" and len(set(r["features"]) - {"Concision"}) == 2
+        assert all(f in FEATURES for f in r["features"])
+        assert (r["p_system"], r["n_system"]) == system_prompts(r["features"])
+        # y+ was sampled from exactly the p+ prompt tokens, y- from p-, y^o from the default-system prompt
+        for system, key in ((r["p_system"], "chosen"), (r["n_system"], "rejected"), ("", "raw")):
+            ids = tuple(prompt_ids(tok, system, r["prompt"]))
+            assert ids in calls
+            assert clean(tok.decode(calls[ids]), dot=False).rstrip(".") == r[key].rstrip(".")
+        raw_prompt = tok.decode(prompt_ids(tok, "", r["prompt"]), skip_special_tokens=False)
+        assert "named SmolLM" in raw_prompt  # the template's default system message
+
+
+def test_too_long_prompts_are_counted_and_skipped(smollm2, monkeypatch):
+    model, tok = smollm2
+    monkeypatch.setattr(data, "select_features", lambda m, t, prompts, *a, **k: [["Safety", "Accuracy"]] * len(prompts))
+    monkeypatch.setattr(data, "generate", lambda m, prompts, **k: [tok.encode("fine " * 8 + "x")] * len(prompts))
+    huge = "word " * 9000
+    records, stats = data.build_records(model, tok, [huge, ""], max_new_tokens=8, progress=False)
+    assert stats["too_long"] == 1 and stats["empty_prompt"] == 1 and records == []
+
+
+def test_logprob_filter_steps(smollm2, monkeypatch):
+    """Scores are injected; the rule is checked against a hand computation."""
+    model, tok = smollm2
+    # per record: mean log-probs of (y+ under o, p, n), then (y- under o, p, n)
+    table = torch.tensor([
+        [[-1.0, -0.5, -2.0], [-1.0, -2.0, -0.5]],  # ordered, on-policy, big gaps: kept
+        [[-1.0, -1.5, -2.0], [-1.0, -2.0, -0.5]],  # y+ not most likely under p+: fails step 1
+        [[-3.0, -2.5, -4.0], [-3.0, -4.0, -2.5]],  # ordered, but far off-policy: fails step 2
+        [[-1.1, -1.0, -1.2], [-1.1, -1.2, -1.0]],  # ordered, on-policy-ish, small gaps: fails step 3
+    ])
+    flat = table.flatten().tolist()
+
+    def fake(model, ids, attention, response):
+        n = ids.shape[0]
+        out = torch.tensor([flat.pop(0) for _ in range(n)])
+        return out * 2, torch.full((n,), 2)
+
+    monkeypatch.setattr(data, "sequence_logprobs", fake)
+    kept, stats = data.logprob_filter(model, tok, [record(prompt=str(i)) for i in range(4)], batch_size=5)
+    assert [r["prompt"] for r in kept] == ["0"]
+    assert stats["filter_order"] == 3 and stats["filter_onpolicy"] == 2 and stats["filter_gap"] == 1

@@ -1,0 +1,87 @@
+"""Self-reference judge: prompts and verdicts on fixed strings; semantic perplexity against full logits."""
+
+import pytest
+import torch
+
+from sso_mini import feedback
+
+X = "Name a fruit that is yellow."
+REF = "A banana is yellow."
+
+
+def test_answer_and_judge_conversations():
+    answer = feedback.answer_messages(X, "Be kind.")
+    assert [m["role"] for m in answer] == ["system", "user"]
+    assert "Be kind." in answer[0]["content"] and answer[1]["content"] == X
+    judge = feedback.judge_messages(X, REF, "Banana.", "Cucumber.", "Be kind.")
+    assert [m["role"] for m in judge] == ["system", "user", "assistant", "user"]
+    assert judge[:2] == answer and judge[2]["content"] == REF  # the judge's own answer is the reference
+    request = judge[3]["content"]
+    assert request.index("[Answer A]\nBanana.") < request.index("[Answer B]\nCucumber.")
+    assert '"Verdict: A" or "Verdict: B"' in request
+    swapped = feedback.judge_messages(X, REF, "Cucumber.", "Banana.", "Be kind.")[3]["content"]
+    assert swapped.index("[Answer A]\nCucumber.") < swapped.index("[Answer B]\nBanana.")
+    ppl = feedback.perplexity_messages(X, REF)
+    assert [m["role"] for m in ppl] == ["system", "user", "assistant", "user"] and ppl[2]["content"] == REF
+
+
+def test_rendered_by_the_chat_template(smollm2):
+    _, tok = smollm2
+    text = tok.apply_chat_template(feedback.judge_messages(X, REF, "Banana.", "Cucumber."))
+    assert text.startswith("<|im_start|>system\nYou are a careful") and text.endswith("<|im_start|>assistant\n")
+    assert f"<|im_start|>assistant\n{REF}<|im_end|>" in text
+
+
+@pytest.mark.parametrize("text, verdict", [
+    ("A is short but right.\nVerdict: A", "A"),
+    ("Both are fine.\n\nVerdict: B.", "B"),
+    ("**Verdict:** B", "B"),
+    ("verdict - [A]", "A"),
+    ("Verdict: Answer B", "B"),
+    ("Verdict: A\nOn reflection...\nVerdict: B", "B"),  # the final verdict counts
+    ("I prefer answer A.", None),
+    ("Verdict: a tie", None),
+    ("Verdict: C", None),
+    ("", None),
+])
+def test_parse_verdict(text, verdict):
+    assert feedback.parse_verdict(text) == verdict
+
+
+def test_combine_swapped_verdicts():
+    assert feedback.combine_verdicts("A", "B") == "A"  # A first, and still the same answer once swapped
+    assert feedback.combine_verdicts("B", "A") == "B"
+    assert feedback.combine_verdicts("A", "A") is None  # position bias: always the first slot
+    assert feedback.combine_verdicts("B", "B") is None
+    assert feedback.combine_verdicts(None, "B") is None
+    assert feedback.combine_verdicts("A", None) is None
+
+
+def test_strength_against_full_logits(smollm2):
+    """log SPPL from fused, batched, padded log-probs equals a per-sequence log_softmax over all logits."""
+    model, tok = smollm2
+    chosen = ["A banana is yellow.", "Lemons."]
+    rejected = ["Cucumbers are green and long, and they grow on vines in gardens.", "Blue."]
+    xs, refs = [X, "Name a sour fruit."], [REF, "A lemon is sour."]
+    strength, ppl_c, ppl_r = feedback.preference_strength(model, tok, xs, refs, chosen, rejected, batch_size=3)
+
+    def direct(x, ref, y):
+        context = tok.encode(tok.apply_chat_template(feedback.perplexity_messages(x, ref)))
+        target = tok.encode(y) + [2]  # SmolLM2's <|im_end|>
+        ids = torch.tensor([context + target])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).double(), dim=-1)[0]  # [T, V]
+        picked = [logp[len(context) + j - 1, t] for j, t in enumerate(target)]
+        return -torch.stack(picked).mean().item()
+
+    for i in range(2):
+        want_c, want_r = direct(xs[i], refs[i], chosen[i]), direct(xs[i], refs[i], rejected[i])
+        assert ppl_c[i].item() == pytest.approx(want_c, abs=1e-4)
+        assert ppl_r[i].item() == pytest.approx(want_r, abs=1e-4)
+        assert strength[i].item() == pytest.approx(want_r - want_c, abs=2e-4)
+    assert strength[0] > 0  # the answer that repeats the reference is the cheaper one to predict
+
+
+def test_bad_record_is_named():
+    with pytest.raises(ValueError, match="record 1 lacks"):
+        feedback.judge_pairs(None, None, [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}])

@@ -1,0 +1,218 @@
+"""The sampler: greedy parity with transformers on the real SmolLM2, batching, n samples,
+stopping, seeds, and the filtering/sampling maths against formulas written here."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from sso_mini.generate import complete, exponential_noise, generate, sample, top_k_filter, top_p_filter
+
+QUESTIONS = [
+    "Hi!",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Name three primary colours.",
+    "Explain photosynthesis to a child in two sentences, please, with one example from a garden.",
+    "Give me a short list of tips for writing clear emails at work, and keep each tip under ten words.",
+    "Translate 'good morning' into Spanish.",
+    "You are planning a weekend trip to the mountains with two friends who have never hiked before. "
+    "Suggest a simple plan for Saturday and Sunday, including what to pack and how to stay safe on the trail.",
+]
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(smollm2):
+    _, tok = smollm2
+    return [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def greedy32(smollm2, chat_prompts):
+    """Our greedy batch of all 8 prompts (stopping on the tokenizer's stop ids)."""
+    model, tok = smollm2
+    return generate(model, chat_prompts, max_new_tokens=32, temperature=0, stop_ids=tok.stop_ids, progress=False)
+
+
+def test_greedy_batch_equals_transformers(smollm2, hf_smollm2, chat_prompts, greedy32):
+    _, tok = smollm2
+    hf, _ = hf_smollm2
+    assert len({len(p) for p in chat_prompts}) == len(chat_prompts)  # all lengths differ: real left padding
+    stops = sorted(tok.stop_ids)
+    for prompt, ours in zip(chat_prompts, greedy32):
+        with torch.no_grad():  # one prompt at a time, unpadded: transformers' plain path
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=32, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+        ref = ref[0, len(prompt):].tolist()
+        end = next((i for i, t in enumerate(ref) if t in tok.stop_ids), len(ref))
+        assert ours == ref[:end]
+    assert any(len(o) == 32 for o in greedy32) and any(len(o) < 32 for o in greedy32)  # both endings occur
+
+
+def test_batched_rows_equal_rows_alone(smollm2, chat_prompts, greedy32):
+    model, tok = smollm2
+    for i in (0, 7):  # the shortest (most padded) and the longest prompt
+        alone = generate(model, [chat_prompts[i]], max_new_tokens=32, temperature=0, stop_ids=tok.stop_ids,
+                         progress=False)
+        assert alone == [greedy32[i]]
+
+
+def test_n_samples_share_their_prompt(smollm2, chat_prompts):
+    model, _ = smollm2
+    a, b = chat_prompts[2], chat_prompts[5]
+    greedy = generate(model, [a, b], max_new_tokens=12, temperature=0, n=3, progress=False)
+    alone = [generate(model, [p], max_new_tokens=12, temperature=0, progress=False)[0] for p in (a, b)]
+    assert greedy == [alone[0]] * 3 + [alone[1]] * 3  # copied cache rows, prompt-major order
+    sampled = generate(model, [a], max_new_tokens=16, temperature=1.0, n=4, seed=0, progress=False)
+    assert len(sampled) == 4 and len({tuple(s) for s in sampled}) == 4
+
+
+def test_stop_ids_end_rows_and_are_not_returned(smollm2, chat_prompts):
+    model, _ = smollm2
+    prompts = chat_prompts[:4]
+    free = generate(model, prompts, max_new_tokens=16, temperature=0, progress=False)
+    assert all(len(r) == 16 for r in free)
+    stop = free[0][5]  # a token row 0 produces; other rows may or may not produce it
+    stopped = generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids={stop}, progress=False)
+    for f, s in zip(free, stopped):
+        assert s == (f[:f.index(stop)] if stop in f else f)
+    assert len(stopped[0]) <= 5
+
+
+def test_same_seed_same_output_different_seed_different(smollm2, chat_prompts):
+    model, _ = smollm2
+    run = lambda seed: generate(model, chat_prompts[:3], max_new_tokens=12, temperature=1.0, top_p=0.95,  # noqa: E731
+                                seed=seed, progress=False)
+    first = run(1)
+    assert run(1) == first
+    assert run(2) != first
+
+
+def test_bf16_decode_agrees_with_full_forward(smollm2, chat_prompts):
+    """The cached bf16 sampler picks, at each step, a top token of the uncached bf16 forward."""
+    model, _ = smollm2
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    prompts = chat_prompts[:3]
+    outs = generate(low, prompts, max_new_tokens=8, temperature=0, progress=False)
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            logits = low(torch.tensor([p + o]))[0, len(p) - 1:-1].float()  # [8, V] predicting each new token
+        chosen = logits.gather(1, torch.tensor(o)[:, None])[:, 0]
+        assert (logits.max(-1).values - chosen <= 0.1).all()  # bf16 tolerance for near-ties
+
+
+def test_complete_text(smollm2):
+    model, tok = smollm2
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    few_shot = "Q: What is 2 + 2?\nA: 4\nQ: What is 3 + 5?\nA:"
+    out = complete(model, tok, [chat, few_shot], max_new_tokens=16, stop_strings=["\n"], progress=False)
+    ref = generate(model, [tok.encode_chat(chat), tok.encode(few_shot)], max_new_tokens=16, temperature=0,
+                   stop_ids=tok.stop_ids, progress=False)
+    assert out == [tok.decode(r).split("\n")[0] for r in ref]
+    assert out[0] == "The capital of France is Paris."
+    assert "\n" not in out[1]
+
+
+def test_bad_inputs(smollm2):
+    model, tok = smollm2
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(model, [], max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1, 2], []], max_new_tokens=4)
+    context = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"prompt 1 has {context - 2} tokens.*max_new_tokens=4"):
+        generate(model, [[1], [1] * (context - 2)], max_new_tokens=4)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, [[model.config.vocab_size]], max_new_tokens=4)
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(n=0), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError):
+            generate(model, [[1, 2]], **{"max_new_tokens": 4, **bad})
+    with pytest.raises(ValueError, match="prompt 0 is a int"):
+        complete(model, tok, [3], max_new_tokens=4)
+    assert all(layer.self_attn.kv_cache is None for layer in model.layers)
+
+
+def test_cache_is_cleared_after_an_error(smollm2, monkeypatch):
+    model, _ = smollm2
+    import sso_mini.generate as g
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(g, "decode_step", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(model, [[1, 2, 3]], max_new_tokens=4, progress=False)
+    assert all(layer.self_attn.kv_cache is None for layer in model.layers)
+
+
+# --- filtering and sampling on fixed logits, against numpy formulas -------------------
+
+
+def numpy_top_k(logits, k):
+    out = np.full_like(logits, -np.inf)
+    for r, row in enumerate(logits):
+        keep = np.argsort(-row)[:k]
+        out[r, keep] = row[keep]
+    return out
+
+
+def numpy_top_p(logits, p):
+    out = np.full_like(logits, -np.inf)
+    for r, row in enumerate(logits.astype(np.float64)):
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs)
+        m = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)  # smallest prefix with mass >= p
+        out[r, order[:m]] = logits[r, order[:m]]
+    return out
+
+
+def test_top_k_filter_matches_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    for k in (1, 5, 49):
+        assert np.array_equal(top_k_filter(logits, k).numpy(), numpy_top_k(logits.numpy(), k))
+    assert torch.equal(top_k_filter(logits, 0), logits) and torch.equal(top_k_filter(logits, 50), logits)
+
+
+def test_top_p_filter_matches_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 2
+    for p in (0.05, 0.3, 0.8, 0.95):
+        assert np.array_equal(top_p_filter(logits, p).numpy(), numpy_top_p(logits.numpy(), p))
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def chi_square(counts, probs):
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0  # a token with probability 0 is never drawn
+    return (((counts - expected) ** 2)[keep] / expected[keep]).sum(), keep.sum() - 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 4, 1.0), (1.0, 5, 0.9)])
+def test_sampled_frequencies_match_distribution(temperature, top_k, top_p):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    draws = 20000
+    g = torch.Generator().manual_seed(0)
+    tokens = sample(logits.expand(draws, -1), exponential_noise((draws, 8), g, "cpu"), temperature, top_k, top_p)
+    counts = np.bincount(tokens.numpy(), minlength=8)
+    # the target, written directly: temperature, keep the top-k, then the nucleus, renormalise
+    z = logits.numpy().astype(np.float64) / temperature
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    order = np.argsort(-p)
+    kept = order[: top_k or 8]
+    p_k = np.zeros(8)
+    p_k[kept] = p[kept] / p[kept].sum()
+    cum = np.cumsum(p_k[order])
+    nucleus = order[: int(np.searchsorted(cum, top_p - 1e-12) + 1)]
+    target = np.zeros(8)
+    target[nucleus] = p_k[nucleus] / p_k[nucleus].sum()
+    stat, dof = chi_square(counts, target)
+    assert stat < dof + 5 * np.sqrt(2 * dof) + 10  # far beyond the 99.9% quantile for dof <= 7
+
+
+def test_greedy_sample_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, -1.0], [5.0, 4.9, 0.0]])
+    assert sample(logits, None, temperature=0).tolist() == [1, 0]

@@ -1,0 +1,202 @@
+"""The SSO loop: trainer mechanics, train.py end to end, resume after SIGKILL, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from sso_mini import trainer
+from sso_mini.checkpoint import load_model
+from sso_mini.trainer import TrainConfig, TrainingError, reference_logprobs, train_iteration
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Name a fruit.", "Say hello.", "Count to three.", "Name a color.", "Give a tip.", "Name a tree."]
+
+
+def records_for_overfit():
+    return [
+        {"prompt": "Name a fruit.", "system": "", "p_system": "Answer helpfully.", "n_system": "Answer rudely.",
+         "chosen": "An apple is a tasty fruit.", "rejected": "No. Figure it out yourself.", "raw": "Apple."},
+        {"prompt": "Say hello.", "system": "", "p_system": "Be warm.", "n_system": "Be cold.",
+         "chosen": "Hello! It is lovely to meet you.", "rejected": "What do you want?", "raw": "Hello."},
+    ]
+
+
+def test_overfit_two_records_drives_all_three_accuracies_to_one(smollm2, tmp_path):
+    model, tok = load_model("SmolLM2-135M-Instruct")  # a private copy: this test changes the weights
+    records = records_for_overfit()
+    cfg = TrainConfig(lr=1e-4, batch_size=2, micro_batch_size=2, warmup_ratio=0.0, checkpoint_every=1000)
+    ref = reference_logprobs(model, tok, records, cfg, progress=False)
+    history = []
+    for epoch in range(12):
+        history += train_iteration(model, tok, records, ref, cfg, tmp_path / f"e{epoch}", progress=False)
+        last = history[-1]
+        if all(last[f"{p}rewards/accuracies"] == 1.0 for p in ("", "p_", "n_")) and epoch >= 2:
+            break
+    assert all(last[f"{p}rewards/accuracies"] == 1.0 for p in ("", "p_", "n_")), last
+    assert last["rewards/margins"] > 0 and last["n_rewards/margins"] > 0
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir, tmp_path):
+    records = records_for_overfit()
+    weights, history = [], []
+    for micro in (1, 2):
+        model, tok = load_model(tiny_model_dir)
+        cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, checkpoint_every=1000)
+        ref = reference_logprobs(model, tok, records, cfg, progress=False)
+        history.append(train_iteration(model, tok, records, ref, cfg, tmp_path / f"m{micro}", progress=False)[0])
+        weights.append(model.state_dict())
+    # Adam ignores the gradient's scale, so the accumulated gradient is checked through its norm
+    for key in ("loss", "grad_norm", "W", "rewards/margins", "n_rewards/margins"):
+        assert history[0][key] == pytest.approx(history[1][key], rel=1e-5), key
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=1e-5)
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    model, tok = load_model(tiny_model_dir)
+    records = records_for_overfit() * 3
+    cfg = TrainConfig(batch_size=1, checkpoint_every=2)
+    ref = reference_logprobs(model, tok, records, cfg, progress=False)
+    real, calls = trainer.sso_loss, []
+
+    def poisoned(*a, **k):
+        loss, metrics = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 4:
+            return loss * float("nan"), {**metrics, "loss": float("nan")}
+        return loss, metrics
+
+    monkeypatch.setattr(trainer, "sso_loss", poisoned)
+    with pytest.raises(TrainingError, match="non-finite loss at iteration 0 step 3"):
+        train_iteration(model, tok, records, ref, cfg, tmp_path, progress=False)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2  # the last good checkpoint is intact
+
+
+def run_train(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          env=env)
+
+
+def loop_args(model_dir, prompts_file, out, *extra):
+    return ["--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(out), "--max-new-tokens", "6",
+            "--batch-size", "2", "--no-progress", *extra]
+
+
+def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]))
+    loaded = []
+    real_load = train.load_model
+    monkeypatch.setattr(train, "load_model", lambda p, **k: (loaded.append(Path(p)), real_load(p, **k))[1])
+    out = tmp_path / "run"
+    train.main(loop_args(tiny_model_dir, prompts, out, "--iterations", "2", "--prompts-per-iteration", "4"))
+    for name in ("run.json", "train_config.json", "metrics.jsonl", "metrics.png"):
+        assert (out / name).exists(), name
+    for t in (0, 1):
+        for name in ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors", "summary.json",
+                     "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
+            assert (out / f"iter_{t}" / name).exists(), (t, name)
+        assert not (out / f"iter_{t}" / "checkpoint").exists()
+    # iteration 1 samples from, and is referenced by, the weights iteration 0 saved
+    assert loaded == [tiny_model_dir, out / "iter_0" / "model"]
+    start, _ = real_load(tiny_model_dir)
+    after, tok = real_load(out / "iter_0" / "model")
+    assert not torch.equal(start.layers[0].mlp.up_proj.weight, after.layers[0].mlp.up_proj.weight)
+    records = [json.loads(line) for line in (out / "iter_1" / "pairs.jsonl").read_text().splitlines()]
+    expected = reference_logprobs(after, tok, records, TrainConfig(), progress=False)
+    torch.testing.assert_close(load_file(out / "iter_1" / "ref_logps.safetensors")["logps"], expected)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["step"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    for key in ("loss", "raw_loss", "W", "lr", "grad_norm", "tokens_per_s", "rewards/chosen", "p_rewards/margins",
+                "n_logps/rejected", "rewards/accuracies"):
+        assert key in rows[0]
+    # nothing is pickled: every file is JSON, JSONL, safetensors, PNG or tokenizer text
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert f.suffix in (".json", ".jsonl", ".safetensors", ".png"), f
+            assert not f.read_bytes()[:2] == b"\x80\x04"
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.argv = ["train.py"] + sys.argv[1:]
+    import train
+    from sso_mini import trainer
+    real = trainer.train_iteration
+    def killed_after_step_5(*a, **k):
+        k["on_step"] = lambda step: step == 5 and os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    train.train_iteration = killed_after_step_5
+    train.main()
+""")
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    common = ["--prompts-per-iteration", "6", "--iterations", "1", "--batch-size", "1", "--checkpoint-every", "2"]
+    whole = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "whole", *common), cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    (tmp_path / "killer.py").write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"),
+                             *loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common)],
+                            capture_output=True, text=True, env=env)
+    assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup ran
+    n_pairs = len((tmp_path / "cut" / "iter_0" / "pairs.jsonl").read_text().splitlines())
+    assert n_pairs >= 5  # so step 5 was mid-iteration
+    assert json.loads((tmp_path / "cut" / "iter_0" / "checkpoint" / "state.json").read_text())["step"] == 4
+    resumed = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common, "--resume"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(tmp_path / "whole" / "iter_0" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "iter_0" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa
+    assert [r["loss"] for r in rows("cut")] == [r["loss"] for r in rows("whole")]  # no step logged twice
+
+
+def test_bad_cli_input_gives_one_clear_line(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    r = run_train("--form", "v3", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown --form 'v3'" in r.stderr
+    r = run_train("--loss", "kto", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown --loss 'kto'" in r.stderr
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "raw": "d", "p_system": "e",
+                                 "n_system": "f"}) + "\n" + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    r = run_train("--model", str(tiny_model_dir), "--pairs", str(pairs), "--out", str(tmp_path / "o1"), cwd=tmp_path)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "pairs.jsonl:2: missing or non-string field(s) p_system, n_system, rejected, raw" in r.stderr
+    assert not (tmp_path / "o1" / "iter_0" / "pairs.jsonl").exists()
+    first = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "o2", "--iterations", "1"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    again = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "o2", "--iterations", "1", "--lr", "1e-3"),
+                      cwd=tmp_path)
+    assert again.returncode != 0 and "already holds a run: pass --resume" in again.stderr
+    changed = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "o2", "--iterations", "1", "--lr", "1e-3",
+                                   "--resume"), cwd=tmp_path)
+    assert changed.returncode != 0 and "different settings (lr)" in changed.stderr
+    r = run_train("--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o3"), cwd=tmp_path)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: no such model folder"
+
+
+def test_offline_pairs_mode_trains_without_sampling(tiny_model_dir, tmp_path, monkeypatch):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records_for_overfit()))
+    monkeypatch.setattr(train, "build_records", lambda *a, **k: pytest.fail("sampled in --pairs mode"))
+    train.main(["--model", str(tiny_model_dir), "--pairs", str(pairs), "--out", str(tmp_path / "run"),
+                "--batch-size", "1", "--no-progress"])
+    assert (tmp_path / "run" / "iter_0" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "iter_1").exists()

@@ -1,0 +1,224 @@
+"""Self-Steering Optimization, the whole loop in one recipe.
+
+    for t in iterations:
+        policy   = the model iteration t-1 produced (the start model for t = 0)
+        1. features  the policy picks the principles that matter for each prompt
+        2. sample    y+ ~ pi(.|x+), y- ~ pi(.|x-), y^o ~ pi(.|x)      -> iter_t/pairs.jsonl
+        3. reference log-probs of the six sequences, from the policy   -> iter_t/ref_logps.safetensors
+        4. train one epoch: W * (L(x: y+ > y-) + theta * [L(x+: y+ > y-) + L(x-: y^o > y+)])
+        5. save                                                        -> iter_t/model/ (HF folder)
+
+`python train.py` runs it on SmolLM2-135M-Instruct on a CPU; `--model Qwen2-7B` on a GPU.
+Every stage writes its output atomically and is skipped when already done, so an
+interrupted run continues with `--resume` and loses nothing.
+"""
+
+import argparse
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, save_model
+from sso_mini.data import build_records, default_prompts, load_prompts, logprob_filter, read_jsonl, write_jsonl
+from sso_mini.losses import FORMS, LOSS_TYPES
+from sso_mini.tokenizer import Tokenizer
+from sso_mini.trainer import TrainConfig, TrainingError, reference_logprobs, train_iteration, write_config
+
+# Settings that define a run: resuming with different values would mix two experiments.
+RUN_KEYS = ("model", "prompts", "pairs", "prompts_per_iteration", "loss", "form", "no_w", "no_g", "theta", "alpha",
+            "beta", "lr", "batch_size", "max_new_tokens", "seed", "logprob_filter", "cutoff")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Self-Steering Optimization (arXiv 2410.17131)")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or known name (default: %(default)s)")
+    ap.add_argument("--prompts", help=".txt (one per line) or .jsonl (prompt/instruction); default: AlpacaEval")
+    ap.add_argument("--pairs", help="train on this pairs.jsonl (one iteration, no sampling)")
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--prompts-per-iteration", type=int, default=64)
+    ap.add_argument("--loss", default="ipo", help=f"base preference loss: {' | '.join(LOSS_TYPES)}")
+    ap.add_argument("--form", default="v1", help=f"SSO objective: {' | '.join(FORMS)} (see sso_mini/losses.py)")
+    ap.add_argument("--no-w", action="store_true", help="ablation: drop the weight W")
+    ap.add_argument("--no-g", action="store_true", help="ablation: drop the self-steering term G")
+    ap.add_argument("--theta", type=float, default=0.1, help="weight of G")
+    ap.add_argument("--alpha", type=float, default=0.66, help="weight of y+ in W")
+    ap.add_argument("--beta", type=float, default=None, help="loss beta (default: 0.2 IPO, 0.1 DPO)")
+    ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--batch-size", type=int, default=8, help="records per optimizer step")
+    ap.add_argument("--micro-batch-size", type=int, default=1, help="records per forward (6 sequences each)")
+    ap.add_argument("--max-new-tokens", type=int, default=96, help="response length cap when sampling")
+    ap.add_argument("--sample-batch-size", type=int, default=48, help="rows per sampler batch")
+    ap.add_argument("--cutoff", type=int, default=2048, help="max tokens of a training sequence")
+    ap.add_argument("--logprob-filter", action="store_true", help="keep only pairs the SSO_SPEC §2.7 filter passes")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--checkpoint-every", type=int, default=4, help="steps between resumable checkpoints")
+    ap.add_argument("--out", default="runs/sso", help="run folder")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weight dtype (default float32)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    if args.loss not in LOSS_TYPES:
+        ap.error(f"unknown --loss {args.loss!r} (choose from {', '.join(LOSS_TYPES)})")
+    if args.form not in FORMS:
+        ap.error(f"unknown --form {args.form!r} (choose from {', '.join(FORMS)})")
+    if args.pairs:
+        args.iterations = 1
+    return args
+
+
+def start_run(args) -> Path:
+    """Create --out, or check that it holds this same run when resuming."""
+    out = Path(args.out)
+    settings = {k: getattr(args, k) for k in RUN_KEYS}
+    run_file = out / "run.json"
+    if run_file.exists():
+        if not args.resume:
+            raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        saved = json.loads(run_file.read_text())
+        changed = [k for k in RUN_KEYS if saved.get(k) != settings[k]]
+        if changed:
+            raise ValueError(f"{out} holds a run with different settings ({', '.join(changed)}); use another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no run.json; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(settings, indent=2))
+    return out
+
+
+def prompt_pool(args) -> list[str]:
+    """All training prompts in a fixed, seeded order; iteration t takes the t-th slice."""
+    pool = load_prompts(args.prompts) if args.prompts else default_prompts()
+    random.Random(args.seed).shuffle(pool)
+    return pool
+
+
+def iteration_prompts(pool, t, n):
+    return [pool[(t * n + i) % len(pool)] for i in range(min(n, len(pool)))]
+
+
+def summarize(t, records, stats, history, tokenizer) -> dict:
+    lengths = {k: sum(len(tokenizer.encode(r[k])) for r in records) / max(1, len(records))
+               for k in ("chosen", "rejected", "raw")}
+    mean = lambda key: sum(h[key] for h in history) / max(1, len(history))  # noqa: E731
+    return {"iteration": t, "prompts": stats.get("prompts", len(records)), "kept": len(records),
+            "dropped": {k: v for k, v in stats.items() if k not in ("prompts", "kept", "capped")},
+            "len_chosen": lengths["chosen"], "len_rejected": lengths["rejected"], "len_raw": lengths["raw"],
+            "loss": mean("loss"), "W": mean("W"), "acc": mean("rewards/accuracies"),
+            "p_acc": mean("p_rewards/accuracies"), "n_acc": mean("n_rewards/accuracies")}
+
+
+def print_table(rows):
+    print("\n| iter | kept/prompts | len y+ / y- / y^o (tokens) | loss | W | acc x / x+ / x- |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['iteration']} | {r['kept']}/{r['prompts']} | {r['len_chosen']:.0f} / {r['len_rejected']:.0f} / "
+              f"{r['len_raw']:.0f} | {r['loss']:.4f} | {r['W']:.3f} | {r['acc']:.2f} / {r['p_acc']:.2f} / "
+              f"{r['n_acc']:.2f} |")
+
+
+def plot_metrics(metrics_path: Path, png: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    x = range(1, len(rows) + 1)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(x, [r["loss"] for r in rows], label="loss")
+    axes[0].plot(x, [r["raw_loss"] for r in rows], label="raw_loss (W = 1)")
+    axes[1].plot(x, [r["W"] for r in rows], label="W")
+    for prefix, name in (("", "x: y+ > y-"), ("p_", "x+: y+ > y-"), ("n_", "x-: y^o > y+")):
+        axes[2].plot(x, [r[f"{prefix}rewards/accuracies"] for r in rows], label=name)
+    for ax, title in zip(axes, ("loss", "weight W", "reward accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("step (all iterations)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress):
+    """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it."""
+    model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
+    torch.manual_seed(args.seed + t)
+
+    # 1-2. the policy builds its own preference data
+    pairs, stats_file = it / "pairs.jsonl", it / "data_stats.json"
+    if not pairs.exists():
+        if args.pairs:
+            records, stats = read_jsonl(args.pairs), {}
+        else:
+            prompts = iteration_prompts(pool, t, args.prompts_per_iteration)
+            records, stats = build_records(model, tokenizer, prompts, iteration=t, seed=args.seed,
+                                           max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
+                                           progress=progress)
+            if args.logprob_filter:
+                records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
+                stats.update(filter_stats)
+        if not records:
+            raise ValueError(f"iteration {t}: every pair was filtered out ({dict(stats)})")
+        stats_file.write_text(json.dumps(dict(stats), indent=2))
+        write_jsonl(pairs, records)
+    records = read_jsonl(pairs)
+    print(f"iteration {t}: {len(records)} pairs in {pairs} ({stats_file.read_text().strip()})", file=sys.stderr)
+
+    # 3. reference log-probs: the iteration's starting weights, computed once
+    ref = reference_logprobs(model, tokenizer, records, cfg, cache=it / "ref_logps.safetensors", progress=progress)
+
+    # 4. one epoch of the SSO objective
+    train_iteration(model, tokenizer, records, ref, cfg, it, iteration=t, metrics_path=metrics_path,
+                    progress=progress)
+
+    # 5. the trained policy becomes the next iteration's policy and reference
+    save_model(model, tokenizer, it / "model")
+    shutil.rmtree(it / "checkpoint", ignore_errors=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    progress = not args.no_progress
+    out = start_run(args)
+    cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
+                      theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
+                      micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
+                      gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every)
+    write_config(out / "train_config.json", cfg)
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    pool = None if args.pairs else prompt_pool(args)
+    metrics_path, summaries = out / "metrics.jsonl", []
+    for t in range(args.iterations):
+        it = out / f"iter_{t}"
+        if (it / "summary.json").exists():  # finished before an interruption
+            summaries.append(json.loads((it / "summary.json").read_text()))
+            continue
+        it.mkdir(exist_ok=True)
+        if not (it / "model" / "model.safetensors").exists():
+            policy = args.model if t == 0 else out / f"iter_{t - 1}" / "model"
+            run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress)
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        summary = summarize(t, read_jsonl(it / "pairs.jsonl"), json.loads((it / "data_stats.json").read_text()),
+                            [r for r in rows if r["iteration"] == t], Tokenizer.from_folder(it / "model"))
+        (it / "summary.json").write_text(json.dumps(summary, indent=2))
+        summaries.append(summary)
+        plot_metrics(metrics_path, out / "metrics.png")
+
+    print_table(summaries)
+    print(f"\nrun folder: {out}\n  pairs:   {out}/iter_*/pairs.jsonl\n  models:  {out}/iter_*/model/\n"
+          f"  metrics: {metrics_path}\n  plot:    {out / 'metrics.png'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, FileNotFoundError, ValueError, TrainingError) as e:
+        sys.exit(f"error: {e}")
