@@ -14,6 +14,7 @@ interrupted run continues with `--resume` and loses nothing.
 """
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
@@ -22,15 +23,20 @@ from pathlib import Path
 
 import torch
 
-from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, save_model
-from sso_mini.data import build_records, default_prompts, load_prompts, logprob_filter, read_jsonl, write_jsonl
+from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
+from sso_mini.config import ModelConfig
+from sso_mini.data import (DROP_REASONS, build_records, default_prompts, load_prompts, logprob_filter, read_jsonl,
+                           write_jsonl)
+from sso_mini.lora import TARGETS, adapters_disabled, apply_lora, merge_lora
 from sso_mini.losses import FORMS, LOSS_TYPES
 from sso_mini.tokenizer import Tokenizer
 from sso_mini.trainer import TrainConfig, TrainingError, reference_logprobs, train_iteration, write_config
 
 # Settings that define a run: resuming with different values would mix two experiments.
 RUN_KEYS = ("model", "prompts", "pairs", "prompts_per_iteration", "loss", "form", "no_w", "no_g", "theta", "alpha",
-            "beta", "lr", "batch_size", "max_new_tokens", "seed", "logprob_filter", "cutoff")
+            "beta", "lr", "batch_size", "max_new_tokens", "seed", "logprob_filter", "cutoff", "lora", "lora_rank",
+            "lora_alpha", "lora_targets")
+LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
 
 
 def parse_args(argv=None):
@@ -54,6 +60,12 @@ def parse_args(argv=None):
     ap.add_argument("--sample-batch-size", type=int, default=48, help="rows per sampler batch")
     ap.add_argument("--cutoff", type=int, default=2048, help="max tokens of a training sequence")
     ap.add_argument("--logprob-filter", action="store_true", help="keep only pairs the SSO_SPEC §2.7 filter passes")
+    ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                    help=f"train low-rank adapters (default: on for CUDA models above {LORA_THRESHOLD / 1e9:.0f}B)")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
+    ap.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated projection names")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--checkpoint-every", type=int, default=4, help="steps between resumable checkpoints")
     ap.add_argument("--out", default="runs/sso", help="run folder")
@@ -62,14 +74,33 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weight dtype (default float32)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--ablation", action="store_true",
+                    help="run SSO, w/o W, w/o G and PBAA from the same start and compare them (sso_mini/ablation.py)")
+    ap.add_argument("--scale", type=int, default=1, help="--ablation: multiply its small default sizes")
     args = ap.parse_args(argv)
     if args.loss not in LOSS_TYPES:
         ap.error(f"unknown --loss {args.loss!r} (choose from {', '.join(LOSS_TYPES)})")
     if args.form not in FORMS:
         ap.error(f"unknown --form {args.form!r} (choose from {', '.join(FORMS)})")
+    unknown = [t for t in args.lora_targets.split(",") if t not in TARGETS]
+    if unknown:
+        ap.error(f"unknown --lora-targets {', '.join(unknown)} (valid: {', '.join(TARGETS)})")
     if args.pairs:
         args.iterations = 1
     return args
+
+
+def choose_lora_and_dtype(args):
+    """LoRA by default only where full fine-tuning cannot fit: a big model on a GPU.
+
+    Full fine-tuning keeps fp32 master weights (bf16 autocast on GPU); LoRA keeps the
+    frozen base in bf16 on GPU with fp32 adapters.
+    """
+    if args.lora is None:
+        size = ModelConfig.from_json(resolve(args.model) / "config.json").num_parameters
+        args.lora = args.device.startswith("cuda") and size > LORA_THRESHOLD
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.lora and args.device.startswith("cuda") else "float32"
 
 
 def start_run(args) -> Path:
@@ -107,7 +138,10 @@ def summarize(t, records, stats, history, tokenizer) -> dict:
                for k in ("chosen", "rejected", "raw")}
     mean = lambda key: sum(h[key] for h in history) / max(1, len(history))  # noqa: E731
     return {"iteration": t, "prompts": stats.get("prompts", len(records)), "kept": len(records),
-            "dropped": {k: v for k, v in stats.items() if k not in ("prompts", "kept", "capped")},
+            "dropped": {k: v for k, v in stats.items() if k in DROP_REASONS},
+            "capped": stats.get("capped", 0),
+            "sample_tokens_per_s": stats.get("sample_tokens", 0) / max(stats.get("sample_seconds", 0), 1e-9),
+            "train_tokens_per_s": mean("tokens_per_s"),
             "len_chosen": lengths["chosen"], "len_rejected": lengths["rejected"], "len_raw": lengths["raw"],
             "loss": mean("loss"), "W": mean("W"), "acc": mean("rewards/accuracies"),
             "p_acc": mean("p_rewards/accuracies"), "n_acc": mean("n_rewards/accuracies")}
@@ -151,6 +185,9 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress)
     """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it."""
     model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed + t)
+    if args.lora:  # fresh adapters on the merged weights of the last iteration
+        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                   targets=args.lora_targets.split(","))
 
     # 1-2. the policy builds its own preference data
     pairs, stats_file = it / "pairs.jsonl", it / "data_stats.json"
@@ -161,7 +198,7 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress)
             prompts = iteration_prompts(pool, t, args.prompts_per_iteration)
             records, stats = build_records(model, tokenizer, prompts, iteration=t, seed=args.seed,
                                            max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
-                                           progress=progress)
+                                           compile=args.device.startswith("cuda"), progress=progress)
             if args.logprob_filter:
                 records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
                 stats.update(filter_stats)
@@ -172,28 +209,46 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress)
     records = read_jsonl(pairs)
     print(f"iteration {t}: {len(records)} pairs in {pairs} ({stats_file.read_text().strip()})", file=sys.stderr)
 
-    # 3. reference log-probs: the iteration's starting weights, computed once
-    ref = reference_logprobs(model, tokenizer, records, cfg, cache=it / "ref_logps.safetensors", progress=progress)
+    # 3. reference log-probs: the iteration's starting weights (LoRA: the frozen base), computed once
+    with adapters_disabled(model) if args.lora else contextlib.nullcontext():
+        ref = reference_logprobs(model, tokenizer, records, cfg, cache=it / "ref_logps.safetensors",
+                                 progress=progress)
 
     # 4. one epoch of the SSO objective
     train_iteration(model, tokenizer, records, ref, cfg, it, iteration=t, metrics_path=metrics_path,
                     progress=progress)
 
     # 5. the trained policy becomes the next iteration's policy and reference
-    save_model(model, tokenizer, it / "model")
+    if model.lm_head_weight.is_cuda:
+        stats = json.loads(stats_file.read_text())
+        stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        stats_file.write_text(json.dumps(stats, indent=2))
+    save_model(merge_lora(model) if args.lora else model, tokenizer, it / "model")
     shutil.rmtree(it / "checkpoint", ignore_errors=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
     progress = not args.no_progress
+    if args.ablation:
+        from sso_mini.ablation import run_ablation
+
+        shared = ["--model", args.model, "--loss", args.loss, "--form", args.form, "--theta", str(args.theta),
+                  "--alpha", str(args.alpha), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
+                  "--seed", str(args.seed), "--device", args.device, *(["--prompts", args.prompts] * bool(args.prompts))]
+        out = Path("runs/ablation" if args.out == "runs/sso" else args.out)
+        result = run_ablation(main, shared, out, scale=args.scale, resume=args.resume, progress=progress)
+        print((out / "ablation.md").read_text())
+        print(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, plot {out / 'ablation.png'}")
+        return result
+    choose_lora_and_dtype(args)
     out = start_run(args)
     cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
                       theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                       micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
                       gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every)
     write_config(out / "train_config.json", cfg)
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    dtype = getattr(torch, args.dtype)
     pool = None if args.pairs else prompt_pool(args)
     metrics_path, summaries = out / "metrics.jsonl", []
     for t in range(args.iterations):

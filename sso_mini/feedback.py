@@ -128,6 +128,15 @@ def preference_strength(model, tokenizer, instructions, references, chosen, reje
 # The judge.
 
 
+def greedy_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, progress: bool) -> list[str]:
+    """complete() in batches (the KV cache grows with batch x length)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += complete(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
+                        temperature=0.0, progress=progress)
+    return out
+
+
 def judge_pairs(model, tokenizer, records: list[dict], *, principle: str = PRINCIPLE, max_new_tokens: int = 256,
                 force_verdict: bool = True, batch_size: int = 8, progress: bool = False) -> dict:
     """Judge chosen vs rejected for each record {prompt, chosen, rejected}; greedy decoding throughout.
@@ -143,18 +152,18 @@ def judge_pairs(model, tokenizer, records: list[dict], *, principle: str = PRINC
         if missing:
             raise ValueError(f"judge_pairs: record {i} lacks {sorted(missing)}")
     x = [r["prompt"] for r in records]
-    greedy = dict(max_new_tokens=max_new_tokens, temperature=0.0, progress=progress)
-    references = complete(model, tokenizer, [answer_messages(p, principle) for p in x], **greedy)
+    greedy = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    references = greedy_texts(model, tokenizer, [answer_messages(p, principle) for p in x], **greedy)
     conversations = []
     for p, ref, r in zip(x, references, records):
         conversations.append(judge_messages(p, ref, r["chosen"], r["rejected"], principle))  # A = chosen
         conversations.append(judge_messages(p, ref, r["rejected"], r["chosen"], principle))  # A = rejected
-    critiques = complete(model, tokenizer, conversations, **greedy)
+    critiques = greedy_texts(model, tokenizer, conversations, **greedy)
     verdicts = [parse_verdict(c) for c in critiques]
     unparsed = [i for i, v in enumerate(verdicts) if v is None]
     if force_verdict and unparsed:
         cued = [tokenizer.apply_chat_template(conversations[i]) + critiques[i].rstrip() + VERDICT_CUE for i in unparsed]
-        for i, tail in zip(unparsed, complete(model, tokenizer, cued, max_new_tokens=3, temperature=0.0, progress=False)):
+        for i, tail in zip(unparsed, greedy_texts(model, tokenizer, cued, 3, batch_size, progress=False)):
             verdicts[i] = parse_verdict(VERDICT_CUE + tail)
     strength, ppl_chosen, ppl_rejected = preference_strength(
         model, tokenizer, x, references, [r["chosen"] for r in records], [r["rejected"] for r in records],

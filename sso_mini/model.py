@@ -79,6 +79,21 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def cached_attention(q, k, v, mask):
+    """Grouped-query attention over the cache without copying it per query head.
+
+    The `rep` query heads that share a kv head become `rep` x T query rows of that head, so
+    k and v are read as stored; one decode step would otherwise copy the whole cache.
+    q [B, Hq, T, D], k/v [B, Hkv, S, D], mask [B, 1, T, S] -> [B, Hq, T, D].
+    """
+    B, Hq, T, D = q.shape
+    rep = Hq // k.size(1)
+    q = q.reshape(B, k.size(1), rep * T, D)  # rows: (head in group, time)
+    if T > 1:
+        mask = mask.repeat(1, 1, rep, 1)  # [B, 1, rep*T, S] in the same row order (T = 1 broadcasts)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, Hq, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -97,12 +112,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.kv_cache is not None:
+        if self.kv_cache is not None:  # sampling: keys are the first S cache slots, S = the mask's length
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, Tmax, D]
-        rep = self.n_heads // self.n_kv  # grouped-query: each kv head serves `rep` query heads
-        k = k.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
-        v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, Hq, T, D]
+            S = mask.size(-1)
+            y = cached_attention(q, k[:, :, :S], v[:, :, :S], mask)  # [B, Hq, T, D]
+        else:
+            rep = self.n_heads // self.n_kv  # grouped-query: each kv head serves `rep` query heads
+            k = k.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
+            v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, Hq, T, D]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 

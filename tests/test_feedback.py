@@ -85,3 +85,29 @@ def test_strength_against_full_logits(smollm2):
 def test_bad_record_is_named():
     with pytest.raises(ValueError, match="record 1 lacks"):
         feedback.judge_pairs(None, None, [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}])
+
+
+def test_judge_pairs_on_smollm2(smollm2):
+    """The judge's reference is its own greedy answer under the principle; votes follow the swap rule."""
+    model, tok = smollm2
+    records = [{"prompt": X, "chosen": "A banana is yellow.", "rejected": "Cucumbers are green."}]
+    out = feedback.judge_pairs(model, tok, records, max_new_tokens=4)
+
+    ids = tok.encode(tok.apply_chat_template(feedback.answer_messages(X)))
+    with torch.no_grad():  # greedy by hand: argmax of the full logits, one token at a time
+        for _ in range(4):
+            nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
+            if nxt in tok.stop_ids:
+                break
+            ids.append(nxt)
+    n_prompt = len(tok.encode(tok.apply_chat_template(feedback.answer_messages(X))))
+    assert out["records"][0]["reference"] == tok.decode(ids[n_prompt:])
+
+    r = out["records"][0]
+    assert r["verdict"] in ("A", "B") and r["verdict_swapped"] in ("A", "B")  # forced after "Verdict:"
+    expected = {("A", "B"): "chosen", ("B", "A"): "rejected"}.get((r["verdict"], r["verdict_swapped"]))
+    assert r["winner"] == expected
+    assert (out["n"], out["n_voted"], out["no_vote"]) == (1, int(expected is not None), int(expected is None))
+    assert out["agreement"] == float(expected == "chosen")
+    assert r["strength"] == pytest.approx(r["log_ppl_rejected"] - r["log_ppl_chosen"])
+    assert out["perplexity_accuracy"] == float(r["strength"] > 0)

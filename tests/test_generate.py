@@ -182,6 +182,14 @@ def test_top_p_filter_matches_formula():
     for p in (0.05, 0.3, 0.8, 0.95):
         assert np.array_equal(top_p_filter(logits, p).numpy(), numpy_top_p(logits.numpy(), p))
     assert torch.equal(top_p_filter(logits, 1.0), logits)
+    # a vocabulary larger than the sorted candidates: peaked rows (nucleus inside the first 256)
+    # and flat rows (the search must widen to thousands of tokens)
+    big = torch.cat([torch.randn(3, 5000) * 4, torch.randn(3, 5000) * 0.1])
+    for p in (0.5, 0.9):
+        filtered = top_p_filter(big, p).numpy()
+        assert np.array_equal(filtered, numpy_top_p(big.numpy(), p))
+        kept = np.isfinite(filtered).sum(-1)
+        assert kept[:3].max() < 256 < kept[3:].min()
 
 
 def chi_square(counts, probs):

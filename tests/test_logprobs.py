@@ -155,14 +155,14 @@ def tiny_model():
 
 def test_sequence_scorer_matches_full_logits_and_ignores_left_padding():
     model = tiny_model()
-    rows = [([5, 6, 7], [8, 9, 10, 11]), ([12, 13, 14, 15, 16, 17], [18, 19]), ([20], [21, 22])]
+    rows = [([5, 6, 7], [8, 9, 10, 11]), ([12, 13, 14, 15, 16, 17], [18, 19]), ([20], [21, 22]), ([23, 24], [])]
     input_ids, attention_mask, response_mask = left_pad(rows, pad_id=0)
     logp_sum, n_tokens = sequence_logprobs(model, input_ids, attention_mask, response_mask)
     ref_sum, ref_n = full_logits_score(model, input_ids, attention_mask, response_mask)
-    assert logp_sum.dtype == torch.float32 and n_tokens.tolist() == ref_n.tolist() == [4, 2, 2]
-    assert rel_err(logp_sum, ref_sum) < 1e-5
+    assert logp_sum.dtype == torch.float32 and n_tokens.tolist() == ref_n.tolist() == [4, 2, 2, 0]
+    assert rel_err(logp_sum, ref_sum) < 1e-5 and logp_sum[3] == 0
     # each row scored alone, with no padding at all, gives the same number
-    for i, (p, r) in enumerate(rows):
+    for i, (p, r) in enumerate(rows[:3]):
         alone = left_pad([(p, r)], pad_id=0)
         assert abs(sequence_logprobs(model, *alone)[0].item() - logp_sum[i].item()) < 1e-4
 

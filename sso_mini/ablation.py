@@ -1,0 +1,138 @@
+"""The paper's ablation at small scale: SSO vs without W, without G, and PBAA (neither).
+
+SSO_SPEC §4.2 (v1 Tables 5/12): without W, response length grows fast over iterations
+(Qwen2-7B-Instruct, iteration 3: ~4.5k tokens without W vs ~2.8k with it). Here the
+four variants run the same loop from the same start, prompts and seeds; then every
+iteration's model is measured objectively (evaluate.py) and the results are laid out
+in the shape of Table 5:
+
+    variant | iter | length (MT-Bench tokens) | IFEval strict | on-policy log-prob | judge acc | reward acc
+
+"judge acc" counts only self-consistent votes of the self-reference judge (feedback.py);
+"SPPL acc" is the share of pairs whose semantic perplexity favours the chosen response.
+
+    python train.py --ablation [--out runs/ablation] [--scale 4]
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .checkpoint import load_model
+from .evaluate import evaluate_model
+
+VARIANTS = {"SSO": [], "w/o W": ["--no-w"], "w/o G": ["--no-g"], "PBAA (w/o W, G)": ["--no-w", "--no-g"]}
+
+
+def slug(name):
+    return {"SSO": "sso", "w/o W": "no_w", "w/o G": "no_g", "PBAA (w/o W, G)": "pbaa"}[name]
+
+
+def settings(scale: int) -> dict:
+    """Default sizes finish on 2 CPU cores in about an hour; --scale N multiplies the data."""
+    return {"prompts_per_iteration": 12 * scale, "max_new_tokens": 48 * min(scale, 4), "iterations": 3,
+            "ifeval_limit": 40 * scale, "mtbench_limit": 12 * scale, "eval_max_new_tokens": 160 * min(scale, 4),
+            "judge_samples": 6 * scale}
+
+
+def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, resume: bool = False,
+                 progress: bool = True, **overrides) -> dict:
+    """Train the four variants with train.py's main, then evaluate every iteration's model."""
+    s = {**settings(scale), **overrides}
+    out.mkdir(parents=True, exist_ok=True)
+    common = [*base_args, "--iterations", str(s["iterations"]), "--prompts-per-iteration",
+              str(s["prompts_per_iteration"]), "--max-new-tokens", str(s["max_new_tokens"])]
+    if not progress:
+        common.append("--no-progress")
+    for name, flags in VARIANTS.items():
+        run = out / slug(name)
+        if not (run / f"iter_{s['iterations'] - 1}" / "summary.json").exists():
+            train_main([*common, *flags, "--out", str(run), *(["--resume"] if run.exists() else [])])
+    start_model = json.loads((out / "sso" / "run.json").read_text())["model"]
+    judge = load_model(start_model)  # one fixed judge for every variant: the starting policy
+    kw = dict(ifeval_limit=s["ifeval_limit"], mtbench_limit=s["mtbench_limit"],
+              max_new_tokens=s["eval_max_new_tokens"], judge_samples=s["judge_samples"], progress=progress)
+    cache = out / "evaluations.json"
+    evals = json.loads(cache.read_text()) if cache.exists() and resume else {}
+    if "start" not in evals:
+        evals["start"] = evaluate_model(start_model, **kw)
+        _write(cache, json.dumps(evals, indent=2))
+    rows = [_row("start", 0, evals["start"], None)]
+    for name in VARIANTS:
+        for t in range(s["iterations"]):
+            it = out / slug(name) / f"iter_{t}"
+            key = f"{slug(name)}/{t}"
+            if key not in evals:
+                evals[key] = evaluate_model(it / "model", pairs_file=it / "pairs.jsonl", judge=judge, **kw)
+                _write(cache, json.dumps(evals, indent=2))
+            rows.append(_row(name, t + 1, evals[key], json.loads((it / "summary.json").read_text())))
+    result = {"settings": s, "rows": rows}
+    _write(out / "ablation.json", json.dumps(result, indent=2))
+    _write(out / "ablation.md", markdown(result))
+    plot(rows, out / "ablation.png")
+    return result
+
+
+def _row(name, iteration, ev, summary) -> dict:
+    ifeval, length = ev["ifeval"], ev["length"]
+    return {
+        "variant": name, "iteration": iteration,
+        "length": length["mean_tokens"], "capped": length["cap_share"],
+        "ifeval_strict": ifeval["prompt_strict"], "ifeval_se": ifeval["prompt_strict_se"],
+        "onpolicy": ev["onpolicy"]["mean"] if ev.get("onpolicy") else None,
+        "judge_acc": ev["judge"]["accuracy"] if ev.get("judge") else None,
+        "judge_votes": ev["judge"]["n_voted"] if ev.get("judge") else None,
+        "sppl_acc": ev["judge"]["perplexity_accuracy"] if ev.get("judge") else None,
+        "reward_acc": summary["acc"] if summary else None,
+        "pairs_len": summary["len_chosen"] if summary else None,
+    }
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(result) -> str:
+    lines = ["| variant | iter | length (tokens) | capped | IFEval strict (±se) | on-policy log-prob | "
+             "judge acc (votes) | SPPL acc | reward acc |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        votes = "" if r["judge_votes"] is None else f" ({r['judge_votes']})"
+        lines.append(f"| {r['variant']} | {r['iteration']} | {_fmt(r['length'], '.0f')} | {_fmt(r['capped'], '.2f')} | "
+                     f"{100 * r['ifeval_strict']:.1f} ± {100 * r['ifeval_se']:.1f} | {_fmt(r['onpolicy'], '.3f')} | "
+                     f"{_fmt(r['judge_acc'], '.2f')}{votes} | {_fmt(r['sppl_acc'], '.2f')} | "
+                     f"{_fmt(r['reward_acc'], '.2f')} |")
+    s = result["settings"]
+    lines.append(f"\nSettings: {json.dumps(s)}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, png: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    start = rows[0]
+    for name in VARIANTS:
+        rs = [start] + [r for r in rows if r["variant"] == name]
+        x = [r["iteration"] for r in rs]
+        axes[0].plot(x, [r["length"] for r in rs], marker="o", label=name)
+        axes[1].plot(x, [100 * r["ifeval_strict"] for r in rs], marker="o", label=name)
+        axes[2].plot(x[1:], [r["onpolicy"] for r in rs[1:]], marker="o", label=name)
+    for ax, title in zip(axes, ("MT-Bench response length (tokens)", "IFEval prompt strict (%)",
+                                "on-policy: mean log-prob of the pairs")):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def _write(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

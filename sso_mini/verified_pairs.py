@@ -1,0 +1,147 @@
+"""Preference pairs labelled by rule-based verifiers: a test set for reward models.
+
+Human-labelled preference sets (RewardBench and the like) are not available offline, so
+sso-mini scores reward models on pairs whose label is objective:
+
+    base task (written here) + 1..k instructions from IFEval's own generators
+      -> `samples` answers from the starting model (temperature sampling)
+      -> every instruction passes (strict) = chosen, any fails = rejected
+      -> prompts with both outcomes keep one (chosen, rejected) pair each
+
+One pair per prompt keeps the pairs independent, so a binomial interval on the accuracy
+is honest. The generators never produce the 541 IFEval evaluation prompts: the base tasks
+are ours and the instruction arguments are random draws, seeded per prompt.
+"""
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import ifeval
+from .data import prompt_ids
+from .generate import generate
+
+# Simple everyday tasks (written for sso-mini) that the generated instructions are appended to.
+BASE_TASKS = (
+    "Describe your favourite season of the year.", "Explain how a bicycle works.",
+    "Write a short letter inviting a friend to a picnic.", "Give advice to someone starting their first job.",
+    "Describe a busy market early in the morning.", "Write a product description for a reusable water bottle.",
+    "Explain why people enjoy gardening.", "Tell a story about a lost dog that finds its way home.",
+    "Write a short poem about the sea.", "Explain to a child what a rainbow is.",
+    "Describe the steps to make a cup of tea.", "Write a review of an imaginary pizza restaurant.",
+    "Explain the benefits of regular exercise.", "Describe a day in the life of a lighthouse keeper.",
+    "Encourage a friend who is learning to play the piano.", "Explain how to plant a tree.",
+    "Write a short speech welcoming new members to a chess club.", "Describe a city you would like to visit.",
+    "Explain the difference between weather and climate.", "Tell a story about a robot that learns to paint.",
+    "Give tips for saving money on groceries.", "Describe how the moon changes over a month.",
+    "Write an email asking a neighbour to water your plants.", "Explain why sleep is important.",
+    "Write a short blog post about learning a new language.", "Describe a train journey through the mountains.",
+    "Explain how recycling helps the environment.", "Write a thank-you note to a teacher.",
+    "Describe the perfect weekend breakfast.", "Explain how to prepare for a job interview.",
+    "Write a fable about a fox and a crow.", "Explain what makes a good team leader.",
+)
+SKIPPED_INSTRUCTIONS = ("combination:repeat_prompt",)  # its generator needs the prompt as an argument
+
+
+def _conflict(a: str, b: str, conflicts: dict) -> bool:
+    return b in conflicts.get(a, ()) or a in conflicts.get(b, ())  # the registry's table is not symmetric
+
+
+def draw_prompt(i: int, seed: int, max_instructions: int) -> dict | None:
+    """Prompt i as an IFEval-style record {key, prompt, instruction_id_list, kwargs}; None if unsatisfiable."""
+    _, registry = ifeval.verifiers()
+    conflicts = ifeval.instruction_conflicts()
+    rng = random.Random(f"{seed}-prompt-{i}")
+    task = rng.choice(BASE_TASKS)
+    k = rng.randint(1, max_instructions)
+    candidates = sorted(set(registry) - set(SKIPPED_INSTRUCTIONS))
+    ids = []
+    for iid in rng.sample(candidates, len(candidates)):  # first k compatible ones of a random order
+        if len(ids) < k and not any(_conflict(iid, j, conflicts) for j in ids):
+            ids.append(iid)
+    descriptions, kwargs = [], []
+    state = random.getstate()
+    try:
+        for iid in ids:
+            random.seed(f"{seed}-{i}-{iid}")  # the generators draw from the global RNG
+            instruction = registry[iid](iid)
+            descriptions.append(instruction.build_description())
+            kwargs.append(instruction.get_instruction_args() or {})
+    finally:
+        random.setstate(state)
+    for iid, kw in zip(ids, kwargs):
+        if iid == "length_constraints:nth_paragraph_first_word" and kw["nth_paragraph"] > kw["num_paragraphs"]:
+            return None  # asks for paragraph n of fewer than n (ASSETS §4)
+    return {"key": f"rm-{seed}-{i}", "prompt": " ".join([task, *descriptions]),
+            "instruction_id_list": ids, "kwargs": kwargs}
+
+
+def draw_prompts(n_prompts: int, seed: int, max_instructions: int) -> tuple[list[dict], int]:
+    """The first n_prompts satisfiable prompts, and how many were dropped on the way."""
+    records, dropped, i = [], 0, 0
+    while len(records) < n_prompts:
+        r = draw_prompt(i, seed, max_instructions)
+        i += 1
+        if r is None:
+            dropped += 1
+        else:
+            records.append(r)
+    return records, dropped
+
+
+def sample_answers(model, tokenizer, records, *, samples, temperature, top_p, max_new_tokens, seed, batch_size,
+                   progress=True) -> list[list[list[int]]]:
+    """`samples` answer token lists per record, to the user prompt alone (no system message)."""
+    ids = [prompt_ids(tokenizer, "", r["prompt"]) for r in records]
+    order = sorted(range(len(ids)), key=lambda j: -len(ids[j]))  # similar lengths share a batch
+    outs = [None] * len(ids)
+    for b, start in enumerate(tqdm(range(0, len(order), batch_size), desc="sampling", disable=not progress)):
+        idx = order[start:start + batch_size]
+        done = generate(model, [ids[j] for j in idx], max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, stop_ids=tokenizer.stop_ids, n=samples, seed=seed + b, progress=False)
+        for m, j in enumerate(idx):
+            outs[j] = done[m * samples:(m + 1) * samples]
+    return outs
+
+
+def label_pairs(tokenizer, records, answers, *, seed, max_new_tokens) -> tuple[list[dict], dict]:
+    """Verify every answer; a prompt with both outcomes gives one random (pass, fail) pair."""
+    kept, counts = [], {"all_pass": 0, "all_fail": 0, "mixed": 0, "strict_pass": 0, "capped": 0}
+    for r, ids in zip(records, answers):
+        counts["capped"] += sum(len(a) >= max_new_tokens for a in ids)
+        responses = [tokenizer.decode(a).strip() for a in ids]
+        passes = [all(ifeval.check(r, y)[0]) for y in responses]
+        counts["strict_pass"] += sum(passes)
+        if all(passes) or not any(passes):
+            counts["all_pass" if all(passes) else "all_fail"] += 1
+            continue
+        counts["mixed"] += 1
+        rng = random.Random(f"{seed}-pair-{r['key']}")
+        chosen = rng.choice([y for y, ok in zip(responses, passes) if ok])
+        rejected = rng.choice([y for y, ok in zip(responses, passes) if not ok])
+        kept.append({**r, "chosen": chosen, "rejected": rejected, "responses": responses, "strict_pass": passes})
+    return kept, counts
+
+
+def build_testset(model, tokenizer, n_prompts, *, seed=0, samples=4, temperature=0.8, top_p=1.0, max_new_tokens=128,
+                  max_instructions=2, batch_size=16, progress=True) -> tuple[list[dict], dict]:
+    """Draw prompts, sample answers, label them: (kept pair records, counts)."""
+    records, dropped = draw_prompts(n_prompts, seed, max_instructions)
+    answers = sample_answers(model, tokenizer, records, samples=samples, temperature=temperature, top_p=top_p,
+                             max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress)
+    kept, counts = label_pairs(tokenizer, records, answers, seed=seed, max_new_tokens=max_new_tokens)
+    return kept, {"prompts": len(records), "dropped_nth_paragraph": dropped, "responses": len(records) * samples,
+                  **counts, "kept": len(kept)}
+
+
+def write_json(path, obj):
+    """Atomic JSON write (the recipe beside the test set)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,29 @@
+"""A tiny ablation run produces the Table-5-shaped markdown, the JSON and the plot."""
+
+import json
+
+import train
+from sso_mini.ablation import VARIANTS, run_ablation
+
+
+def test_tiny_ablation_writes_table_and_plot(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\n")
+    out = tmp_path / "ablation"
+    result = run_ablation(train.main, ["--model", str(tiny_model_dir), "--prompts", str(prompts), "--batch-size", "2"],
+                          out, progress=False, iterations=1, prompts_per_iteration=4, max_new_tokens=6,
+                          ifeval_limit=2, mtbench_limit=2, eval_max_new_tokens=8, judge_samples=1)
+    for name in ("ablation.md", "ablation.json", "ablation.png", "evaluations.json"):
+        assert (out / name).exists(), name
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [(r["variant"], r["iteration"]) for r in rows] == [("start", 0)] + [(v, 1) for v in VARIANTS]
+    table = (out / "ablation.md").read_text()
+    assert table.startswith("| variant | iter | length (tokens)") and "PBAA (w/o W, G)" in table
+    for r in rows[1:]:
+        assert r["onpolicy"] < 0 and 0 <= r["reward_acc"] <= 1 and r["length"] >= 0
+    # the four variants trained with the intended switches
+    for variant, flags in VARIANTS.items():
+        slug = {"SSO": "sso", "w/o W": "no_w", "w/o G": "no_g", "PBAA (w/o W, G)": "pbaa"}[variant]
+        config = json.loads((out / slug / "train_config.json").read_text())
+        assert config["use_w"] == ("--no-w" not in flags) and config["use_g"] == ("--no-g" not in flags)
+    assert json.dumps(result["rows"]) == json.dumps(rows)  # NaN-safe: a tiny judge may cast no vote
