@@ -200,3 +200,31 @@ def test_offline_pairs_mode_trains_without_sampling(tiny_model_dir, tmp_path, mo
                 "--batch-size", "1", "--no-progress"])
     assert (tmp_path / "run" / "iter_0" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "iter_1").exists()
+
+
+def test_lora_run_saves_a_merged_plain_folder(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]))
+    out = tmp_path / "lora"
+    train.main(loop_args(tiny_model_dir, prompts, out, "--iterations", "1", "--lora", "--lora-rank", "4",
+                         "--lr", "1e-2"))
+    # the reference is the frozen base: equal to scoring with the untouched start model
+    start, tok = load_model(tiny_model_dir)
+    records = [json.loads(line) for line in (out / "iter_0" / "pairs.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(load_file(out / "iter_0" / "ref_logps.safetensors")["logps"],
+                               reference_logprobs(start, tok, records, TrainConfig(), progress=False))
+    saved = load_file(out / "iter_0" / "model" / "model.safetensors")
+    assert not any("lora" in k for k in saved)  # adapters merged into plain HF keys
+    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], start.layers[0].self_attn.q_proj.weight)
+    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "hi"}])])
+    merged, _ = load_model(out / "iter_0" / "model")
+    hf = AutoModelForCausalLM.from_pretrained(out / "iter_0" / "model", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, merged(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_lora_target_is_a_clear_error(tmp_path):
+    r = run_train("--lora", "--lora-targets", "q_proj,qkv", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown --lora-targets qkv" in r.stderr
