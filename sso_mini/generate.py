@@ -33,8 +33,8 @@ def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 256) -> torch
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p.
 
     Sorting the whole vocabulary is the slow part on a CPU (half a decode step at batch 32),
-    so only the `candidates` most likely tokens are sorted, widening while some row's nucleus
-    is bigger. Compiled code sorts everything (no data-dependent loop).
+    so only the `candidates` most likely tokens are sorted, and everything only when some
+    row's nucleus is bigger. Compiled code always sorts everything (no data-dependent branch).
     """
     if p >= 1.0:
         return logits
@@ -42,9 +42,8 @@ def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 256) -> torch
     probs = logits.float().softmax(dim=-1)  # [B, V]
     k = V if torch.compiler.is_compiling() else min(candidates, V)
     top, order = probs.topk(k, dim=-1)  # [B, k], most likely first
-    while k < V and (top.sum(-1) < p).any():  # the top k do not hold the whole nucleus yet
-        k = min(8 * k, V)
-        top, order = probs.topk(k, dim=-1)
+    if k < V and (top.sum(-1) < p).any():  # the top k do not hold some row's whole nucleus
+        top, order = probs.sort(dim=-1, descending=True)
     mass_before = top.cumsum(dim=-1) - top  # probability of the tokens ranked above
     drop_top = mass_before >= p  # the top token always stays (its mass_before is 0)
     drop = torch.ones_like(probs, dtype=torch.bool).scatter(-1, order, drop_top)  # [B, V]; beyond top k: dropped
@@ -120,8 +119,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
              seed=None, progress=True, compile=False) -> list[list[int]]:
     """Sample `n` completions for each prompt (lists of token ids).
 
-    Returns B*n lists of new token ids, prompt-major (prompt 0's n samples first); a row ends
-    at its first stop id, which is not included. The same seed gives the same output.
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. Returns B*n lists
+    of new token ids, prompt-major (prompt 0's n samples first); a row ends at its first stop
+    id, which is not included. The same seed gives the same output for the same batch.
+    compile=True compiles the decode step (CUDA graphs on a GPU; the first call per shape
+    pays the compile).
     """
     check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
     device = model.embed_tokens.weight.device
@@ -141,8 +143,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     query = slots[:, None]  # [T, 1]
     mask = (valid[:, None, None, :T] & (slots <= query)) | (slots == query)
 
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed) if seed is not None else generator.seed()
+    generator = torch.Generator(device=device)  # our own stream: the global RNG is left alone
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
 
     def noise(rows):  # fresh Exp(1) draws for every row and vocabulary entry; none when greedy
         return None if temperature == 0 else exponential_noise((rows, model.config.vocab_size), generator, device)

@@ -61,20 +61,20 @@ def test_batched_rows_equal_rows_alone(smollm2, chat_prompts, greedy32):
 def test_n_samples_share_their_prompt(smollm2, chat_prompts):
     model, _ = smollm2
     a, b = chat_prompts[2], chat_prompts[5]
-    greedy = generate(model, [a, b], max_new_tokens=12, temperature=0, n=3, progress=False)
-    alone = [generate(model, [p], max_new_tokens=12, temperature=0, progress=False)[0] for p in (a, b)]
+    greedy = generate(model, [a, b], max_new_tokens=8, temperature=0, n=3, progress=False)
+    alone = [generate(model, [p], max_new_tokens=8, temperature=0, progress=False)[0] for p in (a, b)]
     assert greedy == [alone[0]] * 3 + [alone[1]] * 3  # copied cache rows, prompt-major order
-    sampled = generate(model, [a], max_new_tokens=16, temperature=1.0, n=4, seed=0, progress=False)
+    sampled = generate(model, [a], max_new_tokens=12, temperature=1.0, n=4, seed=0, progress=False)
     assert len(sampled) == 4 and len({tuple(s) for s in sampled}) == 4
 
 
 def test_stop_ids_end_rows_and_are_not_returned(smollm2, chat_prompts):
     model, _ = smollm2
-    prompts = chat_prompts[:4]
-    free = generate(model, prompts, max_new_tokens=16, temperature=0, progress=False)
-    assert all(len(r) == 16 for r in free)
+    prompts = chat_prompts[:3]
+    free = generate(model, prompts, max_new_tokens=12, temperature=0, progress=False)
+    assert all(len(r) == 12 for r in free)
     stop = free[0][5]  # a token row 0 produces; other rows may or may not produce it
-    stopped = generate(model, prompts, max_new_tokens=16, temperature=0, stop_ids={stop}, progress=False)
+    stopped = generate(model, prompts, max_new_tokens=12, temperature=0, stop_ids={stop}, progress=False)
     for f, s in zip(free, stopped):
         assert s == (f[:f.index(stop)] if stop in f else f)
     assert len(stopped[0]) <= 5
@@ -82,7 +82,7 @@ def test_stop_ids_end_rows_and_are_not_returned(smollm2, chat_prompts):
 
 def test_same_seed_same_output_different_seed_different(smollm2, chat_prompts):
     model, _ = smollm2
-    run = lambda seed: generate(model, chat_prompts[:3], max_new_tokens=12, temperature=1.0, top_p=0.95,  # noqa: E731
+    run = lambda seed: generate(model, chat_prompts[:2], max_new_tokens=8, temperature=1.0, top_p=0.95,  # noqa: E731
                                 seed=seed, progress=False)
     first = run(1)
     assert run(1) == first
@@ -106,8 +106,8 @@ def test_complete_text(smollm2):
     model, tok = smollm2
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     few_shot = "Q: What is 2 + 2?\nA: 4\nQ: What is 3 + 5?\nA:"
-    out = complete(model, tok, [chat, few_shot], max_new_tokens=16, stop_strings=["\n"], progress=False)
-    ref = generate(model, [tok.encode_chat(chat), tok.encode(few_shot)], max_new_tokens=16, temperature=0,
+    out = complete(model, tok, [chat, few_shot], max_new_tokens=10, stop_strings=["\n"], progress=False)
+    ref = generate(model, [tok.encode_chat(chat), tok.encode(few_shot)], max_new_tokens=10, temperature=0,
                    stop_ids=tok.stop_ids, progress=False)
     assert out == [tok.decode(r).split("\n")[0] for r in ref]
     assert out[0] == "The capital of France is Paris."
