@@ -15,10 +15,9 @@ in the shape of Table 5:
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from .assets import write_atomic
 from .checkpoint import load_model
 from .evaluate import evaluate_model
 
@@ -57,7 +56,7 @@ def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, re
     evals = json.loads(cache.read_text()) if cache.exists() and resume else {}
     if "start" not in evals:
         evals["start"] = evaluate_model(start_model, **kw)
-        _write(cache, json.dumps(evals, indent=2))
+        write_atomic(cache, json.dumps(evals, indent=2))
     rows = [_row("start", 0, evals["start"], None)]
     for name in VARIANTS:
         for t in range(s["iterations"]):
@@ -65,11 +64,11 @@ def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, re
             key = f"{slug(name)}/{t}"
             if key not in evals:
                 evals[key] = evaluate_model(it / "model", pairs_file=it / "pairs.jsonl", judge=judge, **kw)
-                _write(cache, json.dumps(evals, indent=2))
+                write_atomic(cache, json.dumps(evals, indent=2))
             rows.append(_row(name, t + 1, evals[key], json.loads((it / "summary.json").read_text())))
     result = {"settings": s, "rows": rows}
-    _write(out / "ablation.json", json.dumps(result, indent=2))
-    _write(out / "ablation.md", markdown(result))
+    write_atomic(out / "ablation.json", json.dumps(result, indent=2))
+    write_atomic(out / "ablation.md", markdown(result))
     plot(rows, out / "ablation.png")
     return result
 
@@ -129,10 +128,3 @@ def plot(rows, png: Path):
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-
-
-def _write(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -16,6 +16,24 @@ import zipfile
 from pathlib import Path
 
 
+def write_atomic(path, text: str, mode: int = 0o644):
+    """Write text to a temporary file beside `path`, then rename: readers never see half a file.
+
+    mode 0644 also keeps NLTK happy (it refuses group-writable or hard-linked data files).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def cache_dir() -> Path:
     """Where fetched and converted assets live (override with SSO_MINI_CACHE)."""
     return Path(os.environ.get("SSO_MINI_CACHE", Path.home() / ".cache" / "sso-mini"))

@@ -15,17 +15,15 @@ in the column order of losses.SEQUENCES:
 """
 
 import json
-import os
 import random
 import re
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .assets import fetch_wheel_member
+from .assets import fetch_wheel_member, write_atomic
 from .generate import generate
 from .logprobs import sequence_logprobs
 from .principles import FEATURES, STOP, feature_selection_prompt, parse_features, select_principles, system_prompts
@@ -188,17 +186,7 @@ def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tok
 
 def write_jsonl(path, records):
     """Atomic: a crash never leaves a half-written pairs file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path, required=REQUIRED_FIELDS) -> list[dict]:

