@@ -83,6 +83,10 @@ def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature
 @functools.cache
 def compiled_decode_step(cuda: bool):
     """Compiled once per process; "reduce-overhead" replays the step as a CUDA graph."""
+    if cuda:  # tune the block sizes of the one-row matmul reductions (as gpt-fast does): ~+4% tokens/s
+        import torch._inductor.config
+
+        torch._inductor.config.coordinate_descent_tuning = True
     return torch.compile(decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
 
 

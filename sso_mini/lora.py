@@ -37,7 +37,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (alpha / r) * B @ A."""
+    """A frozen model.Linear plus a trainable low-rank update (alpha / r) * B @ A."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -56,7 +56,9 @@ class LoRALinear(nn.Module):
         self.disabled = False  # set by adapters_disabled(): compute the base layer only
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)  # [..., out], exactly the base layer
+        y = F.linear(x, self.weight)  # [..., out], exactly the base layer (model.Linear: bias added after)
+        if self.bias is not None:
+            y = y + self.bias
         if self.disabled:
             return y
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # fp32 masters, compute in x's dtype
