@@ -8,7 +8,8 @@
         4. train one epoch: W * (L(x: y+ > y-) + theta * [L(x+: y+ > y-) + L(x-: y^o > y+)])
         5. save                                                        -> iter_t/model/ (HF folder)
 
-`python train.py` runs it on SmolLM2-135M-Instruct on a CPU; `--model Qwen2-7B` on a GPU.
+`python train.py` runs it on SmolLM2-135M-Instruct on a CPU; `--model Qwen2-7B` on a GPU;
+`torchrun --nproc_per_node=N train.py ...` on N GPUs (FSDP2, see sso_mini/distributed.py).
 Every stage writes its output atomically and is skipped when already done, so an
 interrupted run continues with `--resume` and loses nothing.
 """
@@ -27,7 +28,10 @@ from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, reso
 from sso_mini.config import ModelConfig
 from sso_mini.data import (DROP_REASONS, build_records, default_prompts, load_prompts, logprob_filter, read_jsonl,
                            write_jsonl)
+from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, on_main, setup, shard,
+                                  teardown)
 from sso_mini.lora import TARGETS, adapters_disabled, apply_lora, merge_lora
+from sso_mini.model import Transformer
 from sso_mini.losses import FORMS, LOSS_TYPES
 from sso_mini.tokenizer import Tokenizer
 from sso_mini.trainer import TrainConfig, TrainingError, reference_logprobs, train_iteration, write_config
@@ -181,7 +185,7 @@ def plot_metrics(metrics_path: Path, png: Path):
     plt.close(fig)
 
 
-def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress):
+def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress, rank=0, n_ranks=1):
     """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it."""
     model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed + t)
@@ -191,23 +195,29 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress)
 
     # 1-2. the policy builds its own preference data
     pairs, stats_file = it / "pairs.jsonl", it / "data_stats.json"
-    if not pairs.exists():
+    if not on_main(pairs.exists):  # decided once: rank 0 may write the file before another rank looks
         if args.pairs:
             records, stats = read_jsonl(args.pairs), {}
-        else:
-            prompts = iteration_prompts(pool, t, args.prompts_per_iteration)
-            records, stats = build_records(model, tokenizer, prompts, iteration=t, seed=args.seed,
+        else:  # under torchrun each rank samples its share of the prompts with its full copy of the policy
+            prompts = deal(iteration_prompts(pool, t, args.prompts_per_iteration), n_ranks, rank)
+            records, stats = build_records(model, tokenizer, prompts, iteration=t, seed=args.seed + 7919 * rank,
                                            max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
-                                           compile=args.device.startswith("cuda"), progress=progress)
+                                           compile=args.device.startswith("cuda"), progress=progress and is_main())
             if args.logprob_filter:
                 records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
                 stats.update(filter_stats)
+            records, stats = merge_shares(gather_objects((records, dict(stats))))
         if not records:
             raise ValueError(f"iteration {t}: every pair was filtered out ({dict(stats)})")
-        stats_file.write_text(json.dumps(dict(stats), indent=2))
-        write_jsonl(pairs, records)
+        if is_main():
+            stats_file.write_text(json.dumps(dict(stats), indent=2))
+            write_jsonl(pairs, records)
+        barrier()
     records = read_jsonl(pairs)
-    print(f"iteration {t}: {len(records)} pairs in {pairs} ({stats_file.read_text().strip()})", file=sys.stderr)
+    if is_main():
+        print(f"iteration {t}: {len(records)} pairs in {pairs} ({stats_file.read_text().strip()})", file=sys.stderr)
+    if n_ranks > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
+        shard(model)
 
     # 3. reference log-probs: the iteration's starting weights (LoRA: the frozen base), computed once
     with adapters_disabled(model) if args.lora else contextlib.nullcontext():
@@ -219,12 +229,31 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress)
                     progress=progress)
 
     # 5. the trained policy becomes the next iteration's policy and reference
-    if model.lm_head_weight.is_cuda:
-        stats = json.loads(stats_file.read_text())
-        stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        stats_file.write_text(json.dumps(stats, indent=2))
-    save_model(merge_lora(model) if args.lora else model, tokenizer, it / "model")
-    shutil.rmtree(it / "checkpoint", ignore_errors=True)
+    if n_ranks > 1:  # gather the shards into one plain model on rank 0
+        state = full_state_dict(model)
+        if is_main():
+            with torch.device("meta"):
+                model = Transformer(model.config)
+            model.load_state_dict(state, assign=True)
+            model.reset_rope()
+    if is_main():
+        if torch.cuda.is_available() and args.device.startswith("cuda"):
+            stats = json.loads(stats_file.read_text())
+            stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            stats_file.write_text(json.dumps(stats, indent=2))
+        save_model(merge_lora(model) if args.lora else model, tokenizer, it / "model")
+        shutil.rmtree(it / "checkpoint", ignore_errors=True)
+    barrier()
+
+
+def merge_shares(shares):
+    """[(records, stats)] from each rank -> all records (rank 0's first) and summed stats."""
+    records = [r for part, _ in shares for r in part]
+    stats = {}
+    for _, part in shares:
+        for k, v in part.items():
+            stats[k] = max(stats.get(k, 0), v) if k == "sample_seconds" else stats.get(k, 0) + v
+    return records, stats
 
 
 def main(argv=None):
@@ -241,13 +270,20 @@ def main(argv=None):
         print((out / "ablation.md").read_text())
         print(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, plot {out / 'ablation.png'}")
         return result
+    rank, n_ranks = setup()
+    if n_ranks > 1 and args.batch_size % n_ranks:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} "
+                         f"(torchrun --nproc_per_node): every rank needs the same share of each step")
     choose_lora_and_dtype(args)
-    out = start_run(args)
+    if n_ranks > 1 and args.lora:
+        raise ValueError("--lora is single-GPU only; under torchrun, FSDP2 shards a full fine-tune (pass --no-lora)")
+    out = on_main(lambda: start_run(args))
     cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
                       theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                       micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
                       gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every)
-    write_config(out / "train_config.json", cfg)
+    if is_main():
+        write_config(out / "train_config.json", cfg)
     dtype = getattr(torch, args.dtype)
     pool = None if args.pairs else prompt_pool(args)
     metrics_path, summaries = out / "metrics.jsonl", []
@@ -259,7 +295,9 @@ def main(argv=None):
         it.mkdir(exist_ok=True)
         if not (it / "model" / "model.safetensors").exists():
             policy = args.model if t == 0 else out / f"iter_{t - 1}" / "model"
-            run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress)
+            run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress and is_main(), rank, n_ranks)
+        if not is_main():
+            continue
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         summary = summarize(t, read_jsonl(it / "pairs.jsonl"), json.loads((it / "data_stats.json").read_text()),
                             [r for r in rows if r["iteration"] == t], Tokenizer.from_folder(it / "model"))
@@ -267,6 +305,8 @@ def main(argv=None):
         summaries.append(summary)
         plot_metrics(metrics_path, out / "metrics.png")
 
+    if not is_main():
+        return
     print_table(summaries)
     print(f"\nrun folder: {out}\n  pairs:   {out}/iter_*/pairs.jsonl\n  models:  {out}/iter_*/model/\n"
           f"  metrics: {metrics_path}\n  plot:    {out / 'metrics.png'}")
@@ -276,4 +316,6 @@ if __name__ == "__main__":
     try:
         main()
     except (CheckpointError, FileNotFoundError, ValueError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if is_main() else 1)  # every rank fails alike; rank 0 says why
+    finally:
+        teardown()

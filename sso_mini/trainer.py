@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .assets import write_atomic
 from .data import collate, end_of_turn_id, record_sequences
+from .distributed import all_sum, deal, full_tensor, gather_objects, is_main, like, rank, world_size
 from .logprobs import sequence_logprobs
 from .losses import sso_loss
 
@@ -81,7 +82,10 @@ def score(model, batch_sequences, pad_id, device):
 
 @torch.no_grad()
 def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path | None = None, progress=True):
-    """[R, 6] summed log-probs of the iteration's starting weights, cached next to the pairs."""
+    """[R, 6] summed log-probs of the iteration's starting weights, cached next to the pairs.
+
+    Under torchrun the records are dealt out across ranks and the rows gathered back.
+    """
     if cache is not None and cache.exists():
         saved = load_file(cache)
         if saved["logps"].shape[0] == len(records):
@@ -90,13 +94,18 @@ def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path 
     eot = end_of_turn_id(tokenizer)
     was_training = model.training
     model.eval()
-    out = []
-    for r in tqdm(records, desc="reference log-probs", disable=not progress):
-        logp, _, _ = score(model, record_sequences(tokenizer, r, cfg.cutoff, eot), tokenizer.pad_id, device)
-        out.append(logp.float().cpu())
+    mine = deal(range(len(records)), world_size(), rank())
+    rounds = math.ceil(len(records) / world_size())  # the busiest rank's count; the others add a spare pass
+    out = {}
+    for k in tqdm(range(rounds), desc="reference log-probs", disable=not progress):
+        i = mine[k] if k < len(mine) else 0
+        logp, _, _ = score(model, record_sequences(tokenizer, records[i], cfg.cutoff, eot), tokenizer.pad_id, device)
+        if k < len(mine):
+            out[i] = logp.float().cpu()
     model.train(was_training)
-    logps = torch.stack(out)  # [R, 6]
-    if cache is not None:
+    rows = {i: logp for part in gather_objects(out) for i, logp in part.items()}
+    logps = torch.stack([rows[i] for i in range(len(records))])  # [R, 6]
+    if cache is not None and is_main():
         _atomic_save({"logps": logps}, cache)
     return logps
 
@@ -112,16 +121,19 @@ def _atomic_save(tensors: dict, path: Path):
 
 
 def save_step_checkpoint(path: Path, model, optimizer, step: int, params: list):
-    """Everything needed to continue exactly from `step`, as safetensors + JSON, atomically."""
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
+    """Everything needed to continue exactly from `step`, as safetensors + JSON, atomically.
+
+    Sharded tensors are gathered whole (every rank takes part); rank 0 writes.
+    """
     index = {id(p): i for i, p in enumerate(params)}
-    tensors = {}
-    for p, state in optimizer.state.items():
-        for k, v in state.items():
-            tensors[f"{index[id(p)]}.{k}"] = v.detach().cpu().contiguous()
+    tensors = {f"{index[id(p)]}.{k}": full_tensor(v).detach().cpu().contiguous()
+               for p, state in optimizer.state.items() for k, v in state.items()}
+    weights = {k: full_tensor(v).detach().cpu().contiguous() for k, v in _trainable_state(model).items()}
+    if not is_main():
+        return
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file({k: v.detach().cpu().contiguous() for k, v in _trainable_state(model).items()},
-              str(tmp / "weights.safetensors"))
+    save_file(weights, str(tmp / "weights.safetensors"))
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     if path.exists():
@@ -133,13 +145,15 @@ def load_step_checkpoint(path: Path, model, optimizer, params: list) -> int:
     weights = load_file(path / "weights.safetensors")
     with torch.no_grad():
         for name, t in _trainable_state(model).items():
-            t.copy_(weights[name])
+            t.copy_(like(weights[name], t))  # this rank's shard when sharded
     saved = load_file(path / "optimizer.safetensors")
     for key, v in saved.items():
         i, k = key.split(".", 1)
         p = params[int(i)]
-        on_device = k != "step" or optimizer.defaults.get("fused")  # as torch keeps it
-        optimizer.state[p][k] = v.to(p.device) if on_device else v
+        if k != "step":
+            optimizer.state[p][k] = like(v, p)
+        else:  # where torch keeps it
+            optimizer.state[p][k] = v.to(p.device) if optimizer.defaults.get("fused") else v
     torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
     state = json.loads((path / "state.json").read_text())
     return state["step"]
@@ -154,9 +168,14 @@ def _trainable_state(model) -> dict:
 
 def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir: Path, *, iteration=0,
                     metrics_path: Path | None = None, progress=True, on_step=None) -> list[dict]:
-    """One epoch of the SSO loss over `records`; resumes from out_dir/checkpoint if present."""
+    """One epoch of the SSO loss over `records`; resumes from out_dir/checkpoint if present.
+
+    Under torchrun (a sharded model) each step's records are dealt out across ranks.
+    """
     out_dir = Path(out_dir)
     device = model.lm_head_weight.device
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward: the optimizer needs shards
+        model.reshard()
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
     optimizer = torch.optim.AdamW(
@@ -170,19 +189,24 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
     total = math.ceil(len(order) / cfg.batch_size)
     ckpt = out_dir / "checkpoint"
     start = load_step_checkpoint(ckpt, model, optimizer, params) if ckpt.exists() else 0
-    if metrics_path is not None:
+    if metrics_path is not None and is_main():
         _truncate_metrics(metrics_path, iteration, start)
+    n_ranks = world_size()
     eot = end_of_turn_id(tokenizer)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     history = []
-    bar = tqdm(range(start, total), desc=f"iter {iteration} train", disable=not progress, initial=start, total=total)
+    bar = tqdm(range(start, total), desc=f"iter {iteration} train", disable=not progress or not is_main(),
+               initial=start, total=total)
     for step in bar:
         t0 = time.perf_counter()
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        b, mine = cfg.micro_batch_size, deal(idx, n_ranks, rank())
+        micro = [mine[m:m + b] for m in range(0, len(mine), b)]
+        rounds = math.ceil(math.ceil(len(idx) / n_ranks) / b)  # the busiest rank's micro-batches
         sums, tokens = {}, 0
-        for m in range(0, len(idx), cfg.micro_batch_size):
-            mb = idx[m:m + cfg.micro_batch_size]
+        for k in range(rounds):
+            mb, weight = (micro[k], 1.0) if k < len(micro) else ([idx[0]], 0.0)  # weight 0: a spare round
             seqs = [s for i in mb for s in record_sequences(tokenizer, records[i], cfg.cutoff, eot)]
             logp, n, ntok = score(model, seqs, tokenizer.pad_id, device)
             loss, metrics = sso_loss(
@@ -190,23 +214,27 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
                 loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,
                 alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
             )
-            if not math.isfinite(metrics["loss"]):
-                raise TrainingError(f"non-finite loss at iteration {iteration} step {step}; "
-                                    f"the last good checkpoint is {ckpt if ckpt.exists() else 'the iteration start'}")
-            (loss * len(mb) / len(idx)).backward()  # mean over the step's records
-            tokens += ntok
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * len(mb) / len(idx)
+            share = weight * len(mb) / len(idx)  # of the step's records
+            (loss * share * n_ranks).backward()  # FSDP averages gradients over ranks: x n_ranks makes it a sum
+            tokens += ntok * weight
+            for key, v in metrics.items():
+                sums[key] = sums.get(key, 0.0) + v * share
+        keys = sorted(sums)
+        sums = dict(zip(keys, all_sum([sums[key] for key in keys], device)))  # the mean over the whole step
+        tokens = all_sum([tokens], device)[0]
+        if not math.isfinite(sums["loss"]):
+            raise TrainingError(f"non-finite loss at iteration {iteration} step {step}; "
+                                f"the last good checkpoint is {ckpt if ckpt.exists() else 'the iteration start'}")
         lr = lr_at(step, total, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"iteration": iteration, "step": step + 1, "steps": total, **sums, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": tokens / (time.perf_counter() - t0)}
         history.append(row)
-        if metrics_path is not None:
+        if metrics_path is not None and is_main():
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracies']:.2f}", W=f"{sums['W']:.3f}")

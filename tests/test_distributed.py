@@ -1,0 +1,87 @@
+"""torchrun + FSDP2 on CPU processes (gloo): two ranks train exactly like one process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = [("Answer helpfully.", "Answer rudely."), ("Be warm.", "Be cold."), ("Be precise.", "Be vague.")]
+
+
+def records(n):
+    """n distinct hand-made records; 7 with --batch-size 4 leaves a last step of 3 (2 + 1 over two ranks)."""
+    out = []
+    for i in range(n):
+        p, neg = SYSTEMS[i % 3]
+        out.append({"prompt": f"Question {i}: name a fruit.", "system": "", "p_system": p, "n_system": neg,
+                    "chosen": f"An apple, number {i}, is a tasty fruit.", "rejected": "No. Figure it out.",
+                    "raw": f"Apple {i}."})
+    return out
+
+
+def run(*args, nproc=1, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), str(ROOT / "train.py"), *args, "--device", "cpu",
+           "--no-progress"]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_ranks_match_one_process(tiny_model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records(7)))
+    common = ["--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "4", "--lr", "1e-3",
+              "--checkpoint-every", "1"]
+    one = run(*common, "--out", str(tmp_path / "one"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = run(*common, "--out", str(tmp_path / "two"), nproc=2, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+
+    rows = {k: [json.loads(line) for line in (tmp_path / k / "metrics.jsonl").read_text().splitlines()]
+            for k in ("one", "two")}
+    assert [r["step"] for r in rows["two"]] == [1, 2]  # rank 0 alone writes: no duplicated rows
+    for key in ("loss", "W", "rewards/accuracies", "p_rewards/margins", "n_logps/chosen", "grad_norm"):
+        a, b = [r[key] for r in rows["one"]], [r[key] for r in rows["two"]]
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6), (key, a, b)
+    ref = {k: load_file(tmp_path / k / "iter_0" / "ref_logps.safetensors")["logps"] for k in ("one", "two")}
+    assert torch.allclose(ref["one"], ref["two"], atol=1e-5)
+
+    start = load_file(tiny_model_dir / "model.safetensors")
+    w1 = load_file(tmp_path / "one" / "iter_0" / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "iter_0" / "model" / "model.safetensors")
+    assert w1.keys() == w2.keys() == start.keys()  # one plain HF folder, no sharded pieces
+    assert any(not torch.equal(w1[k], start[k]) for k in w1)  # training moved the weights
+    for k in w1:  # steps move weights by ~2e-3; sums in another order differ by float rounding, which
+        # AdamW's g / sqrt(v) magnifies on near-zero gradients (unused embedding rows): 1e-5 bounds it
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+def test_two_ranks_sample_and_chain_iterations(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\nGive a tip.\n")
+    out = tmp_path / "run"
+    r = run("--model", str(tiny_model_dir), "--prompts", str(prompts), "--prompts-per-iteration", "5",
+            "--iterations", "2", "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out), nproc=2,
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for t in (0, 1):
+        got = [json.loads(line) for line in (out / f"iter_{t}" / "pairs.jsonl").read_text().splitlines()]
+        stats = json.loads((out / f"iter_{t}" / "data_stats.json").read_text())
+        assert stats["prompts"] == 5 and len(got) == stats["kept"] > 0  # both ranks' shares gathered
+        assert (out / f"iter_{t}" / "model" / "model.safetensors").exists()
+    assert r.stdout.count("| iter |") == 1  # rank 0 alone prints the summary
+
+
+def test_world_size_must_divide_the_batch(tiny_model_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records(3)))
+    r = run("--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "3", "--out", str(tmp_path / "o"),
+            nproc=2, cwd=tmp_path)
+    assert r.returncode != 0
+    assert "error: --batch-size 3 is not divisible by the world size 2" in r.stderr
+    assert not (tmp_path / "o").exists()
