@@ -243,6 +243,60 @@ def record_sequences(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[lis
     return [truncate(p, r, cutoff) for p, r in pairs]
 
 
+def record_groups(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[int], list[list[int]]]]:
+    """The six sequences as three prompt-sharing groups: (x: y+, y-), (x+: y+, y-), (x-: y^o, y+).
+
+    Flattened, the responses come in losses.SEQUENCES order. Two sequences whose prompts
+    `cutoff` trimmed differently no longer share one, and become two groups.
+    """
+    seqs = record_sequences(tokenizer, record, cutoff, eot)
+    groups = []
+    for (prompt_a, y_a), (prompt_b, y_b) in zip(seqs[0::2], seqs[1::2]):
+        groups += [(prompt_a, [y_a, y_b])] if prompt_a == prompt_b else [(prompt_a, [y_a]), (prompt_b, [y_b])]
+    return groups
+
+
+def collate_groups(groups, pad_id) -> dict[str, torch.Tensor]:
+    """One row per group: its prompt once, then each of its responses (prompt sharing).
+
+    A response token attends to the prompt and to the earlier tokens of its own response
+    only, and its positions continue the prompt's, so every response is scored exactly as if
+    it followed the prompt alone, while the prompt (four of the six carry a ~300-token
+    principle) runs once instead of twice: ~40% fewer tokens per record.
+
+    Row g = [prompt | response 1 | response 2 | pad]:
+      input_ids, position_ids [G, T]; attention_mask [G, 1, T, T] bool (True = may attend)
+      parent [G, T]: the position whose hidden state predicts this token (-1: not scored);
+        a response's first token is predicted from the prompt's last one
+      segment [G, T]: which response of the batch (numbered in order) the token belongs to
+    """
+    G, T = len(groups), max(len(p) + sum(map(len, ys)) for p, ys in groups)
+    ids = torch.full((G, T), pad_id, dtype=torch.long)
+    positions = torch.zeros(G, T, dtype=torch.long)
+    branch = torch.full((G, T), -1, dtype=torch.long)  # -1 pad, 0 prompt, k response k
+    parent = torch.full((G, T), -1, dtype=torch.long)
+    segment = torch.full((G, T), -1, dtype=torch.long)
+    n = 0
+    for g, (prompt, responses) in enumerate(groups):
+        P = start = len(prompt)
+        ids[g, :P], positions[g, :P], branch[g, :P] = torch.tensor(prompt), torch.arange(P), 0
+        for k, y in enumerate(responses, start=1):
+            end = start + len(y)
+            ids[g, start:end] = torch.tensor(y)
+            positions[g, start:end] = torch.arange(P, P + len(y))
+            branch[g, start:end] = k
+            parent[g, start:end] = torch.arange(start - 1, end - 1)
+            parent[g, start] = P - 1
+            segment[g, start:end] = n
+            start, n = end, n + 1
+    query, key = branch[:, :, None], branch[:, None, :]  # [G, T, 1], [G, 1, T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = causal & (key >= 0) & ((key == 0) | (key == query))  # [G, T, T]
+    mask |= torch.eye(T, dtype=torch.bool)  # pad queries see themselves: no empty softmax row
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask[:, None], "parent": parent,
+            "segment": segment}
+
+
 def collate(sequences, pad_id) -> dict[str, torch.Tensor]:
     """Right-padded batch; response_mask marks the response tokens (the targets)."""
     T = max(len(p) + len(r) for p, r in sequences)

@@ -162,3 +162,20 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask):
     row = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)
     logp_sum = logp.new_zeros(input_ids.shape[0]).index_add(0, row[scored], logp)  # [B]
     return logp_sum, scored.sum(dim=1)
+
+
+def packed_logprobs(model, input_ids, position_ids, attention_mask, parent, segment):
+    """Summed log-prob and token count of each response in prompt-sharing rows (data.collate_groups).
+
+    The same numbers as sequence_logprobs on the unpacked sequences: a token's log-prob is
+    read from its parent's hidden state (the token before it in its own sequence).
+    Returns (logp_sum [S] float32, n_tokens [S] int64), S = responses in the batch, in order.
+    """
+    hidden = model.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask)  # [G, T, H]
+    scored = parent >= 0  # [G, T] the targets
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(parent)
+    predictors = hidden[rows[scored], parent[scored]]  # [n, H]
+    logp = token_logprobs(predictors, model.lm_head_weight, input_ids[scored])  # [n]
+    seg = segment[scored]
+    S = int(segment.max()) + 1
+    return logp.new_zeros(S).index_add(0, seg, logp), torch.bincount(seg, minlength=S)

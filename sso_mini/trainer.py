@@ -1,7 +1,8 @@
 """One SSO iteration of training: reference log-probs once, then one epoch of the SSO loss.
 
-    records (pairs.jsonl) -> six sequences each -> reference log-probs (cached, no grad)
-      -> for each step: micro-batches of 6*b sequences -> ONE forward -> fused log-probs
+    records (pairs.jsonl) -> six sequences each, packed as 3 prompt-sharing rows
+      -> reference log-probs (cached, no grad)
+      -> for each step: micro-batches of 3*b rows -> ONE forward -> fused log-probs
          -> sso_loss -> backward (accumulate) -> clip -> AdamW -> cosine lr
       -> metrics.jsonl per step; a resumable step checkpoint every k steps
 
@@ -25,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .assets import write_atomic
-from .data import collate, end_of_turn_id, record_sequences
+from .data import collate_groups, end_of_turn_id, record_groups
 from .distributed import all_sum, deal, full_tensor, gather_objects, is_main, like, rank, world_size
-from .logprobs import sequence_logprobs
+from .logprobs import packed_logprobs
 from .losses import sso_loss
 
 
@@ -47,7 +48,7 @@ class TrainConfig:
     gamma: float = 0.1
     lr: float = 5e-6
     batch_size: int = 8  # records per optimizer step
-    micro_batch_size: int = 1  # records per forward (6 sequences each)
+    micro_batch_size: int = 1  # records per forward (6 sequences in 3 rows each)
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     warmup_ratio: float = 0.1
@@ -72,12 +73,13 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def score(model, batch_sequences, pad_id, device):
-    """Summed response log-probs and token counts of a list of (prompt, response) sequences."""
-    b = {k: v.to(device) for k, v in collate(batch_sequences, pad_id).items()}
+def score(model, groups, pad_id, device):
+    """Summed log-probs and token counts of every response in prompt-sharing groups
+    (data.record_groups), plus the number of tokens the model ran."""
+    b = {k: v.to(device) for k, v in collate_groups(groups, pad_id).items()}
     with autocast(device):
-        logp, n = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"])
-    return logp, n, int(b["attention_mask"].sum())
+        logp, n = packed_logprobs(model, **b)
+    return logp, n, sum(len(p) + sum(map(len, ys)) for p, ys in groups)
 
 
 @torch.no_grad()
@@ -99,7 +101,7 @@ def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path 
     out = {}
     for k in tqdm(range(rounds), desc="reference log-probs", disable=not progress):
         i = mine[k] if k < len(mine) else 0
-        logp, _, _ = score(model, record_sequences(tokenizer, records[i], cfg.cutoff, eot), tokenizer.pad_id, device)
+        logp, _, _ = score(model, record_groups(tokenizer, records[i], cfg.cutoff, eot), tokenizer.pad_id, device)
         if k < len(mine):
             out[i] = logp.float().cpu()
     model.train(was_training)
@@ -207,8 +209,8 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
         sums, tokens = {}, 0
         for k in range(rounds):
             mb, weight = (micro[k], 1.0) if k < len(micro) else ([idx[0]], 0.0)  # weight 0: a spare round
-            seqs = [s for i in mb for s in record_sequences(tokenizer, records[i], cfg.cutoff, eot)]
-            logp, n, ntok = score(model, seqs, tokenizer.pad_id, device)
+            groups = [g for i in mb for g in record_groups(tokenizer, records[i], cfg.cutoff, eot)]
+            logp, n, ntok = score(model, groups, tokenizer.pad_id, device)
             loss, metrics = sso_loss(
                 logp.float().view(len(mb), 6), ref_logps[mb].to(device), n.view(len(mb), 6),
                 loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,

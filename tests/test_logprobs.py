@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sso_mini.config import ModelConfig
-from sso_mini.logprobs import sequence_logprobs, token_logprobs
+from sso_mini.data import collate_groups, record_groups, record_sequences
+from sso_mini.logprobs import packed_logprobs, sequence_logprobs, token_logprobs
 from sso_mini.model import Transformer
 
 
@@ -210,3 +211,43 @@ def test_sequence_scorer_equals_full_logits_on_real_smollm2(smollm2):
     assert n_tokens.tolist() == ref_n.tolist() == [len(r) for _, r in rows]
     assert rel_err(logp_sum, ref_sum) < 1e-4
     assert (logp_sum < 0).all()
+
+
+def alone(model, prompt, response):
+    """One sequence, no padding, no packing, through the full logits."""
+    ids = torch.tensor([prompt + response])
+    resp = torch.tensor([[0] * len(prompt) + [1] * len(response)])
+    return full_logits_score(model, ids, torch.ones_like(ids), resp)[0][0]
+
+
+def test_prompt_sharing_rows_score_each_response_as_if_alone():
+    model = tiny_model().train()
+    groups = [([5, 6, 7], [[8, 9, 10, 11], [12, 13]]), ([20], [[21], [22, 23, 24]]), ([30, 31, 32, 33, 34], [[35]])]
+    batch = collate_groups(groups, pad_id=0)
+    logp, n = packed_logprobs(model, **batch)
+    flat = [(p, y) for p, ys in groups for y in ys]
+    ref = torch.stack([alone(model, p, y) for p, y in flat])
+    assert n.tolist() == [len(y) for _, y in flat]
+    assert rel_err(logp, ref) < 1e-5
+    # the gradient too: the masks must keep each response from seeing its sibling
+    weights = torch.randn(len(flat))
+    grads = torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
+    ref_grads = torch.autograd.grad((ref.float() * weights).sum(), list(model.parameters()))
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-4
+
+
+def test_record_groups_on_real_smollm2_equal_the_six_sequences(smollm2):
+    model, tok = smollm2
+    record = {"prompt": "Name a fruit.", "system": "", "p_system": "Answer helpfully and accurately.",
+              "n_system": "Answer rudely.", "chosen": "An apple is a tasty fruit that grows on trees in orchards "
+              "all around the world.", "rejected": "No.", "raw": "Apple."}
+    for cutoff in (2048, 40):  # 40: a long y+ cuts its prompt, a short y- does not
+        seqs = record_sequences(tok, record, cutoff)
+        groups = record_groups(tok, record, cutoff)
+        assert [y for _, ys in groups for y in ys] == [y for _, y in seqs]
+        with torch.no_grad():
+            logp, _ = packed_logprobs(model, **collate_groups(groups, tok.pad_id))
+            ref = torch.stack([alone(model, p, y) for p, y in seqs])
+        assert rel_err(logp, ref) < 1e-4
+    assert len(record_groups(tok, record, 2048)) == 3 and len(record_groups(tok, record, 40)) > 3
