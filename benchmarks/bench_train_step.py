@@ -1,7 +1,8 @@
 """One SSO training step: ours vs the official code's structure, on the real SmolLM2.
 
-ours:     one forward of the 6 concatenated sequences, fused lm_head -> log-prob on the
-          response positions only, reference log-probs read from the per-iteration cache.
+ours:     one forward of the record's 3 prompt-sharing rows (each prompt once, its two
+          responses under a tree mask: sso_mini.trainer.score), fused lm_head -> log-prob on
+          the response positions only, reference log-probs read from the per-iteration cache.
 official: three forwards (base, p and n pairs), full [B, T, V] logits -> log_softmax ->
           gather, and a live reference model forward (no grad) for every batch, as
           icip-cas/SSO's concatenated_forward + compute_reference_log_probs do.
@@ -9,7 +10,9 @@ official: three forwards (base, p and n pairs), full [B, T, V] logits -> log_sof
 Both compute the same loss and gradients; each variant runs in a fresh subprocess so
 peak memory (ru_maxrss, minus the baseline after loading) is its own.
 
-    python benchmarks/bench_train_step.py [--tokens 256] [--steps 3] [--threads 2]
+Sequences 2k and 2k+1 share their prompt (x, x+, x-), as in an SSO record.
+
+    python benchmarks/bench_train_step.py [--tokens 256] [--prompt-tokens 64] [--steps 3] [--threads 2]
 """
 
 import argparse
@@ -27,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sso_mini.checkpoint import load_model  # noqa: E402
 from sso_mini.logprobs import sequence_logprobs  # noqa: E402
 from sso_mini.losses import sso_loss  # noqa: E402
+from sso_mini.trainer import score  # noqa: E402
 
 
 def batch(T, vocab, prompt_len):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (6, T), generator=g)
+    ids[1::2, :prompt_len] = ids[0::2, :prompt_len]  # pairs share a prompt
     attention = torch.ones(6, T, dtype=torch.long)
     response = torch.zeros(6, T, dtype=torch.bool)
     response[:, prompt_len:] = True
@@ -46,8 +51,14 @@ def full_logit_logprobs(model, ids, attention, response):
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
-def step_ours(model, ids, attention, response, ref):
-    logp, n = sequence_logprobs(model, ids, attention, response)
+def shared_groups(ids, prompt_len):
+    """The trainer's layout: (prompt, [response a, response b]) for each of the 3 pairs."""
+    return [(ids[k, :prompt_len].tolist(), [ids[k, prompt_len:].tolist(), ids[k + 1, prompt_len:].tolist()])
+            for k in (0, 2, 4)]
+
+
+def step_ours(model, groups, ref):
+    logp, n, _ = score(model, groups, 0, torch.device("cpu"))
     loss, _ = sso_loss(logp.view(1, 6), ref, n.view(1, 6))
     loss.backward()
 
@@ -63,21 +74,25 @@ def step_official(model, ref_model, ids, attention, response, _):
     loss.backward()
 
 
-def child(variant, T, steps, threads):
+def child(variant, T, prompt_len, steps, threads):
     torch.set_num_threads(threads)
     model, _ = load_model("SmolLM2-135M-Instruct")
     model.train()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the policy's own weights are not counted
     ref_model = load_model("SmolLM2-135M-Instruct")[0] if variant == "official" else None  # a second copy
-    ids, attention, response = batch(T, model.config.vocab_size, prompt_len=T // 4)
+    ids, attention, response = batch(T, model.config.vocab_size, prompt_len)
+    groups = shared_groups(ids, prompt_len)
     with torch.no_grad():
         ref = sequence_logprobs(model, ids, attention, response)[0].view(1, 6)  # the cached reference
-    fn = step_ours if variant == "ours" else lambda *a: step_official(model, ref_model, *a)
-    fn(model, ids, attention, response, ref) if variant == "ours" else fn(ids, attention, response, ref)  # warm-up
+    if variant == "ours":
+        fn = lambda: step_ours(model, groups, ref)  # noqa: E731
+    else:
+        fn = lambda: step_official(model, ref_model, ids, attention, response, ref)  # noqa: E731
+    fn()  # warm-up
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     for _ in range(steps):
-        fn(model, ids, attention, response, ref) if variant == "ours" else fn(ids, attention, response, ref)
+        fn()
         model.zero_grad(set_to_none=True)
     dt = (time.perf_counter() - t0) / steps
     peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024  # MB (ru_maxrss is KiB)
@@ -86,23 +101,25 @@ def child(variant, T, steps, threads):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per sequence (prompt + response)")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="of which prompt (shared by each pair)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.tokens, args.steps, args.threads)
+        return child(args.child, args.tokens, args.prompt_tokens, args.steps, args.threads)
     results = {}
     for variant in ("ours", "official"):
-        cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens), "--steps", str(args.steps),
-               "--threads", str(args.threads)]
+        cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens), "--prompt-tokens",
+               str(args.prompt_tokens), "--steps", str(args.steps), "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     o, r = results["ours"], results["official"]
-    print(f"SmolLM2-135M, 6 sequences x {args.tokens} tokens, fp32, {args.threads} threads, {args.steps} steps")
+    print(f"SmolLM2-135M, 6 sequences x {args.tokens} tokens ({args.prompt_tokens} of prompt, shared by each pair), "
+          f"fp32, {args.threads} threads, {args.steps} steps")
     print("| variant | s/step | tokens/s | peak MB (above the policy weights) |\n|---|---|---|---|")
-    for name, v in (("ours (1 forward, fused log-probs, cached ref)", o),
+    for name, v in (("ours (1 forward of 3 prompt-sharing rows, fused log-probs, cached ref)", o),
                     ("official structure (3 forwards, full logits, live ref)", r)):
         print(f"| {name} | {v['s_per_step']:.2f} | {v['tokens_per_s']:.0f} | {v['peak_mb']:.0f} |")
     print(f"\nspeed-up ours/official: {o['tokens_per_s'] / r['tokens_per_s']:.2f}x; "
