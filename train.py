@@ -60,7 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--batch-size", type=int, default=8, help="records per optimizer step")
     ap.add_argument("--micro-batch-size", type=int, default=1, help="records per forward (6 sequences in 3 rows each)")
-    ap.add_argument("--max-new-tokens", type=int, default=96, help="response length cap when sampling")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="response length cap when sampling")
     ap.add_argument("--sample-batch-size", type=int, default=48, help="rows per sampler batch")
     ap.add_argument("--cutoff", type=int, default=2048, help="max tokens of a training sequence")
     ap.add_argument("--logprob-filter", action="store_true", help="keep only pairs the SSO_SPEC §2.7 filter passes")
