@@ -232,10 +232,7 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress,
     if n_ranks > 1:  # gather the shards into one plain model on rank 0
         state = full_state_dict(model)
         if is_main():
-            with torch.device("meta"):
-                model = Transformer(model.config)
-            model.load_state_dict(state, assign=True)
-            model.reset_rope()
+            model = Transformer.from_state_dict(model.config, state)
     if is_main():
         if torch.cuda.is_available() and args.device.startswith("cuda"):
             stats = json.loads(stats_file.read_text())

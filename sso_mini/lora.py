@@ -153,11 +153,7 @@ def merge_lora(model: Transformer) -> Transformer:
     It shares the untouched tensors (embeddings, norms, biases) with `model`, so it
     costs one extra copy of the adapted projections only. The result is in eval mode.
     """
-    with torch.device("meta"):
-        merged = Transformer(model.config)
-    merged.load_state_dict(merged_state_dict(model), assign=True)
-    merged.reset_rope()
-    return merged.eval()
+    return Transformer.from_state_dict(model.config, merged_state_dict(model)).eval()
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

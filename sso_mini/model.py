@@ -198,6 +198,15 @@ class Transformer(nn.Module):
         """The output matrix [V, H]: the embedding itself when tied."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict) -> "Transformer":
+        """A model holding `state`'s tensors as they are: built on the meta device, no init, no copy."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        model.reset_rope()
+        return model
+
     def reset_rope(self):
         """Recompute the RoPE buffer (needed after building on the meta device)."""
         self.inv_freq = rope_inv_freq(self.config).to(self.embed_tokens.weight.device)
