@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sso_mini.generate import complete, exponential_noise, generate, sample, top_k_filter, top_p_filter
+from sso_mini.generate import (complete, exponential_noise, generate, sample, shared_prefix_length, top_k_filter,
+                               top_p_filter)
 
 QUESTIONS = [
     "Hi!",
@@ -56,6 +57,29 @@ def test_batched_rows_equal_rows_alone(smollm2, chat_prompts, greedy32):
         alone = generate(model, [chat_prompts[i]], max_new_tokens=32, temperature=0, stop_ids=tok.stop_ids,
                          progress=False)
         assert alone == [greedy32[i]]
+
+
+def test_shared_prefix_runs_once_and_changes_nothing(smollm2, monkeypatch):
+    """Few-shot prompts that differ only in their last line: the preamble is prefilled once
+    (batch 1) and every row still decodes exactly as it does alone."""
+    model, tok = smollm2
+    preamble = "Answer with one word.\n\n" + "".join(f"Q: What colour is {t}?\nA: {c}\n\n" for t, c in
+                                                    (("grass", "green"), ("the sky", "blue"), ("snow", "white")))
+    prompts = [tok.encode(preamble + f"Q: {q}\nA:") for q in ("What colour is coal?", "What is 2 + 2?",
+                                                               "Which animal says moo, usually on a farm?")]
+    P = shared_prefix_length(prompts)
+    assert P >= 40 and all(p[:P] == prompts[0][:P] for p in prompts)
+    shapes = []
+    run = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or run(ids, *a, **k))
+    batched = generate(model, prompts, max_new_tokens=12, temperature=0, progress=False)
+    suffix = max(len(p) for p in prompts) - P
+    assert shapes[:2] == [(1, P), (3, suffix)]  # the prefix once, then only the rows' own tokens
+    monkeypatch.undo()
+    for p, ours in zip(prompts, batched):
+        assert ours == generate(model, [p], max_new_tokens=12, temperature=0, progress=False)[0]
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # each row keeps a token of its own
+    assert shared_prefix_length([[5, 2], [1, 2]]) == 0
 
 
 def test_n_samples_share_their_prompt(smollm2, chat_prompts):
