@@ -58,7 +58,7 @@ def shared_groups(ids, prompt_len):
 
 
 def step_ours(model, groups, ref):
-    logp, n, _ = score(model, groups, 0, torch.device("cpu"))
+    logp, n, _ = score(model, groups, torch.device("cpu"))
     loss, _ = sso_loss(logp.view(1, 6), ref, n.view(1, 6))
     loss.backward()
 

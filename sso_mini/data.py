@@ -256,45 +256,47 @@ def record_groups(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[i
     return groups
 
 
-def collate_groups(groups, pad_id) -> dict[str, torch.Tensor]:
-    """One row per group: its prompt once, then each of its responses (prompt sharing).
+def collate_groups(groups, device=None) -> dict:
+    """All groups packed into ONE row, no padding: each group's prompt once, then its responses.
 
-    A response token attends to the prompt and to the earlier tokens of its own response
-    only, and its positions continue the prompt's, so every response is scored exactly as if
-    it followed the prompt alone, while the prompt (four of the six carry a ~300-token
-    principle) runs once instead of twice: ~40% fewer tokens per record.
+    A response token attends to its group's prompt and to the earlier tokens of its own
+    response only, and its positions continue the prompt's, so every response is scored exactly
+    as if it followed the prompt alone, while the prompt (four of the six carry a ~300-token
+    principle) runs once instead of twice: ~40% fewer tokens per record. Packing the groups
+    end to end rather than padding them into rows saves another ~20% (the plain x prompt is
+    ~270 tokens shorter than the principled ones).
 
-    Row g = [prompt | response 1 | response 2 | pad]:
-      input_ids, position_ids [G, T]; attention_mask [G, 1, T, T] bool (True = may attend)
-      parent [G, T]: the position whose hidden state predicts this token (-1: not scored);
-        a response's first token is predicted from the prompt's last one
-      segment [G, T]: which response of the batch (numbered in order) the token belongs to
+    The row = [prompt 0 | y 0 | y 1 | prompt 1 | y 2 | y 3 | ...]:
+      input_ids, position_ids [1, N]
+      attention_mask: one [1, 1, Tg, Tg] bool mask per group (True = may attend), see
+        model.hidden_states: groups never see each other
+      parent [1, N]: the position whose hidden state predicts this token (-1: not scored);
+        a response's first token is predicted from its prompt's last one
+      segment [1, N]: which response of the batch (numbered in order) the token belongs to
     """
-    G, T = len(groups), max(len(p) + sum(map(len, ys)) for p, ys in groups)
-    ids = torch.full((G, T), pad_id, dtype=torch.long)
-    positions = torch.zeros(G, T, dtype=torch.long)
-    branch = torch.full((G, T), -1, dtype=torch.long)  # -1 pad, 0 prompt, k response k
-    parent = torch.full((G, T), -1, dtype=torch.long)
-    segment = torch.full((G, T), -1, dtype=torch.long)
+    ids, positions, parent, segment, masks = [], [], [], [], []
     n = 0
-    for g, (prompt, responses) in enumerate(groups):
-        P = start = len(prompt)
-        ids[g, :P], positions[g, :P], branch[g, :P] = torch.tensor(prompt), torch.arange(P), 0
+    for prompt, responses in groups:
+        base, P = len(ids), len(prompt)
+        ids += prompt
+        positions += range(P)
+        parent += [-1] * P
+        segment += [-1] * P
+        branch = [0] * P  # 0 prompt, k response k
         for k, y in enumerate(responses, start=1):
-            end = start + len(y)
-            ids[g, start:end] = torch.tensor(y)
-            positions[g, start:end] = torch.arange(P, P + len(y))
-            branch[g, start:end] = k
-            parent[g, start:end] = torch.arange(start - 1, end - 1)
-            parent[g, start] = P - 1
-            segment[g, start:end] = n
-            start, n = end, n + 1
-    query, key = branch[:, :, None], branch[:, None, :]  # [G, T, 1], [G, 1, T]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = causal & (key >= 0) & ((key == 0) | (key == query))  # [G, T, T]
-    mask |= torch.eye(T, dtype=torch.bool)  # pad queries see themselves: no empty softmax row
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask[:, None], "parent": parent,
-            "segment": segment}
+            start = len(ids)
+            ids += y
+            positions += range(P, P + len(y))
+            parent += [base + P - 1] + list(range(start, start + len(y) - 1))
+            segment += [n] * len(y)
+            branch += [k] * len(y)
+            n += 1
+        b = torch.tensor(branch, device=device)
+        causal = torch.ones(len(b), len(b), dtype=torch.bool, device=device).tril()
+        masks.append((causal & ((b[None, :] == 0) | (b[None, :] == b[:, None])))[None, None])  # [1, 1, Tg, Tg]
+    ids, positions, parent, segment = (torch.tensor([x], dtype=torch.long, device=device)
+                                       for x in (ids, positions, parent, segment))
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": masks, "parent": parent, "segment": segment}
 
 
 def collate(sequences, pad_id) -> dict[str, torch.Tensor]:

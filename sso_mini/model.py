@@ -133,7 +133,12 @@ class Attention(nn.Module):
             rep = self.n_heads // self.n_kv  # grouped-query: each kv head serves `rep` query heads
             k = k.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
             v = v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, Hq, T, D]
+            if isinstance(mask, list):  # a packed row: each piece attends within itself only
+                pieces = [m.size(-1) for m in mask]
+                y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi, attn_mask=m) for qi, ki, vi, m in
+                               zip(q.split(pieces, 2), k.split(pieces, 2), v.split(pieces, 2), mask)], dim=2)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, Hq, T, D]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -219,14 +224,21 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
         """Final-norm hidden states [B, T, H].
 
-        attention_mask: None (all real, causal), a [B, T] 1/0 padding mask, or a ready
-        [B, 1, T, S] boolean mask (sampling with a KV cache, S = cache length).
+        attention_mask: None (all real, causal), a [B, T] 1/0 padding mask, a ready
+        [B, 1, T, S] boolean mask (sampling with a KV cache, S = cache length), or a list of
+        [1, 1, Tg, Tg] boolean masks for a packed row (B = 1): consecutive pieces of Tg tokens,
+        each attending within itself only, so sequences of different lengths share a forward
+        with no padding (the matmuls see real tokens only; attention costs sum(Tg^2)).
         """
         B, T = input_ids.shape
         if attention_mask is None:
             mask = None  # plain causal: SDPA's is_causal path
             if position_ids is None:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        elif isinstance(attention_mask, list):
+            mask = attention_mask
+            if B != 1 or sum(m.size(-1) for m in mask) != T or position_ids is None:
+                raise ValueError("packed masks need one row (B = 1) they tile exactly, and explicit position_ids")
         elif attention_mask.dim() == 2:
             mask = padding_causal_mask(attention_mask)
             if position_ids is None:

@@ -73,13 +73,13 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def score(model, groups, pad_id, device):
+def score(model, groups, device):
     """Summed log-probs and token counts of every response in prompt-sharing groups
     (data.record_groups), plus the number of tokens the model ran."""
-    b = {k: v.to(device) for k, v in collate_groups(groups, pad_id).items()}
+    batch = collate_groups(groups, device)
     with autocast(device):
-        logp, n = packed_logprobs(model, **b)
-    return logp, n, sum(len(p) + sum(map(len, ys)) for p, ys in groups)
+        logp, n = packed_logprobs(model, **batch)
+    return logp, n, batch["input_ids"].numel()
 
 
 @torch.no_grad()
@@ -101,7 +101,7 @@ def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path 
     out = {}
     for k in tqdm(range(rounds), desc="reference log-probs", disable=not progress):
         i = mine[k] if k < len(mine) else 0
-        logp, _, _ = score(model, record_groups(tokenizer, records[i], cfg.cutoff, eot), tokenizer.pad_id, device)
+        logp, _, _ = score(model, record_groups(tokenizer, records[i], cfg.cutoff, eot), device)
         if k < len(mine):
             out[i] = logp.float().cpu()
     model.train(was_training)
@@ -210,7 +210,7 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
         for k in range(rounds):
             mb, weight = (micro[k], 1.0) if k < len(micro) else ([idx[0]], 0.0)  # weight 0: a spare round
             groups = [g for i in mb for g in record_groups(tokenizer, records[i], cfg.cutoff, eot)]
-            logp, n, ntok = score(model, groups, tokenizer.pad_id, device)
+            logp, n, ntok = score(model, groups, device)
             loss, metrics = sso_loss(
                 logp.float().view(len(mb), 6), ref_logps[mb].to(device), n.view(len(mb), 6),
                 loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,
