@@ -32,7 +32,7 @@ def settings(scale: int) -> dict:
     """Default sizes finish on 2 CPU cores in about an hour; --scale N multiplies the data."""
     return {"prompts_per_iteration": 12 * scale, "max_new_tokens": 48 * min(scale, 4), "iterations": 3,
             "ifeval_limit": 40 * scale, "mtbench_limit": 12 * scale, "eval_max_new_tokens": 160 * min(scale, 4),
-            "judge_samples": 6 * scale}
+            "judge_samples": 6 * scale, "eval_batch_size": 48}
 
 
 def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, resume: bool = False,
@@ -50,8 +50,9 @@ def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, re
             train_main([*common, *flags, "--out", str(run), *(["--resume"] if run.exists() else [])])
     start_model = json.loads((out / "sso" / "run.json").read_text())["model"]
     judge = load_model(start_model)  # one fixed judge for every variant: the starting policy
-    kw = dict(ifeval_limit=s["ifeval_limit"], mtbench_limit=s["mtbench_limit"],
-              max_new_tokens=s["eval_max_new_tokens"], judge_samples=s["judge_samples"], progress=progress)
+    kw = dict(ifeval_limit=s["ifeval_limit"], mtbench_limit=s["mtbench_limit"], max_new_tokens=s["eval_max_new_tokens"],
+              judge_samples=s["judge_samples"], judge_max_new_tokens=s["eval_max_new_tokens"], judge_memo={},
+              batch_size=s["eval_batch_size"], progress=progress)
     cache = out / "evaluations.json"
     evals = json.loads(cache.read_text()) if cache.exists() and resume else {}
     if "start" not in evals:

@@ -102,13 +102,13 @@ def onpolicy_logprob(model, tokenizer, records: list[dict], batch_size: int = 8)
 
 def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_limit: int | None = None,
                    mtbench_limit: int | None = None, max_new_tokens: int = 256, judge=None,
-                   judge_samples: int = 16, judge_max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0,
-                   progress: bool = True) -> dict:
+                   judge_samples: int = 16, judge_max_new_tokens: int = 256, judge_memo: dict | None = None,
+                   batch_size: int = 16, seed: int = 0, progress: bool = True) -> dict:
     """All measures for a model folder (or a loaded model with its tokenizer).
 
     judge: (model, tokenizer) of the judge; default the evaluated model itself. The
     pairs-based measures run only when pairs_file is given; the judge scores a seeded
-    sample of judge_samples records.
+    sample of judge_samples records (judge_memo: see feedback.greedy_texts).
     """
     start = time.time()
     records = read_jsonl(pairs_file, required=("prompt", "chosen", "rejected")) if pairs_file is not None else None
@@ -135,7 +135,7 @@ def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_lim
         sample = random.Random(seed).sample(records, min(judge_samples, len(records)))
         judge_model, judge_tok = judge or (model, tokenizer)
         result["judge"] = feedback.judge_pairs(judge_model, judge_tok, sample, max_new_tokens=judge_max_new_tokens,
-                                               batch_size=batch_size, progress=progress)
+                                               batch_size=batch_size, progress=progress, memo=judge_memo)
     result["wall_s"] = time.time() - start
     return result
 

@@ -21,6 +21,7 @@ perplexity prefers chosen). The paper's exact formula is not public (its code do
 include it); this is our reading of its abstract.
 """
 
+import json
 import re
 
 import torch
@@ -128,21 +129,32 @@ def preference_strength(model, tokenizer, instructions, references, chosen, reje
 # The judge.
 
 
-def greedy_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, progress: bool) -> list[str]:
-    """complete() in batches (the KV cache grows with batch x length)."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        out += complete(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
-                        temperature=0.0, progress=progress)
-    return out
+def greedy_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, progress: bool,
+                 memo: dict | None = None) -> list[str]:
+    """complete() in batches (the KV cache grows with batch x length).
+
+    memo: a dict kept by the caller across calls with the same judge. Greedy decoding is
+    deterministic, so a prompt seen before (same text, same cap) is not decoded again: an
+    ablation's variants judge the same prompts, often the very same pairs.
+    """
+    memo = {} if memo is None else memo
+    keys = [json.dumps([p, max_new_tokens]) for p in prompts]
+    todo = list(dict.fromkeys(k for k in keys if k not in memo))  # new prompts, each once, in order
+    for i in range(0, len(todo), batch_size):
+        batch = todo[i:i + batch_size]
+        texts = complete(model, tokenizer, [json.loads(k)[0] for k in batch], max_new_tokens=max_new_tokens,
+                         temperature=0.0, progress=progress)
+        memo.update(zip(batch, texts))
+    return [memo[k] for k in keys]
 
 
 def judge_pairs(model, tokenizer, records: list[dict], *, principle: str = PRINCIPLE, max_new_tokens: int = 256,
-                force_verdict: bool = True, batch_size: int = 8, progress: bool = False) -> dict:
+                force_verdict: bool = True, batch_size: int = 8, progress: bool = False, memo: dict | None = None) -> dict:
     """Judge chosen vs rejected for each record {prompt, chosen, rejected}; greedy decoding throughout.
 
     With force_verdict, a critique that ends without a parseable verdict is continued
     after "Verdict:" for 3 tokens (small judges rarely end on the requested line).
+    memo: reuse this judge's earlier completions (see greedy_texts).
     Returns {"records": per-record details, "n", "n_voted", "no_vote", "accuracy" (chosen
     wins among voted pairs), "agreement" (chosen wins among all), "perplexity_accuracy"
     (share with strength > 0), "mean_strength"}.
@@ -152,7 +164,7 @@ def judge_pairs(model, tokenizer, records: list[dict], *, principle: str = PRINC
         if missing:
             raise ValueError(f"judge_pairs: record {i} lacks {sorted(missing)}")
     x = [r["prompt"] for r in records]
-    greedy = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    greedy = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, memo=memo)
     references = greedy_texts(model, tokenizer, [answer_messages(p, principle) for p in x], **greedy)
     conversations = []
     for p, ref, r in zip(x, references, records):
@@ -163,7 +175,7 @@ def judge_pairs(model, tokenizer, records: list[dict], *, principle: str = PRINC
     unparsed = [i for i, v in enumerate(verdicts) if v is None]
     if force_verdict and unparsed:
         cued = [tokenizer.apply_chat_template(conversations[i]) + critiques[i].rstrip() + VERDICT_CUE for i in unparsed]
-        for i, tail in zip(unparsed, greedy_texts(model, tokenizer, cued, 3, batch_size, progress=False)):
+        for i, tail in zip(unparsed, greedy_texts(model, tokenizer, cued, 3, batch_size, False, memo)):
             verdicts[i] = parse_verdict(VERDICT_CUE + tail)
     strength, ppl_chosen, ppl_rejected = preference_strength(
         model, tokenizer, x, references, [r["chosen"] for r in records], [r["rejected"] for r in records],

@@ -111,3 +111,19 @@ def test_judge_pairs_on_smollm2(smollm2):
     assert out["agreement"] == float(expected == "chosen")
     assert r["strength"] == pytest.approx(r["log_ppl_rejected"] - r["log_ppl_chosen"])
     assert out["perplexity_accuracy"] == float(r["strength"] > 0)
+
+
+def test_judge_memo_reuses_greedy_completions(smollm2, monkeypatch):
+    """With a memo, the same prompts are never decoded twice, and the outcome is unchanged."""
+    model, tok = smollm2
+    records = [{"prompt": X, "chosen": "A banana is yellow.", "rejected": "Cucumbers are green."}]
+    plain = feedback.judge_pairs(model, tok, records, max_new_tokens=4)
+    memo, calls = {}, []
+    complete = feedback.complete
+    monkeypatch.setattr(feedback, "complete", lambda m, t, prompts, **kw: calls.append(len(prompts))
+                        or complete(m, t, prompts, **kw))
+    first = feedback.judge_pairs(model, tok, records, max_new_tokens=4, memo=memo)
+    n_first = sum(calls)
+    again = feedback.judge_pairs(model, tok, records * 2, max_new_tokens=4, memo=memo)
+    assert n_first >= 3 and sum(calls) == n_first  # reference + 2 critiques (+ cues), then nothing new
+    assert first["records"] == plain["records"] and again["records"] == plain["records"] * 2
