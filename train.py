@@ -20,10 +20,12 @@ import json
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from sso_mini.assets import write_atomic
 from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
 from sso_mini.config import ModelConfig
 from sso_mini.data import (DROP_REASONS, build_records, default_prompts, load_prompts, logprob_filter, read_jsonl,
@@ -137,7 +139,7 @@ def iteration_prompts(pool, t, n):
     return [pool[(t * n + i) % len(pool)] for i in range(min(n, len(pool)))]
 
 
-def summarize(t, records, stats, history, tokenizer) -> dict:
+def summarize(t, records, stats, history, tokenizer, seconds) -> dict:
     lengths = {k: sum(len(tokenizer.encode(r[k])) for r in records) / max(1, len(records))
                for k in ("chosen", "rejected", "raw")}
     mean = lambda key: sum(h[key] for h in history) / max(1, len(history))  # noqa: E731
@@ -148,16 +150,17 @@ def summarize(t, records, stats, history, tokenizer) -> dict:
             "train_tokens_per_s": mean("tokens_per_s"),
             "len_chosen": lengths["chosen"], "len_rejected": lengths["rejected"], "len_raw": lengths["raw"],
             "loss": mean("loss"), "W": mean("W"), "acc": mean("rewards/accuracies"),
-            "p_acc": mean("p_rewards/accuracies"), "n_acc": mean("n_rewards/accuracies")}
+            "p_acc": mean("p_rewards/accuracies"), "n_acc": mean("n_rewards/accuracies"),
+            "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}}
 
 
 def print_table(rows):
-    print("\n| iter | kept/prompts | len y+ / y- / y^o (tokens) | loss | W | acc x / x+ / x- |")
-    print("|---|---|---|---|---|---|")
+    print("\n| iter | kept/prompts | len y+ / y- / y^o (tokens) | loss | W | acc x / x+ / x- | minutes |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['iteration']} | {r['kept']}/{r['prompts']} | {r['len_chosen']:.0f} / {r['len_rejected']:.0f} / "
               f"{r['len_raw']:.0f} | {r['loss']:.4f} | {r['W']:.3f} | {r['acc']:.2f} / {r['p_acc']:.2f} / "
-              f"{r['n_acc']:.2f} |")
+              f"{r['n_acc']:.2f} | {r['seconds']['total'] / 60:.1f} |")
 
 
 def plot_metrics(metrics_path: Path, png: Path):
@@ -185,9 +188,22 @@ def plot_metrics(metrics_path: Path, png: Path):
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def timed(it: Path, stage: str):
+    """Add a stage's wall time to it/timing.json (a stage finished over two attempts adds up)."""
+    start = time.perf_counter()
+    yield
+    if is_main():
+        path = it / "timing.json"
+        seconds = json.loads(path.read_text()) if path.exists() else {}
+        seconds[stage] = round(seconds.get(stage, 0) + time.perf_counter() - start, 1)
+        write_atomic(path, json.dumps(seconds, indent=2))
+
+
 def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress, rank=0, n_ranks=1):
     """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it."""
-    model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
+    with timed(it, "load"):
+        model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed + t)
     if args.lora:  # fresh adapters on the merged weights of the last iteration
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -199,14 +215,15 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress,
         if args.pairs:
             records, stats = read_jsonl(args.pairs), {}
         else:  # under torchrun each rank samples its share of the prompts with its full copy of the policy
-            prompts = deal(iteration_prompts(pool, t, args.prompts_per_iteration), n_ranks, rank)
-            records, stats = build_records(model, tokenizer, prompts, iteration=t, seed=args.seed + 7919 * rank,
-                                           max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
-                                           compile=args.device.startswith("cuda"), progress=progress and is_main())
-            if args.logprob_filter:
-                records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
-                stats.update(filter_stats)
-            records, stats = merge_shares(gather_objects((records, dict(stats))))
+            with timed(it, "sample"):
+                prompts = deal(iteration_prompts(pool, t, args.prompts_per_iteration), n_ranks, rank)
+                records, stats = build_records(model, tokenizer, prompts, iteration=t, seed=args.seed + 7919 * rank,
+                                               max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
+                                               compile=args.device.startswith("cuda"), progress=progress and is_main())
+                if args.logprob_filter:
+                    records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
+                    stats.update(filter_stats)
+                records, stats = merge_shares(gather_objects((records, dict(stats))))
         if not records:
             raise ValueError(f"iteration {t}: every pair was filtered out ({dict(stats)})")
         if is_main():
@@ -220,13 +237,14 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress,
         shard(model)
 
     # 3. reference log-probs: the iteration's starting weights (LoRA: the frozen base), computed once
-    with adapters_disabled(model) if args.lora else contextlib.nullcontext():
+    with timed(it, "reference"), adapters_disabled(model) if args.lora else contextlib.nullcontext():
         ref = reference_logprobs(model, tokenizer, records, cfg, cache=it / "ref_logps.safetensors",
                                  progress=progress)
 
     # 4. one epoch of the SSO objective
-    train_iteration(model, tokenizer, records, ref, cfg, it, iteration=t, metrics_path=metrics_path,
-                    progress=progress)
+    with timed(it, "train"):
+        train_iteration(model, tokenizer, records, ref, cfg, it, iteration=t, metrics_path=metrics_path,
+                        progress=progress)
 
     # 5. the trained policy becomes the next iteration's policy and reference
     if n_ranks > 1:  # gather the shards into one plain model on rank 0
@@ -238,7 +256,8 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress,
             stats = json.loads(stats_file.read_text())
             stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
             stats_file.write_text(json.dumps(stats, indent=2))
-        save_model(merge_lora(model) if args.lora else model, tokenizer, it / "model")
+        with timed(it, "save"):
+            save_model(merge_lora(model) if args.lora else model, tokenizer, it / "model")
         shutil.rmtree(it / "checkpoint", ignore_errors=True)
     barrier()
 
@@ -296,8 +315,9 @@ def main(argv=None):
         if not is_main():
             continue
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        seconds = json.loads((it / "timing.json").read_text()) if (it / "timing.json").exists() else {}
         summary = summarize(t, read_jsonl(it / "pairs.jsonl"), json.loads((it / "data_stats.json").read_text()),
-                            [r for r in rows if r["iteration"] == t], Tokenizer.from_folder(it / "model"))
+                            [r for r in rows if r["iteration"] == t], Tokenizer.from_folder(it / "model"), seconds)
         (it / "summary.json").write_text(json.dumps(summary, indent=2))
         summaries.append(summary)
         plot_metrics(metrics_path, out / "metrics.png")

@@ -15,6 +15,8 @@ in the shape of Table 5:
 """
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .assets import write_atomic
@@ -35,6 +37,23 @@ def settings(scale: int) -> dict:
             "judge_samples": 6 * scale, "eval_batch_size": 48}
 
 
+def share_first_iteration(sso: Path, run: Path, flags: list[str]):
+    """Start a variant's run folder with SSO's iteration-0 pairs and reference log-probs.
+
+    Iteration 0 samples from the start model with the same prompts and seed in every variant,
+    so its data are identical; only the training differs. Sampling and scoring them once instead
+    of four times saves ~3 minutes of the default run. The folder appears whole or not at all.
+    """
+    settings = json.loads((sso / "run.json").read_text()) | {"no_w": "--no-w" in flags, "no_g": "--no-g" in flags}
+    tmp = run.with_name(run.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "iter_0").mkdir(parents=True)
+    for name in ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors"):
+        shutil.copy2(sso / "iter_0" / name, tmp / "iter_0" / name)
+    (tmp / "run.json").write_text(json.dumps(settings, indent=2))  # what train.py --resume checks
+    os.replace(tmp, run)
+
+
 def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, resume: bool = False,
                  progress: bool = True, **overrides) -> dict:
     """Train the four variants with train.py's main, then evaluate every iteration's model."""
@@ -46,6 +65,8 @@ def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, re
         common.append("--no-progress")
     for name, flags in VARIANTS.items():
         run = out / slug(name)
+        if name != "SSO" and not run.exists():
+            share_first_iteration(out / "sso", run, flags)
         if not (run / f"iter_{s['iterations'] - 1}" / "summary.json").exists():
             train_main([*common, *flags, "--out", str(run), *(["--resume"] if run.exists() else [])])
     start_model = json.loads((out / "sso" / "run.json").read_text())["model"]

@@ -189,8 +189,15 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
             for layer, (k, v) in zip(model.layers, prefix_kv):
                 layer.self_attn.kv_cache.k[:, :, :P] = k  # [1, Hkv, P, D] -> all B rows
                 layer.self_attn.kv_cache.v[:, :, :P] = v
-        h = model.hidden_states(ids[:, P:], position_ids[:, P:], mask[:, :, P:], slots[P:])  # [B, T-P, H]
-        logits = F.linear(h[:, -1], model.lm_head_weight)  # [B, V]: last position only
+        # the rows' own tokens, packed end to end into one row: no compute on left padding
+        lengths = [len(p) - P for p in prompts]
+        own = torch.tensor([[t for p in prompts for t in p[P:]]], device=device)  # [1, N]
+        own_pos = torch.cat([position_ids[i, T - L:] for i, L in enumerate(lengths)])[None]  # [1, N]
+        own_slots = torch.cat([slots[T - L:] for L in lengths])  # [N]
+        pieces = [mask[i:i + 1, :, T - L:] for i, L in enumerate(lengths)]  # [1, 1, L, T] each
+        h = model.hidden_states(own, own_pos, pieces, own_slots)  # [1, N, H]
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [B] each row's last prompt token
+        logits = F.linear(h[0, last], model.lm_head_weight)  # [B, V]
         if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
             for layer in model.layers:
                 cache = layer.self_attn.kv_cache

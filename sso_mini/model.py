@@ -72,10 +72,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):
+    def update(self, input_pos, k, v, rows=None):
         # input_pos: [T] slots; k, v: [B, Hkv, T, D]
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        # rows: [T] for a packed prefill (B = 1): token t goes to cache row rows[t], slot input_pos[t]
+        if rows is None:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+        else:
+            self.k[rows, :, input_pos] = k[0].transpose(0, 1)  # [T, Hkv, D]
+            self.v[rows, :, input_pos] = v[0].transpose(0, 1)
         return self.k, self.v
 
 
@@ -125,7 +130,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.kv_cache is not None:  # sampling: keys are the first S cache slots, S = the mask's length
+        if self.kv_cache is not None and isinstance(mask, list):  # packed prefill: piece i fills cache row i
+            pieces = [m.size(-2) for m in mask]
+            rows = torch.arange(len(pieces), device=x.device).repeat_interleave(torch.tensor(pieces, device=x.device))
+            k, v = self.kv_cache.update(input_pos, k, v, rows)  # [B, Hkv, Tmax, D]
+            S = mask[0].size(-1)
+            y = torch.cat([cached_attention(qi, k[i:i + 1, :, :S], v[i:i + 1, :, :S], m)
+                           for i, (qi, m) in enumerate(zip(q.split(pieces, 2), mask))], dim=2)  # [1, Hq, T, D]
+        elif self.kv_cache is not None:  # sampling: keys are the first S cache slots, S = the mask's length
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, Tmax, D]
             S = mask.size(-1)
             y = cached_attention(q, k[:, :, :S], v[:, :, :S], mask)  # [B, Hq, T, D]
@@ -134,7 +146,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
             v = v.repeat_interleave(rep, dim=1)
             if isinstance(mask, list):  # a packed row: each piece attends within itself only
-                pieces = [m.size(-1) for m in mask]
+                pieces = [m.size(-2) for m in mask]
                 y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi, attn_mask=m) for qi, ki, vi, m in
                                zip(q.split(pieces, 2), k.split(pieces, 2), v.split(pieces, 2), mask)], dim=2)
             else:
@@ -229,6 +241,8 @@ class Transformer(nn.Module):
         [1, 1, Tg, Tg] boolean masks for a packed row (B = 1): consecutive pieces of Tg tokens,
         each attending within itself only, so sequences of different lengths share a forward
         with no padding (the matmuls see real tokens only; attention costs sum(Tg^2)).
+        With a KV cache, a packed row is a prefill: piece i writes cache row i at the slots
+        `input_pos` names, and its [1, 1, Tg, S] mask reads that row's first S slots.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -237,7 +251,7 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         elif isinstance(attention_mask, list):
             mask = attention_mask
-            if B != 1 or sum(m.size(-1) for m in mask) != T or position_ids is None:
+            if B != 1 or sum(m.size(-2) for m in mask) != T or position_ids is None:
                 raise ValueError("packed masks need one row (B = 1) they tile exactly, and explicit position_ids")
         elif attention_mask.dim() == 2:
             mask = padding_causal_mask(attention_mask)

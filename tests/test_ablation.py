@@ -27,3 +27,12 @@ def test_tiny_ablation_writes_table_and_plot(tiny_model_dir, tmp_path):
         config = json.loads((out / slug / "train_config.json").read_text())
         assert config["use_w"] == ("--no-w" not in flags) and config["use_g"] == ("--no-g" not in flags)
     assert json.dumps(result["rows"]) == json.dumps(rows)  # NaN-safe: a tiny judge may cast no vote
+    # iteration 0 is sampled and scored once (SSO) and shared: the others start at training
+    sso = out / "sso" / "iter_0"
+    assert "sample" in json.loads((sso / "timing.json").read_text())
+    for slug in ("no_w", "no_g", "pbaa"):
+        it = out / slug / "iter_0"
+        assert (it / "pairs.jsonl").read_bytes() == (sso / "pairs.jsonl").read_bytes()
+        assert (it / "ref_logps.safetensors").read_bytes() == (sso / "ref_logps.safetensors").read_bytes()
+        assert "sample" not in json.loads((it / "timing.json").read_text())
+        assert json.loads((out / slug / "run.json").read_text())["no_w"] == (slug != "no_g")

@@ -71,10 +71,11 @@ def test_shared_prefix_runs_once_and_changes_nothing(smollm2, monkeypatch):
     assert P >= 40 and all(p[:P] == prompts[0][:P] for p in prompts)
     shapes = []
     run = model.hidden_states
-    monkeypatch.setattr(model, "hidden_states", lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or run(ids, *a, **k))
+    monkeypatch.setattr(model, "hidden_states",
+                        lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or run(ids, *a, **k))
     batched = generate(model, prompts, max_new_tokens=12, temperature=0, progress=False)
-    suffix = max(len(p) for p in prompts) - P
-    assert shapes[:2] == [(1, P), (3, suffix)]  # the prefix once, then only the rows' own tokens
+    own = sum(len(p) - P for p in prompts)
+    assert shapes[:2] == [(1, P), (1, own)]  # the prefix once, then the rows' own tokens packed, no padding
     monkeypatch.undo()
     for p, ours in zip(prompts, batched):
         assert ours == generate(model, [p], max_new_tokens=12, temperature=0, progress=False)[0]

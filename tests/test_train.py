@@ -104,10 +104,13 @@ def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, t
     for name in ("run.json", "train_config.json", "metrics.jsonl", "metrics.png"):
         assert (out / name).exists(), name
     for t in (0, 1):
-        for name in ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors", "summary.json",
+        for name in ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors", "summary.json", "timing.json",
                      "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
             assert (out / f"iter_{t}" / name).exists(), (t, name)
         assert not (out / f"iter_{t}" / "checkpoint").exists()
+        seconds = json.loads((out / f"iter_{t}" / "summary.json").read_text())["seconds"]
+        assert set(seconds) == {"load", "sample", "reference", "train", "save", "total"}
+        assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"), abs=0.2)
     # iteration 1 samples from, and is referenced by, the weights iteration 0 saved
     assert loaded == [tiny_model_dir, out / "iter_0" / "model"]
     start, _ = real_load(tiny_model_dir)
