@@ -61,7 +61,7 @@ def parse_args(argv=None):
     ap.add_argument("--beta", type=float, default=None, help="loss beta (default: 0.2 IPO, 0.1 DPO)")
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--batch-size", type=int, default=8, help="records per optimizer step")
-    ap.add_argument("--micro-batch-size", type=int, default=1, help="records per forward (6 sequences in 3 rows each)")
+    ap.add_argument("--micro-batch-size", type=int, default=1, help="records per forward (6 sequences, 3 prompts, packed in one row)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="response length cap when sampling")
     ap.add_argument("--sample-batch-size", type=int, default=48, help="rows per sampler batch")
     ap.add_argument("--cutoff", type=int, default=2048, help="max tokens of a training sequence")

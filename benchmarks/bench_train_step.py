@@ -1,6 +1,6 @@
 """One SSO training step: ours vs the official code's structure, on the real SmolLM2.
 
-ours:     one forward of the record's 3 prompt-sharing rows (each prompt once, its two
+ours:     one forward of the record's 3 prompt-sharing groups packed in one row (each prompt once, its two
           responses under a tree mask: sso_mini.trainer.score), fused lm_head -> log-prob on
           the response positions only, reference log-probs read from the per-iteration cache.
 official: three forwards (base, p and n pairs), full [B, T, V] logits -> log_softmax ->
@@ -119,7 +119,7 @@ def main():
     print(f"SmolLM2-135M, 6 sequences x {args.tokens} tokens ({args.prompt_tokens} of prompt, shared by each pair), "
           f"fp32, {args.threads} threads, {args.steps} steps")
     print("| variant | s/step | tokens/s | peak MB (above the policy weights) |\n|---|---|---|---|")
-    for name, v in (("ours (1 forward of 3 prompt-sharing rows, fused log-probs, cached ref)", o),
+    for name, v in (("ours (1 forward: 3 prompt-sharing groups in one packed row, fused log-probs, cached ref)", o),
                     ("official structure (3 forwards, full logits, live ref)", r)):
         print(f"| {name} | {v['s_per_step']:.2f} | {v['tokens_per_s']:.0f} | {v['peak_mb']:.0f} |")
     print(f"\nspeed-up ours/official: {o['tokens_per_s'] / r['tokens_per_s']:.2f}x; "

@@ -15,6 +15,7 @@ in the shape of Table 5:
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -111,7 +112,7 @@ def _row(name, iteration, ev, summary) -> dict:
 
 
 def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+    return "-" if v is None or math.isnan(v) else format(v, spec)  # NaN: e.g. a judge accuracy with no votes
 
 
 def markdown(result) -> str:

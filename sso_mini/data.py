@@ -90,7 +90,7 @@ def prompt_ids(tokenizer, system: str, prompt: str) -> list[int]:
 
 
 def _sample(model, prompts, batch_size, seed, **kw) -> list[list[int]]:
-    """Sample all rows, longest first in batches of similar length (little padding)."""
+    """Sample all rows, longest first in batches of similar length (few pad slots in the KV cache)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     for b, start in enumerate(range(0, len(order), batch_size)):

@@ -8,10 +8,11 @@ llama3 long-context frequency scaling), grouped-query attention, SwiGLU MLP. Par
 names are HF's minus the leading "model." so checkpoints load without a mapping table.
 
 Two callers shape the interface:
-- training/scoring calls `hidden_states(...)` on right- or left-padded batches and never
-  asks for full logits (see logprobs.py);
+- training/scoring calls `hidden_states(...)` on padded batches, or on one packed row of
+  sequences with a mask per piece, and never asks for full logits (see logprobs.py);
 - sampling (generate.py) attaches a static KVCache to each attention layer and feeds
-  `input_pos`, the cache slots being written, plus a ready-made 4-D boolean mask.
+  `input_pos`, the cache slots being written, plus a ready-made 4-D boolean mask (or, for
+  the prefill, a packed row whose piece i fills cache row i).
 """
 
 import math

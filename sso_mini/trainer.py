@@ -1,8 +1,8 @@
 """One SSO iteration of training: reference log-probs once, then one epoch of the SSO loss.
 
-    records (pairs.jsonl) -> six sequences each, packed as 3 prompt-sharing rows
+    records (pairs.jsonl) -> six sequences each, as 3 prompt-sharing groups
       -> reference log-probs (cached, no grad)
-      -> for each step: micro-batches of 3*b rows -> ONE forward -> fused log-probs
+      -> for each step: micro-batches of 3*b groups packed in one row -> ONE forward -> fused log-probs
          -> sso_loss -> backward (accumulate) -> clip -> AdamW -> cosine lr
       -> metrics.jsonl per step; a resumable step checkpoint every k steps
 
@@ -48,7 +48,7 @@ class TrainConfig:
     gamma: float = 0.1
     lr: float = 5e-6
     batch_size: int = 8  # records per optimizer step
-    micro_batch_size: int = 1  # records per forward (6 sequences in 3 rows each)
+    micro_batch_size: int = 1  # records per forward (6 sequences, 3 prompts, packed in one row)
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     warmup_ratio: float = 0.1

@@ -3,7 +3,7 @@
 import json
 
 import train
-from sso_mini.ablation import VARIANTS, run_ablation
+from sso_mini.ablation import VARIANTS, markdown, run_ablation
 
 
 def test_tiny_ablation_writes_table_and_plot(tiny_model_dir, tmp_path):
@@ -36,3 +36,10 @@ def test_tiny_ablation_writes_table_and_plot(tiny_model_dir, tmp_path):
         assert (it / "ref_logps.safetensors").read_bytes() == (sso / "ref_logps.safetensors").read_bytes()
         assert "sample" not in json.loads((it / "timing.json").read_text())
         assert json.loads((out / slug / "run.json").read_text())["no_w"] == (slug != "no_g")
+
+
+def test_table_shows_a_dash_where_the_judge_cast_no_vote():
+    row = {"variant": "SSO", "iteration": 1, "length": 10.0, "capped": 0.5, "ifeval_strict": 0.25, "ifeval_se": 0.1,
+           "onpolicy": -1.5, "judge_acc": float("nan"), "judge_votes": 0, "sppl_acc": 0.5, "reward_acc": 0.75}
+    line = markdown({"rows": [row], "settings": {}}).splitlines()[2]
+    assert line == "| SSO | 1 | 10 | 0.50 | 25.0 ± 10.0 | -1.500 | - (0) | 0.50 | 0.75 |"
