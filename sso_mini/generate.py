@@ -25,8 +25,9 @@ rows: the feature-selection batch (a ~360-token shared preamble) prefills ~12x f
 import functools
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .model import linear
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -84,7 +85,7 @@ def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature
     mask [B, 1, 1, S] (keys: the first S cache slots) -> next tokens [B].
     """
     h = model.hidden_states(tokens, position_ids, mask, input_pos)  # [B, 1, H]
-    logits = F.linear(h[:, -1], model.lm_head_weight)  # [B, V]
+    logits = linear(h[:, -1], model.lm_head_weight)  # [B, V]
     return sample(logits, noise, temperature, top_k, top_p)
 
 
@@ -92,9 +93,9 @@ def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature
 def compiled_decode_step(cuda: bool):
     """Compiled once per process; "reduce-overhead" replays the step as a CUDA graph."""
     if cuda:  # tune the block sizes of the one-row matmul reductions (as gpt-fast does): ~+4% tokens/s
-        import torch._inductor.config
+        import torch._inductor.config as inductor_config  # (a bare `import torch...` here would shadow torch)
 
-        torch._inductor.config.coordinate_descent_tuning = True
+        inductor_config.coordinate_descent_tuning = True
     return torch.compile(decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
 
 
@@ -197,7 +198,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
         pieces = [mask[i:i + 1, :, T - L:] for i, L in enumerate(lengths)]  # [1, 1, L, T] each
         h = model.hidden_states(own, own_pos, pieces, own_slots)  # [1, N, H]
         last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [B] each row's last prompt token
-        logits = F.linear(h[0, last], model.lm_head_weight)  # [B, V]
+        logits = linear(h[0, last], model.lm_head_weight)  # [B, V]
         if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
             for layer in model.layers:
                 cache = layer.self_attn.kv_cache

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import Transformer
+from .model import Transformer, linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +56,7 @@ class LoRALinear(nn.Module):
         self.disabled = False  # set by adapters_disabled(): compute the base layer only
 
     def forward(self, x):
-        y = F.linear(x, self.weight)  # [..., out], exactly the base layer (model.Linear: bias added after)
+        y = linear(x, self.weight)  # [..., out], exactly the base layer (model.Linear: bias added after)
         if self.bias is not None:
             y = y + self.bias
         if self.disabled:

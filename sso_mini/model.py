@@ -100,16 +100,35 @@ def cached_attention(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, Hq, T, D)
 
 
+def linear(x, weight):
+    """x @ weight.T (F.linear without bias); on the CPU without autograd, through oneDNN.
+
+    Why: torch sends fp32 matmuls on the CPU to MKL, whose kernels for few rows run far below
+    the machine on AMD Zen 4 (this project's 2-core box): one decode row streams a [1536, 576]
+    weight at 10 GB/s where the memory gives 31, and 32 rows reach 95 GF/s of ~200. oneDNN,
+    which torch also ships, picks its kernels from the CPU's own features: 2.0x at 1 row, 1.6x
+    at 32, 1.2x at 1,100 (benchmarks/bench_linear.py). It is reached through the op that
+    torch.compile's CPU backend emits for linear layers; it has no backward, so training keeps F.linear.
+    """
+    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return F.linear(x, weight)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class Linear(nn.Linear):
     """nn.Linear with the bias added after the matmul instead of inside it (the same math).
 
     Why: in compiled one-token decode on a GPU, a bias-free one-row matmul becomes a Triton
     reduction with the bias add fused into it, while addmm goes to a cuBLAS split-K call that
     reads Qwen2's small k/v weights at a fraction of HBM bandwidth: ~10% of a Qwen2-7B decode
-    step for 2% of its bytes (measured on an H100, see README "Sampler")."""
+    step for 2% of its bytes (measured on an H100, see README "Sampler"). On the CPU the
+    matmul goes through `linear` above."""
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
@@ -160,9 +179,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         H, I = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(H, I, bias=False)
-        self.up_proj = nn.Linear(H, I, bias=False)
-        self.down_proj = nn.Linear(I, H, bias=False)
+        self.gate_proj = Linear(H, I, bias=False)
+        self.up_proj = Linear(H, I, bias=False)
+        self.down_proj = Linear(I, H, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -276,7 +295,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
         """Logits [B, T, V]. Training never calls this (it would materialise [B, T, V])."""
         h = self.hidden_states(input_ids, position_ids, attention_mask, input_pos)
-        return F.linear(h, self.lm_head_weight)
+        return linear(h, self.lm_head_weight)
 
     def setup_cache(self, batch_size: int, max_len: int):
         """Attach a static KV cache of `max_len` slots to every layer (for generate.py)."""
