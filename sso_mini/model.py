@@ -101,16 +101,19 @@ def cached_attention(q, k, v, mask):
 
 
 def linear(x, weight):
-    """x @ weight.T (F.linear without bias); on the CPU without autograd, through oneDNN.
+    """x @ weight.T (F.linear without bias); when sampling on the CPU, through oneDNN.
 
     Why: torch sends fp32 matmuls on the CPU to MKL, whose kernels for few rows run far below
     the machine on AMD Zen 4 (this project's 2-core box): one decode row streams a [1536, 576]
     weight at 10 GB/s where the memory gives 31, and 32 rows reach 95 GF/s of ~200. oneDNN,
-    which torch also ships, picks its kernels from the CPU's own features: 2.0x at 1 row, 1.6x
-    at 32, 1.2x at 1,100 (benchmarks/bench_linear.py). It is reached through the op that
-    torch.compile's CPU backend emits for linear layers; it has no backward, so training keeps F.linear.
+    which torch also ships, picks its kernels from the CPU's own features: up to 2.0x at 1 row,
+    1.2-1.8x at 32 (benchmarks/bench_linear.py). It is reached through the op that
+    torch.compile's CPU backend emits for linear layers. Only under inference mode (generate):
+    scoring keeps F.linear, so reference log-probs are bit-identical to the training forward at
+    the same weights (rewards start at exactly 0), and logits to transformers'.
     """
-    if _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+    if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and torch.is_inference_mode_enabled()):  # (compiled code picks its own matmuls)
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
