@@ -55,3 +55,22 @@ def tiny_model_dir(tmp_path_factory, smollm2):
     folder = tmp_path_factory.mktemp("tiny") / "model"
     save_model(model, smollm2[1], folder)
     return folder
+
+
+@pytest.fixture
+def tiny_transformer():
+    """A factory of 2-layer random-weight models (vocabulary 97, GQA, tied head) in eval mode."""
+    from sso_mini.config import ModelConfig
+    from sso_mini.model import Transformer
+
+    def build(seed=0, std=0.1):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+        model = Transformer(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, std) if p.dim() > 1 else p.fill_(1.0)
+        return model.eval()
+
+    return build

@@ -251,19 +251,9 @@ def test_greedy_sample_is_argmax():
     assert sample(logits, None, temperature=0).tolist() == [1, 0]
 
 
-def test_compiled_decode_on_cpu_equals_eager():
+def test_compiled_decode_on_cpu_equals_eager(tiny_transformer):
     """compile=True on the CPU (inductor, fixed-shape decode step) gives the eager greedy tokens."""
-    from sso_mini.config import ModelConfig
-    from sso_mini.model import Transformer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3) if p.dim() > 1 else p.fill_(1.0)
-    model.eval()
+    model = tiny_transformer(std=0.3)
     prompts = [[1, 5, 9, 2], [3, 4, 5, 6, 7, 8, 9]]
     eager = generate(model, prompts, max_new_tokens=6, temperature=0, progress=False)
     compiled = generate(model, prompts, max_new_tokens=6, temperature=0, progress=False, compile=True)

@@ -9,20 +9,7 @@ import torch.nn.functional as F
 
 from sso_mini import ifeval, reward, verified_pairs
 from sso_mini.checkpoint import CheckpointError, load_model
-from sso_mini.config import ModelConfig
 from sso_mini.data import write_jsonl
-from sso_mini.model import Transformer
-
-
-def tiny_body(seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
-    body = Transformer(cfg)
-    with torch.no_grad():
-        for p in body.parameters():
-            p.normal_(0, 0.1) if p.dim() > 1 else p.fill_(1.0)
-    return body.eval()
 
 
 PAIRS = [{"system": "", "prompt": f"How many apples are in basket {i}?", "chosen": f"Basket {i} holds {3 * i} apples.",
@@ -30,8 +17,8 @@ PAIRS = [{"system": "", "prompt": f"How many apples are in basket {i}?", "chosen
 
 
 @pytest.mark.parametrize("left", [False, True])
-def test_head_reads_the_last_real_token(left):
-    rm = reward.RewardModel(tiny_body(), seed=1)
+def test_head_reads_the_last_real_token(left, tiny_transformer):
+    rm = reward.RewardModel(tiny_transformer(), seed=1)
     seqs = [[5, 9, 13, 2, 7], [3, 4], [11, 12, 60, 1]]
     T = max(map(len, seqs))
     ids = torch.zeros(len(seqs), T, dtype=torch.long)
