@@ -2,8 +2,9 @@
 
     python benchmarks/bench_linear.py          # fp32, 2 threads, SmolLM2-135M's layer shapes
 
-Rows M = 1, 8, 32 are decode steps at those batch sizes; M = 1,100 is a prefill. Each timing walks through enough distinct weights (~300 MB) that
-they come from memory, as they do when a decode step runs the whole model.
+Rows M = 1, 8, 32 are decode steps at those batch sizes; M = 1,100 is a prefill. Each timing
+walks through enough distinct weights (~300 MB) that they come from memory, as they do when a
+decode step runs the whole model.
 """
 
 import argparse

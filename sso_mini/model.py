@@ -100,6 +100,9 @@ def cached_attention(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, Hq, T, D)
 
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def linear(x, weight):
     """x @ weight.T (F.linear without bias); when sampling on the CPU, through oneDNN.
 
@@ -116,9 +119,6 @@ def linear(x, weight):
             and torch.is_inference_mode_enabled()):  # (compiled code picks its own matmuls)
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
-
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class Linear(nn.Linear):

@@ -33,9 +33,7 @@ def test_chat_logits_match_transformers(smollm2, hf_smollm2):
     with torch.no_grad():
         ours, ref = model(ids), hf_smollm2[0](ids).logits
     assert ids.shape[1] == 37
-    # without autograd our CPU matmuls go through oneDNN (model.linear), transformers' through MKL:
-    # the same fp32 products summed in another order, ~1e-6 of the logits' scale after 30 layers
-    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (ours - ref).abs().max() <= 1e-4
     assert ours[0, -1].topk(5).indices.tolist() == [504, 60, 15319, 2219, 7026]  # "The", "L", "La", "Al", "Le"
 
 
@@ -64,8 +62,7 @@ def test_real_model_round_trip_through_transformers(smollm2, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     ids = torch.tensor([tok.encode_chat(QUESTION)])
     with torch.no_grad():
-        ref = hf(ids).logits
-        assert (ref - model(ids)).abs().max() <= 1e-5 * ref.abs().max()  # oneDNN vs MKL sums: see above
+        assert (hf(ids).logits - model(ids)).abs().max() <= 1e-4
     again, tok2 = load_model(tmp_path / "m")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert tok2.apply_chat_template(QUESTION) == tok.apply_chat_template(QUESTION)
