@@ -36,12 +36,13 @@ from sso_mini.lora import TARGETS, adapters_disabled, apply_lora, merge_lora
 from sso_mini.model import Transformer
 from sso_mini.losses import FORMS, LOSS_TYPES
 from sso_mini.tokenizer import Tokenizer
-from sso_mini.trainer import TrainConfig, TrainingError, reference_logprobs, train_iteration, write_config
+from sso_mini.trainer import (TrainConfig, TrainingError, bf16_is_native, reference_logprobs, train_iteration,
+                              write_config)
 
 # Settings that define a run: resuming with different values would mix two experiments.
 RUN_KEYS = ("model", "prompts", "pairs", "prompts_per_iteration", "loss", "form", "no_w", "no_g", "theta", "alpha",
             "beta", "lr", "batch_size", "max_new_tokens", "seed", "logprob_filter", "cutoff", "lora", "lora_rank",
-            "lora_alpha", "lora_targets")
+            "lora_alpha", "lora_targets", "autocast")
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
 
 
@@ -79,6 +80,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weight dtype (default float32)")
+    ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast for scoring and training, fp32 master weights (default: on where bf16 "
+                         "matmuls are native: a GPU, or a CPU with AVX512-BF16 or AMX; --no-autocast: plain fp32)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--ablation", action="store_true",
                     help="run SSO, w/o W, w/o G and PBAA from the same start and compare them (sso_mini/ablation.py)")
@@ -99,9 +103,12 @@ def parse_args(argv=None):
 def choose_lora_and_dtype(args):
     """LoRA by default only where full fine-tuning cannot fit: a big model on a GPU.
 
-    Full fine-tuning keeps fp32 master weights (bf16 autocast on GPU); LoRA keeps the
-    frozen base in bf16 on GPU with fp32 adapters.
+    Full fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are
+    native (a GPU; on a Zen 4 or Sapphire Rapids CPU it halves the default iteration);
+    LoRA keeps the frozen base in bf16 on GPU with fp32 adapters.
     """
+    if args.autocast is None:
+        args.autocast = bf16_is_native(torch.device(args.device))
     if args.lora is None:
         size = ModelConfig.from_json(resolve(args.model) / "config.json").num_parameters
         args.lora = args.device.startswith("cuda") and size > LORA_THRESHOLD
@@ -280,7 +287,8 @@ def main(argv=None):
 
         shared = ["--model", args.model, "--loss", args.loss, "--form", args.form, "--theta", str(args.theta),
                   "--alpha", str(args.alpha), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-                  "--seed", str(args.seed), "--device", args.device, *(["--prompts", args.prompts] * bool(args.prompts))]
+                  "--seed", str(args.seed), "--device", args.device, *(["--prompts", args.prompts] * bool(args.prompts)),
+                  *([f"--{'' if args.autocast else 'no-'}autocast"] if args.autocast is not None else [])]
         out = Path("runs/ablation" if args.out == "runs/sso" else args.out)
         result = run_ablation(main, shared, out, scale=args.scale, resume=args.resume, progress=progress)
         print((out / "ablation.md").read_text())
@@ -297,9 +305,12 @@ def main(argv=None):
     cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
                       theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                       micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
-                      gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every)
+                      gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
+                      autocast=args.autocast)
     if is_main():
         write_config(out / "train_config.json", cfg)
+        print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}",
+              file=sys.stderr)
     dtype = getattr(torch, args.dtype)
     pool = None if args.pairs else prompt_pool(args)
     metrics_path, summaries = out / "metrics.jsonl", []

@@ -12,7 +12,9 @@ peak memory (ru_maxrss, minus the baseline after loading) is its own.
 
 Sequences 2k and 2k+1 share their prompt (x, x+, x-), as in an SSO record.
 
-    python benchmarks/bench_train_step.py [--tokens 256] [--prompt-tokens 64] [--steps 3] [--threads 2]
+    python benchmarks/bench_train_step.py [--tokens 256] [--prompt-tokens 64] [--steps 3] [--threads 2] [--bf16]
+
+fp32 by default; --bf16 runs both under bf16 autocast (what the trainer does where bf16 is native).
 """
 
 import argparse
@@ -57,24 +59,25 @@ def shared_groups(ids, prompt_len):
             for k in (0, 2, 4)]
 
 
-def step_ours(model, groups, ref):
-    logp, n, _ = score(model, groups, torch.device("cpu"))
+def step_ours(model, groups, ref, bf16):
+    logp, n, _ = score(model, groups, torch.device("cpu"), bf16)
     loss, _ = sso_loss(logp.view(1, 6), ref, n.view(1, 6))
     loss.backward()
 
 
-def step_official(model, ref_model, ids, attention, response, _):
+def step_official(model, ref_model, ids, attention, response, bf16):
     logps, ref_logps, counts = [], [], []
     for pair in (slice(0, 2), slice(2, 4), slice(4, 6)):  # three separate forwards
-        lp, n = full_logit_logprobs(model, ids[pair], attention[pair], response[pair])
-        with torch.no_grad():  # a live reference forward per batch
-            rp, _ = full_logit_logprobs(ref_model, ids[pair], attention[pair], response[pair])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            lp, n = full_logit_logprobs(model, ids[pair], attention[pair], response[pair])
+            with torch.no_grad():  # a live reference forward per batch
+                rp, _ = full_logit_logprobs(ref_model, ids[pair], attention[pair], response[pair])
         logps.append(lp), ref_logps.append(rp), counts.append(n)
     loss, _ = sso_loss(torch.cat(logps).view(1, 6), torch.cat(ref_logps).view(1, 6), torch.cat(counts).view(1, 6))
     loss.backward()
 
 
-def child(variant, T, prompt_len, steps, threads):
+def child(variant, T, prompt_len, steps, threads, bf16):
     torch.set_num_threads(threads)
     model, _ = load_model("SmolLM2-135M-Instruct")
     model.train()
@@ -85,9 +88,9 @@ def child(variant, T, prompt_len, steps, threads):
     with torch.no_grad():
         ref = sequence_logprobs(model, ids, attention, response)[0].view(1, 6)  # the cached reference
     if variant == "ours":
-        fn = lambda: step_ours(model, groups, ref)  # noqa: E731
+        fn = lambda: step_ours(model, groups, ref, bf16)  # noqa: E731
     else:
-        fn = lambda: step_official(model, ref_model, ids, attention, response, ref)  # noqa: E731
+        fn = lambda: step_official(model, ref_model, ids, attention, response, bf16)  # noqa: E731
     fn()  # warm-up
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -105,19 +108,21 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=64, help="of which prompt (shared by each pair)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both (fp32 master weights)")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.tokens, args.prompt_tokens, args.steps, args.threads)
+        return child(args.child, args.tokens, args.prompt_tokens, args.steps, args.threads, args.bf16)
     results = {}
     for variant in ("ours", "official"):
         cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens), "--prompt-tokens",
                str(args.prompt_tokens), "--steps", str(args.steps), "--threads", str(args.threads)]
+        cmd += ["--bf16"] * args.bf16
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
     o, r = results["ours"], results["official"]
     print(f"SmolLM2-135M, 6 sequences x {args.tokens} tokens ({args.prompt_tokens} of prompt, shared by each pair), "
-          f"fp32, {args.threads} threads, {args.steps} steps")
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.threads} threads, {args.steps} steps")
     print("| variant | s/step | tokens/s | peak MB (above the policy weights) |\n|---|---|---|---|")
     for name, v in (("ours (1 forward: 3 prompt-sharing groups in one packed row, fused log-probs, cached ref)", o),
                     ("official structure (3 forwards, full logits, live ref)", r)):

@@ -57,6 +57,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 4  # steps
     seed: int = 0
+    autocast: bool | None = None  # bf16 autocast; None: where bf16 matmuls are native (bf16_is_native)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -68,16 +69,30 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def autocast(device):
-    """bf16 autocast on GPU; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def bf16_is_native(device) -> bool:
+    """A GPU, or a CPU with bf16 dot-product units (AVX512-BF16, AMX).
+
+    There bf16 autocast runs the matmuls 2-4x faster than fp32 (this project's 2-core Zen 4
+    box: 757 vs 198 GFLOP/s for a [1115, 576] x [576, 1536] product; the default iteration's
+    reference pass and training 2.1x and 1.7x faster); elsewhere bf16 is emulated and slower.
+    """
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def score(model, groups, device):
+def autocast(device, enabled: bool | None = None):
+    """bf16 autocast (fp32 master weights, optimizer and log-prob sums); None: where it is native."""
+    on = bf16_is_native(device) if enabled is None else enabled
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def score(model, groups, device, mixed: bool | None = None):
     """Summed log-probs and token counts of every response in prompt-sharing groups
-    (data.record_groups), plus the number of tokens the model ran."""
+    (data.record_groups), plus the number of tokens the model ran. `mixed`: bf16 autocast
+    (TrainConfig.autocast); the reference and the training forward must use the same."""
     batch = collate_groups(groups, device)
-    with autocast(device):
+    with autocast(device, mixed):
         logp, n = packed_logprobs(model, **batch)
     return logp, n, batch["input_ids"].numel()
 
@@ -101,7 +116,7 @@ def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path 
     out = {}
     for k in tqdm(range(rounds), desc="reference log-probs", disable=not progress):
         i = mine[k] if k < len(mine) else 0
-        logp, _, _ = score(model, record_groups(tokenizer, records[i], cfg.cutoff, eot), device)
+        logp, _, _ = score(model, record_groups(tokenizer, records[i], cfg.cutoff, eot), device, cfg.autocast)
         if k < len(mine):
             out[i] = logp.float().cpu()
     model.train(was_training)
@@ -210,7 +225,7 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
         for k in range(rounds):
             mb, weight = (micro[k], 1.0) if k < len(micro) else ([idx[0]], 0.0)  # weight 0: a spare round
             groups = [g for i in mb for g in record_groups(tokenizer, records[i], cfg.cutoff, eot)]
-            logp, n, ntok = score(model, groups, device)
+            logp, n, ntok = score(model, groups, device, cfg.autocast)
             loss, metrics = sso_loss(
                 logp.float().view(len(mb), 6), ref_logps[mb].to(device), n.view(len(mb), 6),
                 loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import train
 from sso_mini import trainer
 from sso_mini.checkpoint import load_model
+from sso_mini.data import end_of_turn_id, record_groups
 from sso_mini.trainer import TrainConfig, TrainingError, reference_logprobs, train_iteration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir, tmp_pat
     weights, history = [], []
     for micro in (1, 2):
         model, tok = load_model(tiny_model_dir)
-        cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, checkpoint_every=1000)
+        cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, checkpoint_every=1000, autocast=False)
         ref = reference_logprobs(model, tok, records, cfg, progress=False)
         history.append(train_iteration(model, tok, records, ref, cfg, tmp_path / f"m{micro}", progress=False)[0])
         weights.append(model.state_dict())
@@ -59,6 +60,30 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir, tmp_pat
         assert history[0][key] == pytest.approx(history[1][key], rel=1e-5), key
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=1e-5)
+
+
+def test_bf16_autocast_scores_close_to_fp32(smollm2):
+    model, tok = smollm2
+    records = records_for_overfit()
+    fp32 = reference_logprobs(model, tok, records, TrainConfig(autocast=False), progress=False)  # [2, 6]
+    bf16 = reference_logprobs(model, tok, records, TrainConfig(autocast=True), progress=False)
+    eot = end_of_turn_id(tok)
+    n = torch.stack([trainer.score(model, record_groups(tok, r, 2048, eot), torch.device("cpu"), False)[1]
+                     for r in records])  # [2, 6] scored tokens
+    assert not torch.equal(bf16, fp32)  # the matmuls did run in bf16
+    assert ((bf16 - fp32).abs() / n).max() < 0.1  # nats per token (measured: up to 0.06)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_first_step_rewards_are_exactly_zero(tiny_model_dir, tmp_path, mixed):
+    """Before the first update the policy is the reference: the training forward must score
+    bit-identically to the reference pass (same precision, same packing)."""
+    model, tok = load_model(tiny_model_dir)
+    cfg = TrainConfig(batch_size=2, checkpoint_every=1000, autocast=mixed)
+    ref = reference_logprobs(model, tok, records_for_overfit(), cfg, progress=False)
+    first = train_iteration(model, tok, records_for_overfit(), ref, cfg, tmp_path, progress=False)[0]
+    for p in ("", "p_", "n_"):
+        assert first[f"{p}rewards/chosen"] == 0.0 and first[f"{p}rewards/rejected"] == 0.0, p
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
