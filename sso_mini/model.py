@@ -110,7 +110,8 @@ def linear(x, weight):
     the machine on AMD Zen 4 (this project's 2-core box): one decode row streams a [1536, 576]
     weight at 10 GB/s where the memory gives 31, and 32 rows reach 95 GF/s of ~200. oneDNN,
     which torch also ships, picks its kernels from the CPU's own features: up to 2.0x at 1 row,
-    1.2-1.8x at 32 (benchmarks/bench_linear.py). It is reached through the op that
+    1.2-1.8x at 32 (benchmarks/bench_linear.py; on Zen 5, whose 512-bit units MKL leaves
+    idle, 1.9-2.3x at 1 row and ~2x at 32 and above). It is reached through the op that
     torch.compile's CPU backend emits for linear layers. Only under inference mode (generate):
     scoring keeps F.linear, so reference log-probs are bit-identical to the training forward at
     the same weights (rewards start at exactly 0), and logits to transformers'.

@@ -72,9 +72,9 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def bf16_is_native(device) -> bool:
     """A GPU, or a CPU with bf16 dot-product units (AVX512-BF16, AMX).
 
-    There bf16 autocast runs the matmuls 2-4x faster than fp32 (this project's 2-core Zen 4
-    box: 757 vs 198 GFLOP/s for a [1115, 576] x [576, 1536] product; the default iteration's
-    reference pass and training 2.1x and 1.7x faster); elsewhere bf16 is emulated and slower.
+    There bf16 autocast runs the matmuls 2-4x faster than fp32 (a 2-core Zen 5 box: 757 vs
+    198 GFLOP/s for a [1115, 576] x [576, 1536] product; the default iteration's reference pass
+    and training 2.1x and 1.7x faster); elsewhere bf16 is emulated and slower.
     """
     if device.type == "cuda":
         return True
