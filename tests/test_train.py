@@ -128,6 +128,9 @@ def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, t
     train.main(loop_args(tiny_model_dir, prompts, out, "--iterations", "2", "--prompts-per-iteration", "4"))
     for name in ("run.json", "train_config.json", "metrics.jsonl", "metrics.png"):
         assert (out / name).exists(), name
+    native = trainer.bf16_is_native(torch.device("cpu"))  # the default precision is decided once, and recorded
+    assert json.loads((out / "run.json").read_text())["autocast"] is native
+    assert json.loads((out / "train_config.json").read_text())["autocast"] is native
     for t in (0, 1):
         for name in ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors", "summary.json", "timing.json",
                      "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
