@@ -251,7 +251,7 @@ def train_reward_model(rm, tokenizer, pairs, cfg: RewardConfig, progress=True) -
         for m in range(0, len(idx), cfg.micro_batch_size):
             mb = [pairs[i] for i in idx[m:m + cfg.micro_batch_size]]
             batch = {k: v.to(device) for k, v in pair_batch(tokenizer, mb, cfg.cutoff, eot).items()}
-            with autocast(device):
+            with autocast(device, device.type == "cuda"):  # fp32 on any CPU, as the README measured
                 loss, metrics = pair_loss(rm, batch, cfg)
             if not math.isfinite(metrics["loss"]):
                 raise RuntimeError(f"reward model: non-finite loss at step {step}")
@@ -280,7 +280,7 @@ def pair_rewards(rm, tokenizer, pairs, batch_size=8, cutoff=1024, progress=False
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring", disable=not progress):
         mb = pairs[start:start + batch_size]
         batch = {k: v.to(device) for k, v in pair_batch(tokenizer, mb, cutoff, eot).items()}
-        with autocast(device):
+        with autocast(device, device.type == "cuda"):  # fp32 on any CPU, as the README measured
             r = rm(batch["input_ids"], batch["attention_mask"]).cpu()  # [2P]
         chosen.append(r[:len(mb)])
         rejected.append(r[len(mb):])
