@@ -104,7 +104,8 @@ def choose_lora_and_dtype(args):
     """LoRA by default only where full fine-tuning cannot fit: a big model on a GPU.
 
     Full fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are
-    native (a GPU; on a Zen 4 or Sapphire Rapids CPU it halves the default iteration);
+    native (a GPU, or a CPU with AVX512-BF16 or AMX; on the Zen 5 box it cut the default
+    iteration from 591 s to 386 s);
     LoRA keeps the frozen base in bf16 on GPU with fp32 adapters.
     """
     if args.autocast is None:
@@ -287,7 +288,8 @@ def main(argv=None):
 
         shared = ["--model", args.model, "--loss", args.loss, "--form", args.form, "--theta", str(args.theta),
                   "--alpha", str(args.alpha), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-                  "--seed", str(args.seed), "--device", args.device, *(["--prompts", args.prompts] * bool(args.prompts)),
+                  "--seed", str(args.seed), "--device", args.device,
+                  *(["--prompts", args.prompts] * bool(args.prompts)),
                   *([f"--{'' if args.autocast else 'no-'}autocast"] if args.autocast is not None else [])]
         out = Path("runs/ablation" if args.out == "runs/sso" else args.out)
         result = run_ablation(main, shared, out, scale=args.scale, resume=args.resume, progress=progress)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sso_mini.checkpoint import load_model  # noqa: E402
 from sso_mini.logprobs import sequence_logprobs  # noqa: E402
 from sso_mini.losses import sso_loss  # noqa: E402
-from sso_mini.trainer import score  # noqa: E402
+from sso_mini.trainer import autocast, score  # noqa: E402
 
 
 def batch(T, vocab, prompt_len):
@@ -68,7 +68,7 @@ def step_ours(model, groups, ref, bf16):
 def step_official(model, ref_model, ids, attention, response, bf16):
     logps, ref_logps, counts = [], [], []
     for pair in (slice(0, 2), slice(2, 4), slice(4, 6)):  # three separate forwards
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(torch.device("cpu"), bf16):
             lp, n = full_logit_logprobs(model, ids[pair], attention[pair], response[pair])
             with torch.no_grad():  # a live reference forward per batch
                 rp, _ = full_logit_logprobs(ref_model, ids[pair], attention[pair], response[pair])
