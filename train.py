@@ -1,12 +1,16 @@
 """Self-Steering Optimization, the whole loop in one recipe.
 
+    held out = --eval-prompts prompts set aside once (never trained on)
     for t in iterations:
         policy   = the model iteration t-1 produced (the start model for t = 0)
         1. features  the policy picks the principles that matter for each prompt
         2. sample    y+ ~ pi(.|x+), y- ~ pi(.|x-), y^o ~ pi(.|x)      -> iter_t/pairs.jsonl
-        3. reference log-probs of the six sequences, from the policy   -> iter_t/ref_logps.safetensors
+                     the same for the held-out prompts                 -> iter_t/eval_pairs.jsonl
+        3. reference log-probs of the six sequences, from the policy   -> iter_t/{,eval_}ref_logps.safetensors
         4. train one epoch: W * (L(x: y+ > y-) + theta * [L(x+: y+ > y-) + L(x-: y^o > y+)])
         5. save                                                        -> iter_t/model/ (HF folder)
+        6. evaluate  the trained policy scores the held-out records    -> eval_* metrics, iter_t/summary.json
+    after the last iteration the final policy samples the held-out prompts once more -> final/summary.json
 
 `python train.py` runs it on SmolLM2-135M-Instruct on a CPU; `--model Qwen2-7B` on a GPU;
 `torchrun --nproc_per_node=N train.py ...` on N GPUs (FSDP2, see sso_mini/distributed.py).
@@ -24,26 +28,32 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from sso_mini.assets import write_atomic
 from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
 from sso_mini.config import ModelConfig
-from sso_mini.data import (DROP_REASONS, build_records, default_prompts, load_prompts, logprob_filter, read_jsonl,
-                           write_jsonl)
+from sso_mini.data import (DROP_REASONS, RESPONSES, build_records, default_prompts, generation_stats, load_prompts,
+                           logprob_filter, read_jsonl, sample_plain, write_jsonl)
 from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, on_main, setup, shard,
                                   teardown)
+from sso_mini.evaluate import wilson_interval
 from sso_mini.lora import TARGETS, adapters_disabled, apply_lora, merge_lora
 from sso_mini.model import Transformer
 from sso_mini.losses import FORMS, LOSS_TYPES
 from sso_mini.tokenizer import Tokenizer
-from sso_mini.trainer import (TrainConfig, TrainingError, bf16_is_native, reference_logprobs, train_iteration,
-                              write_config)
+from sso_mini.trainer import (TrainConfig, TrainingError, bf16_is_native, held_out_metrics, score_records,
+                              train_iteration, write_config)
 
 # Settings that define a run: resuming with different values would mix two experiments.
-RUN_KEYS = ("model", "prompts", "pairs", "prompts_per_iteration", "loss", "form", "no_w", "no_g", "theta", "alpha",
-            "beta", "lr", "batch_size", "max_new_tokens", "seed", "logprob_filter", "cutoff", "lora", "lora_rank",
-            "lora_alpha", "lora_targets", "autocast")
+RUN_KEYS = ("model", "prompts", "pairs", "prompts_per_iteration", "eval_prompts", "loss", "form", "no_w", "no_g",
+            "theta", "alpha", "beta", "lr", "batch_size", "max_new_tokens", "seed", "logprob_filter", "cutoff", "lora",
+            "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "autocast")
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
+# Held-out prompts by default: ~15% of an iteration's time on 2 CPU cores at the default sizes
+# (they are sampled, scored by the reference and scored again by the trained policy).
+EVAL_PROMPTS = 16
+EVAL_SEED = 1_000_003  # offsets the held-out sampling seeds from the training ones
 
 
 def parse_args(argv=None):
@@ -53,6 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--pairs", help="train on this pairs.jsonl (one iteration, no sampling)")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--prompts-per-iteration", type=int, default=64)
+    ap.add_argument("--eval-prompts", type=int, default=None,
+                    help=f"prompts held out of training and evaluated every iteration (default {EVAL_PROMPTS}; "
+                         "0: off); with --pairs, records of the file held out (default 0)")
     ap.add_argument("--loss", default="ipo", help=f"base preference loss: {' | '.join(LOSS_TYPES)}")
     ap.add_argument("--form", default="v1", help=f"SSO objective: {' | '.join(FORMS)} (see sso_mini/losses.py)")
     ap.add_argument("--no-w", action="store_true", help="ablation: drop the weight W")
@@ -95,6 +108,10 @@ def parse_args(argv=None):
     unknown = [t for t in args.lora_targets.split(",") if t not in TARGETS]
     if unknown:
         ap.error(f"unknown --lora-targets {', '.join(unknown)} (valid: {', '.join(TARGETS)})")
+    if args.eval_prompts is None:
+        args.eval_prompts = 0 if args.pairs else EVAL_PROMPTS
+    if args.eval_prompts < 0:
+        ap.error(f"--eval-prompts must be >= 0 (0 turns the held-out evaluation off), got {args.eval_prompts}")
     if args.pairs:
         args.iterations = 1
     return args
@@ -104,9 +121,8 @@ def choose_lora_and_dtype(args):
     """LoRA by default only where full fine-tuning cannot fit: a big model on a GPU.
 
     Full fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are
-    native (a GPU, or a CPU with AVX512-BF16 or AMX; on the Zen 5 box it cut the default
-    iteration from 591 s to 386 s);
-    LoRA keeps the frozen base in bf16 on GPU with fp32 adapters.
+    native (a GPU, or a CPU with AVX512-BF16 or AMX); LoRA keeps the frozen base in bf16 on
+    GPU with fp32 adapters.
     """
     if args.autocast is None:
         args.autocast = bf16_is_native(torch.device(args.device))
@@ -136,69 +152,156 @@ def start_run(args) -> Path:
     return out
 
 
-def prompt_pool(args) -> list[str]:
-    """All training prompts in a fixed, seeded order; iteration t takes the t-th slice."""
-    pool = load_prompts(args.prompts) if args.prompts else default_prompts()
+def load_inputs(args) -> tuple[list, list]:
+    """(training inputs, held-out inputs), checked before anything is written.
+
+    Prompts: all of them in one fixed, seeded order; the first --eval-prompts are held out
+    for the whole run (never trained on, in any iteration), and iteration t trains on the
+    t-th slice of the rest. With --pairs the inputs are the file's records, split the same way.
+    """
+    pool = read_jsonl(args.pairs) if args.pairs else load_prompts(args.prompts) if args.prompts else default_prompts()
     random.Random(args.seed).shuffle(pool)
-    return pool
+    n = args.eval_prompts
+    if n >= len(pool):
+        what = f"records in {args.pairs}" if args.pairs else "prompts"
+        raise ValueError(f"--eval-prompts {n} leaves none of the {len(pool)} {what} to train on "
+                         f"(allowed: 0 to {len(pool) - 1})")
+    held_out = pool[:n]
+    if args.pairs:
+        return pool[n:], held_out
+    return [x for x in pool[n:] if x not in set(held_out)], held_out  # a duplicated prompt stays held out
 
 
 def iteration_prompts(pool, t, n):
     return [pool[(t * n + i) % len(pool)] for i in range(min(n, len(pool)))]
 
 
-def summarize(t, records, stats, history, tokenizer, seconds) -> dict:
-    lengths = {k: sum(len(tokenizer.encode(r[k])) for r in records) / max(1, len(records))
-               for k in ("chosen", "rejected", "raw")}
-    mean = lambda key: sum(h[key] for h in history) / max(1, len(history))  # noqa: E731
-    return {"iteration": t, "prompts": stats.get("prompts", len(records)), "kept": len(records),
-            "dropped": {k: v for k, v in stats.items() if k in DROP_REASONS},
-            "capped": stats.get("capped", 0),
-            "sample_tokens_per_s": stats.get("sample_tokens", 0) / max(stats.get("sample_seconds", 0), 1e-9),
-            "train_tokens_per_s": mean("tokens_per_s"),
-            "len_chosen": lengths["chosen"], "len_rejected": lengths["rejected"], "len_raw": lengths["raw"],
-            "loss": mean("loss"), "W": mean("W"), "acc": mean("rewards/accuracies"),
-            "p_acc": mean("p_rewards/accuracies"), "n_acc": mean("n_rewards/accuracies"),
-            "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}}
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows) if rows else None
 
 
-def print_table(rows):
-    print("\n| iter | kept/prompts | len y+ / y- / y^o (tokens) | loss | W | acc x / x+ / x- | minutes |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['iteration']} | {r['kept']}/{r['prompts']} | {r['len_chosen']:.0f} / {r['len_rejected']:.0f} / "
-              f"{r['len_raw']:.0f} | {r['loss']:.4f} | {r['W']:.3f} | {r['acc']:.2f} / {r['p_acc']:.2f} / "
-              f"{r['n_acc']:.2f} | {r['seconds']['total'] / 60:.1f} |")
+def summarize(t, it, history, tokenizer, cfg, sampled: bool) -> dict:
+    """iter_t/summary.json: the data, the training steps, the held-out metrics and the policy's behaviour.
+
+    `sampled`: the records came from this run's policy (not from --pairs), so their plain
+    responses y^o say how the policy behaves on its own.
+    """
+    records = read_jsonl(it / "pairs.jsonl")
+    stats = json.loads((it / "data_stats.json").read_text())
+    seconds = json.loads((it / "timing.json").read_text()) if (it / "timing.json").exists() else {}
+    lengths = {k: sum(len(tokenizer.encode(r[k])) for r in records) / len(records) for k in RESPONSES}
+    moved = [h for h in history if not h.get("policy_is_reference")]  # a tie with the reference is no failure
+    summary = {
+        "iteration": t, "prompts": stats.get("prompts", len(records)), "kept": len(records),
+        "dropped": {k: v for k, v in stats.items() if k in DROP_REASONS}, "capped": stats.get("capped", 0),
+        "sample_tokens_per_s": stats.get("sample_tokens", 0) / max(stats.get("sample_seconds", 0), 1e-9),
+        "train_tokens_per_s": mean(history, "tokens_per_s"),
+        "len_chosen": lengths["chosen"], "len_rejected": lengths["rejected"], "len_raw": lengths["raw"],
+        "loss": mean(history, "loss"), "W": mean(history, "W"), "acc": mean(moved, "rewards/accuracies"),
+        "p_acc": mean(moved, "p_rewards/accuracies"), "n_acc": mean(moved, "n_rewards/accuracies"),
+        "steps_at_reference": len(history) - len(moved), "eval": None, "generation": None,
+        "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
+    }
+    if (it / "eval_pairs.jsonl").exists():
+        held_out = read_jsonl(it / "eval_pairs.jsonl")
+        ref, policy = (load_file(it / f"eval_{name}.safetensors")["logps"] for name in ("ref_logps", "logps"))
+        metrics, n = held_out_metrics(tokenizer, held_out, policy, ref, cfg), len(held_out)
+        intervals = {key: wilson_interval(round(metrics[key] * n), n)
+                     for key in (f"eval_{p}rewards/accuracies" for p in ("", "p_", "n_"))}
+        summary["eval"] = {"n": n, **metrics, "intervals": intervals}
+        if sampled:
+            summary["generation"] = generation_stats(tokenizer, held_out)
+    return summary
 
 
-def plot_metrics(metrics_path: Path, png: Path):
+def log_eval_row(metrics_path: Path, summary: dict, steps: int):
+    """The iteration's held-out metrics as one metrics.jsonl row (split "eval"), written once."""
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
+    rows = [r for r in rows if not (r.get("split") == "eval" and r["iteration"] == summary["iteration"])]
+    generation = {f"generation/{k}": v for k, v in (summary["generation"] or {}).items() if k != "n"}
+    metrics = {k: v for k, v in summary["eval"].items() if k != "intervals"}
+    rows.append({"iteration": summary["iteration"], "split": "eval", "step": steps, **metrics, **generation})
+    write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows, final=None):
+    """The end-of-run table: training (steps where the policy moved), held-out, the policy's own answers."""
+    print("\n| iter | kept/prompts | len y+ / y- / y^o | loss | W | train acc x / x+ / x- "
+          "| held-out acc x [95% CI] / x+ / x- (n) | y^o length / eos rate (held out) | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows + ([final] if final else []):
+        ev, gen = r.get("eval"), r.get("generation")
+        if "kept" in r:
+            train = (f"| {r['iteration']} | {r['kept']}/{r['prompts']} | {r['len_chosen']:.0f} / {r['len_rejected']:.0f}"
+                     f" / {r['len_raw']:.0f} | {r['loss']:.4f} | {r['W']:.3f} | {fmt(r['acc'])} / {fmt(r['p_acc'])}"
+                     f" / {fmt(r['n_acc'])} ")
+        else:  # the final policy: its behaviour only
+            train = f"| final ({r['iteration']}) | - | - | - | - | - "
+        held = "-" if not ev else (
+            f"{ev['eval_rewards/accuracies']:.2f} [{ev['intervals']['eval_rewards/accuracies'][0]:.2f}, "
+            f"{ev['intervals']['eval_rewards/accuracies'][1]:.2f}] / {ev['eval_p_rewards/accuracies']:.2f} / "
+            f"{ev['eval_n_rewards/accuracies']:.2f} ({ev['n']})")
+        behaviour = "-" if not gen else f"{gen['mean_length']:.1f} / {gen['eos_rate']:.2f}"
+        print(f"{train}| {held} | {behaviour} | {r['seconds']['total'] / 60:.1f} |")
+
+
+def plot_metrics(out: Path, summaries: list[dict]):
+    """metrics.png: per step loss, W and training accuracies; per iteration the held-out
+    accuracies and the policy's own mean response length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("split", "train") == "train"]
+    if not train:
         return
-    x = range(1, len(rows) + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(x, [r["loss"] for r in rows], label="loss")
-    axes[0].plot(x, [r["raw_loss"] for r in rows], label="raw_loss (W = 1)")
-    axes[1].plot(x, [r["W"] for r in rows], label="W")
-    for prefix, name in (("", "x: y+ > y-"), ("p_", "x+: y+ > y-"), ("n_", "x-: y^o > y+")):
-        axes[2].plot(x, [r[f"{prefix}rewards/accuracies"] for r in rows], label=name)
-    for ax, title in zip(axes, ("loss", "weight W", "reward accuracy")):
+    pairs = (("", "x: y+ > y-"), ("p_", "x+: y+ > y-"), ("n_", "x-: y^o > y+"))
+    x = range(1, len(train) + 1)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    axes[0].plot(x, [r["loss"] for r in train], label="loss")
+    axes[0].plot(x, [r["raw_loss"] for r in train], label="raw_loss (W = 1)")
+    axes[1].plot(x, [r["W"] for r in train], label="W")
+    for prefix, name in pairs:
+        axes[2].plot(x, [None if r.get("policy_is_reference") else r[f"{prefix}rewards/accuracies"] for r in train],
+                     ".-", label=name)  # a gap: the policy still was the reference
+    for ax, title in zip(axes, ("loss", "weight W", "training reward accuracy")):
         ax.set_title(title)
         ax.set_xlabel("step (all iterations)")
         ax.legend()
+    held = [s for s in summaries if s.get("eval")]
+    for prefix, name in pairs:
+        axes[3].plot([s["iteration"] for s in held], [s["eval"][f"eval_{prefix}rewards/accuracies"] for s in held],
+                     "o-", label=f"held out {name}")
+    axes[3].axhline(0.5, color="grey", lw=0.5)
+    axes[3].set(title="held out: reward accuracy after training; policy's y^o length", ylim=(0, 1),
+                xlabel="iteration (y^o: the policy at its start; the last point is the final policy)",
+                xticks=range(len(summaries)))
+    axes[3].legend(loc="lower left", fontsize="small")
+    gen = [s for s in summaries if s.get("generation")]
+    if gen:
+        length = axes[3].twinx()
+        length.plot([s["iteration"] for s in gen], [s["generation"]["mean_length"] for s in gen], "k--s",
+                    label="mean y^o length (tokens)")
+        length.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(png)
+    fig.savefig(out / "metrics.png")
     plt.close(fig)
 
 
 @contextlib.contextmanager
-def timed(it: Path, stage: str):
-    """Add a stage's wall time to it/timing.json (a stage finished over two attempts adds up)."""
+def timed(it: Path, stage: str, what: str = ""):
+    """Say what runs (and what the same stage took last iteration); add its wall time to it/timing.json
+    (a stage finished over two attempts, or run in several parts, adds up)."""
+    if is_main() and what:
+        last = it.with_name(f"iter_{int(it.name.split('_')[1]) - 1}") / "timing.json" if it.name != "final" else None
+        before = json.loads(last.read_text()).get(stage) if last and last.exists() else None
+        print(f"[{it.name}] {stage}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""), file=sys.stderr)
     start = time.perf_counter()
     yield
     if is_main():
@@ -208,8 +311,49 @@ def timed(it: Path, stage: str):
         write_atomic(path, json.dumps(seconds, indent=2))
 
 
-def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress, rank=0, n_ranks=1):
-    """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it."""
+def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks, held_out=False) -> list[dict]:
+    """it/pairs.jsonl (or it/eval_pairs.jsonl): the policy's records for these prompts, built once.
+
+    With --pairs the inputs are records already. Under torchrun each rank samples its share
+    of the prompts with its full copy of the policy, and rank 0 writes them all.
+    """
+    prefix = "eval_" if held_out else ""
+    pairs, stats_file = it / f"{prefix}pairs.jsonl", it / f"{prefix}data_stats.json"
+    if not on_main(pairs.exists):  # decided once: rank 0 may write the file before another rank looks
+        if args.pairs:
+            records, stats = inputs, {}
+        else:
+            what = "held-out" if held_out else "training"
+            with timed(it, "eval_sample" if held_out else "sample",
+                       f"feature selection and y+, y-, y^o for {len(inputs)} {what} prompts, "
+                       f"up to {args.max_new_tokens} tokens each"):
+                seed = args.seed + 7919 * rank + (EVAL_SEED if held_out else 0)
+                records, stats = build_records(model, tokenizer, deal(inputs, n_ranks, rank), iteration=t, seed=seed,
+                                               max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
+                                               compile=args.device.startswith("cuda"), progress=progress and is_main(),
+                                               desc=what)
+                if args.logprob_filter and not held_out:  # held-out records show what the policy samples
+                    records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
+                    stats.update(filter_stats)
+                records, stats = merge_shares(gather_objects((records, dict(stats))))
+        if not records:
+            raise ValueError(f"iteration {t}: every {prefix}pair was filtered out ({dict(stats)})")
+        if is_main():
+            stats_file.write_text(json.dumps(dict(stats), indent=2))
+            write_jsonl(pairs, records)
+        barrier()
+    records = read_jsonl(pairs)
+    if is_main():
+        print(f"[{it.name}] {len(records)} {prefix}pairs in {pairs} {json.loads(stats_file.read_text())}", file=sys.stderr)
+    return records
+
+
+def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank=0, n_ranks=1):
+    """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it.
+
+    Returns the trained (model, tokenizer) for the held-out pass, or None under torchrun,
+    where every rank loads the saved folder instead (one kind of model on every rank).
+    """
     with timed(it, "load"):
         model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed + t)
@@ -217,57 +361,80 @@ def run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress,
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                    targets=args.lora_targets.split(","))
 
-    # 1-2. the policy builds its own preference data
-    pairs, stats_file = it / "pairs.jsonl", it / "data_stats.json"
-    if not on_main(pairs.exists):  # decided once: rank 0 may write the file before another rank looks
-        if args.pairs:
-            records, stats = read_jsonl(args.pairs), {}
-        else:  # under torchrun each rank samples its share of the prompts with its full copy of the policy
-            with timed(it, "sample"):
-                prompts = deal(iteration_prompts(pool, t, args.prompts_per_iteration), n_ranks, rank)
-                records, stats = build_records(model, tokenizer, prompts, iteration=t, seed=args.seed + 7919 * rank,
-                                               max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
-                                               compile=args.device.startswith("cuda"), progress=progress and is_main())
-                if args.logprob_filter:
-                    records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
-                    stats.update(filter_stats)
-                records, stats = merge_shares(gather_objects((records, dict(stats))))
-        if not records:
-            raise ValueError(f"iteration {t}: every pair was filtered out ({dict(stats)})")
-        if is_main():
-            stats_file.write_text(json.dumps(dict(stats), indent=2))
-            write_jsonl(pairs, records)
-        barrier()
-    records = read_jsonl(pairs)
-    if is_main():
-        print(f"iteration {t}: {len(records)} pairs in {pairs} ({stats_file.read_text().strip()})", file=sys.stderr)
+    # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
+    train_inputs, held_out = inputs
+    prompts = train_inputs if args.pairs else iteration_prompts(train_inputs, t, args.prompts_per_iteration)
+    records = make_records(args, model, tokenizer, t, it, prompts, progress, rank, n_ranks)
+    eval_records = make_records(args, model, tokenizer, t, it, held_out, progress, rank, n_ranks, held_out=True) \
+        if held_out else []
     if n_ranks > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
         shard(model)
 
     # 3. reference log-probs: the iteration's starting weights (LoRA: the frozen base), computed once
-    with timed(it, "reference"), adapters_disabled(model) if args.lora else contextlib.nullcontext():
-        ref = reference_logprobs(model, tokenizer, records, cfg, cache=it / "ref_logps.safetensors",
-                                 progress=progress)
+    with adapters_disabled(model) if args.lora else contextlib.nullcontext():
+        with timed(it, "reference", f"reference log-probs of {len(records)} records x 6 sequences"):
+            ref = score_records(model, tokenizer, records, cfg, cache=it / "ref_logps.safetensors",
+                                progress=progress, desc="reference log-probs")
+        if eval_records:
+            with timed(it, "eval_reference", f"reference log-probs of {len(eval_records)} held-out records"):
+                score_records(model, tokenizer, eval_records, cfg, cache=it / "eval_ref_logps.safetensors",
+                              progress=progress, desc="reference log-probs (held out)")
 
     # 4. one epoch of the SSO objective
-    with timed(it, "train"):
+    with timed(it, "train", f"one epoch, {-(-len(records) // args.batch_size)} steps of {args.batch_size} records"):
         train_iteration(model, tokenizer, records, ref, cfg, it, iteration=t, metrics_path=metrics_path,
                         progress=progress)
 
     # 5. the trained policy becomes the next iteration's policy and reference
+    trained = model
     if n_ranks > 1:  # gather the shards into one plain model on rank 0
         state = full_state_dict(model)
         if is_main():
-            model = Transformer.from_state_dict(model.config, state)
+            trained = Transformer.from_state_dict(model.config, state)
+    elif args.lora:
+        trained = merge_lora(model)
     if is_main():
         if torch.cuda.is_available() and args.device.startswith("cuda"):
+            stats_file = it / "data_stats.json"
             stats = json.loads(stats_file.read_text())
             stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
             stats_file.write_text(json.dumps(stats, indent=2))
         with timed(it, "save"):
-            save_model(merge_lora(model) if args.lora else model, tokenizer, it / "model")
+            save_model(trained, tokenizer, it / "model")
         shutil.rmtree(it / "checkpoint", ignore_errors=True)
     barrier()
+    return (trained, tokenizer) if n_ranks == 1 else None
+
+
+def evaluate_held_out(args, cfg, it, dtype, trained, progress):
+    """6. the trained policy scores the held-out records (eval_logps.safetensors), once."""
+    if not (it / "eval_pairs.jsonl").exists() or on_main((it / "eval_logps.safetensors").exists):
+        return
+    records = read_jsonl(it / "eval_pairs.jsonl")
+    with timed(it, "eval_score", f"the trained policy scores {len(records)} held-out records"):
+        model, tokenizer = trained or load_model(it / "model", dtype=dtype, device=args.device)
+        score_records(model, tokenizer, records, cfg, cache=it / "eval_logps.safetensors", progress=progress,
+                      desc="held-out log-probs (trained)")
+    barrier()
+
+
+def final_generation(args, out, dtype, held_out, progress) -> dict:
+    """final/summary.json: the last policy samples the held-out prompts' y^o once more."""
+    final = out / "final"
+    if (final / "summary.json").exists():
+        return json.loads((final / "summary.json").read_text())
+    final.mkdir(exist_ok=True)
+    with timed(final, "eval_sample", f"the final policy answers the {len(held_out)} held-out prompts (y^o)"):
+        model, tokenizer = load_model(out / f"iter_{args.iterations - 1}" / "model", dtype=dtype, device=args.device)
+        records = sample_plain(model, tokenizer, held_out, seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
+                               max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
+                               compile=args.device.startswith("cuda"), progress=progress)
+        write_jsonl(final / "generation.jsonl", records)
+    seconds = json.loads((final / "timing.json").read_text())
+    summary = {"iteration": args.iterations, "generation": generation_stats(tokenizer, records),
+               "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}}
+    write_atomic(final / "summary.json", json.dumps(summary, indent=2))
+    return summary
 
 
 def merge_shares(shares):
@@ -300,6 +467,7 @@ def main(argv=None):
     if n_ranks > 1 and args.batch_size % n_ranks:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} "
                          f"(torchrun --nproc_per_node): every rank needs the same share of each step")
+    inputs = load_inputs(args)
     choose_lora_and_dtype(args)
     if n_ranks > 1 and args.lora:
         raise ValueError("--lora is single-GPU only; under torchrun, FSDP2 shards a full fine-tune (pass --no-lora)")
@@ -311,10 +479,9 @@ def main(argv=None):
                       autocast=args.autocast)
     if is_main():
         write_config(out / "train_config.json", cfg)
-        print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}",
-              file=sys.stderr)
+        print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}; "
+              f"{len(inputs[1])} held-out {'records' if args.pairs else 'prompts'}", file=sys.stderr)
     dtype = getattr(torch, args.dtype)
-    pool = None if args.pairs else prompt_pool(args)
     metrics_path, summaries = out / "metrics.jsonl", []
     for t in range(args.iterations):
         it = out / f"iter_{t}"
@@ -322,24 +489,31 @@ def main(argv=None):
             summaries.append(json.loads((it / "summary.json").read_text()))
             continue
         it.mkdir(exist_ok=True)
+        trained = None
         if not (it / "model" / "model.safetensors").exists():
             policy = args.model if t == 0 else out / f"iter_{t - 1}" / "model"
-            run_iteration(args, cfg, t, it, policy, dtype, pool, metrics_path, progress and is_main(), rank, n_ranks)
+            trained = run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress and is_main(),
+                                    rank, n_ranks)
+        evaluate_held_out(args, cfg, it, dtype, trained, progress and is_main())
         if not is_main():
             continue
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        seconds = json.loads((it / "timing.json").read_text()) if (it / "timing.json").exists() else {}
-        summary = summarize(t, read_jsonl(it / "pairs.jsonl"), json.loads((it / "data_stats.json").read_text()),
-                            [r for r in rows if r["iteration"] == t], Tokenizer.from_folder(it / "model"), seconds)
-        (it / "summary.json").write_text(json.dumps(summary, indent=2))
+        history = [r for r in rows if r["iteration"] == t and r.get("split", "train") == "train"]
+        summary = summarize(t, it, history, Tokenizer.from_folder(it / "model"), cfg, sampled=not args.pairs)
+        if summary["eval"]:
+            log_eval_row(metrics_path, summary, len(history))
+        write_atomic(it / "summary.json", json.dumps(summary, indent=2))
         summaries.append(summary)
-        plot_metrics(metrics_path, out / "metrics.png")
+        plot_metrics(out, summaries)
 
     if not is_main():
         return
-    print_table(summaries)
-    print(f"\nrun folder: {out}\n  pairs:   {out}/iter_*/pairs.jsonl\n  models:  {out}/iter_*/model/\n"
-          f"  metrics: {metrics_path}\n  plot:    {out / 'metrics.png'}")
+    final = final_generation(args, out, dtype, inputs[1], progress) if inputs[1] and not args.pairs else None
+    if final:
+        plot_metrics(out, summaries + [final])
+    print_table(summaries, final)
+    print(f"\nrun folder: {out}\n  pairs:   {out}/iter_*/pairs.jsonl (held out: eval_pairs.jsonl)\n"
+          f"  models:  {out}/iter_*/model/\n  metrics: {metrics_path}\n  plot:    {out / 'metrics.png'}")
 
 
 if __name__ == "__main__":

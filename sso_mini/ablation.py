@@ -61,7 +61,8 @@ def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, re
     s = {**settings(scale), **overrides}
     out.mkdir(parents=True, exist_ok=True)
     common = [*base_args, "--iterations", str(s["iterations"]), "--prompts-per-iteration",
-              str(s["prompts_per_iteration"]), "--max-new-tokens", str(s["max_new_tokens"])]
+              str(s["prompts_per_iteration"]), "--max-new-tokens", str(s["max_new_tokens"]),
+              "--eval-prompts", "0"]  # the variants are measured below, on IFEval and MT-Bench
     if not progress:
         common.append("--no-progress")
     for name, flags in VARIANTS.items():

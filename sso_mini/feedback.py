@@ -26,7 +26,7 @@ import re
 
 import torch
 
-from .data import collate, end_of_turn_id
+from .data import collate, end_of_turn_id, response_tokens
 from .generate import complete
 from .logprobs import sequence_logprobs
 
@@ -92,12 +92,17 @@ def combine_verdicts(verdict: str | None, verdict_swapped: str | None) -> str | 
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, contexts, responses, batch_size: int = 8):
-    """(sum of log p(response + end-of-turn | chat(context)), their token count), each [N] float32 on CPU."""
+def response_logprobs(model, tokenizer, contexts, responses, batch_size: int = 8, capped=None):
+    """(sum of log p(response + end-of-turn | chat(context)), their token count), each [N] float32 on CPU.
+
+    capped: [N] bools; a capped response is scored without the end-of-turn token (a prefix).
+    """
     if len(contexts) != len(responses):
         raise ValueError(f"response_logprobs: {len(contexts)} contexts but {len(responses)} responses")
     eot = end_of_turn_id(tokenizer)
-    sequences = [(tokenizer.encode_chat(c), tokenizer.encode(y) + [eot]) for c, y in zip(contexts, responses)]
+    capped = [False] * len(responses) if capped is None else capped
+    sequences = [(tokenizer.encode_chat(c), response_tokens(tokenizer, y, cap, eot))
+                 for c, y, cap in zip(contexts, responses, capped, strict=True)]
     device = model.lm_head_weight.device
     sums, counts = [], []
     for i in range(0, len(sequences), batch_size):

@@ -139,14 +139,14 @@ def shared_prefix_length(prompts) -> int:
 
 @torch.inference_mode()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), n=1,
-             seed=None, progress=True, compile=False) -> list[list[int]]:
+             seed=None, progress=True, compile=False, desc="sampling") -> list[list[int]]:
     """Sample `n` completions for each prompt (lists of token ids).
 
     temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. Returns B*n lists
     of new token ids, prompt-major (prompt 0's n samples first); a row ends at its first stop
     id, which is not included. The same seed gives the same output for the same batch.
     compile=True compiles the decode step (CUDA graphs on a GPU; the first call per shape
-    pays the compile).
+    pays the compile). desc labels the progress bar.
     """
     check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
     device = model.embed_tokens.weight.device
@@ -212,7 +212,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
         length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens before the stop
 
         tok = sample(logits, noise(rows), temperature, top_k, top_p)  # [rows]
-        bar = tqdm(total=max_new_tokens, desc="sampling", unit="tok", disable=not progress, leave=False)
+        bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
         for t in range(max_new_tokens):
             tok = tok.masked_fill(done, 0)  # finished rows keep decoding pad; it is never returned
             out[:, t] = tok

@@ -42,7 +42,9 @@ from tqdm import tqdm
 
 from . import ifeval
 from .checkpoint import DEFAULT_MODEL, CheckpointError, _replace_dir, load_model, resolve, save_model
-from .data import REQUIRED_FIELDS, collate, end_of_turn_id, prompt_ids, read_jsonl, truncate, write_jsonl
+from .data import (REQUIRED_FIELDS, collate, end_of_turn_id, is_capped, prompt_ids, read_jsonl, response_ids,
+                   truncate, write_jsonl)
+from .evaluate import wilson_interval
 from .logprobs import sequence_logprobs
 from .model import Transformer
 from .trainer import autocast, lr_at
@@ -145,7 +147,9 @@ def sso_rm_pairs(record: dict, which=("base",)) -> list[dict]:
     table = {"base": ("", "chosen", "rejected"), "p": (record["p_system"], "chosen", "rejected"),
              "n": (record["n_system"], "raw", "chosen")}
     return [{"system": table[w][0], "prompt": record["prompt"], "chosen": record[table[w][1]],
-             "rejected": record[table[w][2]], "margin": 0.0} for w in which]
+             "rejected": record[table[w][2]], "margin": 0.0,
+             "capped": {"chosen": is_capped(record, table[w][1]), "rejected": is_capped(record, table[w][2])}}
+            for w in which]
 
 
 def load_pairs(paths, sso_pairs=("base",)) -> list[dict]:
@@ -171,7 +175,7 @@ def load_pairs(paths, sso_pairs=("base",)) -> list[dict]:
                 raise ValueError(f"{path}: record {n} has a non-numeric margin {margin!r}")
             system = r.get("system") or ""
             pairs.append({"system": system, "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-                          "margin": float(margin)})
+                          "margin": float(margin), "capped": {k: is_capped(r, k) for k in ("chosen", "rejected")}})
     return pairs
 
 
@@ -182,7 +186,7 @@ def pair_batch(tokenizer, pairs, cutoff=1024, eot=None) -> dict[str, torch.Tenso
     for p in pairs:
         x = prompt_ids(tokenizer, p["system"], p["prompt"])
         for side in seqs:
-            seqs[side].append(truncate(x, tokenizer.encode(p[side]) + [eot], cutoff))
+            seqs[side].append(truncate(x, response_ids(tokenizer, p, side, eot), cutoff))  # capped: a prefix
     batch = collate(seqs["chosen"] + seqs["rejected"], tokenizer.pad_id)
     batch["margin"] = torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)  # [P]
     return batch
@@ -285,16 +289,6 @@ def pair_rewards(rm, tokenizer, pairs, batch_size=8, cutoff=1024, progress=False
         chosen.append(r[:len(mb)])
         rejected.append(r[len(mb):])
     return torch.cat(chosen), torch.cat(rejected)
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def evaluate(rm, tokenizer, pairs, batch_size=8, cutoff=1024, progress=False) -> dict:

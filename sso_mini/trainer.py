@@ -1,10 +1,12 @@
-"""One SSO iteration of training: reference log-probs once, then one epoch of the SSO loss.
+"""One SSO iteration of training: reference log-probs once, one epoch of the SSO loss, held-out metrics.
 
     records (pairs.jsonl) -> six sequences each, as 3 prompt-sharing groups
       -> reference log-probs (cached, no grad)
       -> for each step: micro-batches of 3*b groups packed in one row -> ONE forward -> fused log-probs
          -> sso_loss -> backward (accumulate) -> clip -> AdamW -> cosine lr
       -> metrics.jsonl per step; a resumable step checkpoint every k steps
+    held-out records -> scored by the reference before, and by the trained policy after, the epoch
+      -> the same loss and rewards, prefixed eval_ (held_out_metrics)
 
 The reference is the iteration's starting weights. Scoring all six sequences with it
 once, before the first update, means no second copy of the model is ever held.
@@ -26,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .assets import write_atomic
-from .data import collate_groups, end_of_turn_id, record_groups
+from .data import collate_groups, end_of_turn_id, record_groups, record_sequences
 from .distributed import all_sum, deal, full_tensor, gather_objects, is_main, like, rank, world_size
 from .logprobs import packed_logprobs
 from .losses import sso_loss
@@ -72,9 +74,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def bf16_is_native(device) -> bool:
     """A GPU, or a CPU with bf16 dot-product units (AVX512-BF16, AMX).
 
-    There bf16 autocast runs the matmuls 2-4x faster than fp32 (a 2-core Zen 5 box: 757 vs
-    198 GFLOP/s for a [1115, 576] x [576, 1536] product; the default iteration's reference pass
-    and training 2.1x and 1.7x faster); elsewhere bf16 is emulated and slower.
+    There bf16 autocast runs the matmuls several times faster than fp32 (measured in the README);
+    elsewhere bf16 is emulated and slower.
     """
     if device.type == "cuda":
         return True
@@ -97,10 +98,19 @@ def score(model, groups, device, mixed: bool | None = None):
     return logp, n, batch["input_ids"].numel()
 
 
-@torch.no_grad()
-def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path | None = None, progress=True):
-    """[R, 6] summed log-probs of the iteration's starting weights, cached next to the pairs.
+def loss_settings(cfg: TrainConfig) -> dict:
+    """The sso_loss keywords of a TrainConfig (the same for training steps and held-out metrics)."""
+    return dict(loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,
+                alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
 
+
+@torch.no_grad()
+def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | None = None, progress=True,
+                  desc="scoring"):
+    """[R, 6] summed log-probs of every record's six sequences under `model`, cached in `cache`.
+
+    The reference pass (the iteration's starting weights, before the first update) and the
+    held-out pass (the trained weights) are this one function, so both score exactly alike.
     Under torchrun the records are dealt out across ranks and the rows gathered back.
     """
     if cache is not None and cache.exists():
@@ -114,7 +124,7 @@ def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path 
     mine = deal(range(len(records)), world_size(), rank())
     rounds = math.ceil(len(records) / world_size())  # the busiest rank's count; the others add a spare pass
     out = {}
-    for k in tqdm(range(rounds), desc="reference log-probs", disable=not progress):
+    for k in tqdm(range(rounds), desc=desc, disable=not progress):
         i = mine[k] if k < len(mine) else 0
         logp, _, _ = score(model, record_groups(tokenizer, records[i], cfg.cutoff, eot), device, cfg.autocast)
         if k < len(mine):
@@ -125,6 +135,20 @@ def reference_logprobs(model, tokenizer, records, cfg: TrainConfig, cache: Path 
     if cache is not None and is_main():
         _atomic_save({"logps": logps}, cache)
     return logps
+
+
+def record_lengths(tokenizer, records, cutoff: int) -> torch.Tensor:
+    """[R, 6] response-token counts of the six sequences (what score_records sums over)."""
+    eot = end_of_turn_id(tokenizer)
+    return torch.tensor([[len(y) for _, y in record_sequences(tokenizer, r, cutoff, eot)] for r in records])
+
+
+def held_out_metrics(tokenizer, records, policy_logps, ref_logps, cfg: TrainConfig) -> dict:
+    """The SSO loss and rewards of held-out records, with TRL's eval_ prefix (eval_loss,
+    eval_rewards/accuracies, eval_p_rewards/margins, ...): one batch of all of them."""
+    _, metrics = sso_loss(policy_logps, ref_logps, record_lengths(tokenizer, records, cfg.cutoff),
+                          **loss_settings(cfg))
+    return {f"eval_{k}": v for k, v in metrics.items()}
 
 
 def _atomic_save(tensors: dict, path: Path):
@@ -226,11 +250,8 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
             mb, weight = (micro[k], 1.0) if k < len(micro) else ([idx[0]], 0.0)  # weight 0: a spare round
             groups = [g for i in mb for g in record_groups(tokenizer, records[i], cfg.cutoff, eot)]
             logp, n, ntok = score(model, groups, device, cfg.autocast)
-            loss, metrics = sso_loss(
-                logp.float().view(len(mb), 6), ref_logps[mb].to(device), n.view(len(mb), 6),
-                loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,
-                alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
-            )
+            loss, metrics = sso_loss(logp.float().view(len(mb), 6), ref_logps[mb].to(device), n.view(len(mb), 6),
+                                     **loss_settings(cfg))
             share = weight * len(mb) / len(idx)  # of the step's records
             (loss * share * n_ranks).backward()  # FSDP averages gradients over ranks: x n_ranks makes it a sum
             tokens += ntok * weight
@@ -248,8 +269,10 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {"iteration": iteration, "step": step + 1, "steps": total, **sums, "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        row = {"iteration": iteration, "split": "train", "step": step + 1, "steps": total, **sums, "lr": lr,
+               "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0),
+               # no update has changed the weights yet (the first step, or lr 0): every reward is 0
+               "policy_is_reference": all(lr_at(j, total, cfg) == 0 for j in range(step))}
         history.append(row)
         if metrics_path is not None and is_main():
             with open(metrics_path, "a") as f:

@@ -121,9 +121,12 @@ def label_pairs(tokenizer, records, answers, *, seed, max_new_tokens) -> tuple[l
             continue
         counts["mixed"] += 1
         rng = random.Random(f"{seed}-pair-{r['key']}")
-        chosen = rng.choice([y for y, ok in zip(responses, passes) if ok])
-        rejected = rng.choice([y for y, ok in zip(responses, passes) if not ok])
-        kept.append({**r, "chosen": chosen, "rejected": rejected, "responses": responses, "strict_pass": passes})
+        chosen = rng.choice([i for i, ok in enumerate(passes) if ok])
+        rejected = rng.choice([i for i, ok in enumerate(passes) if not ok])
+        kept.append({**r, "chosen": responses[chosen], "rejected": responses[rejected], "responses": responses,
+                     "strict_pass": passes,  # a capped answer is scored as the prefix it is (data.response_ids)
+                     "capped": {"chosen": len(ids[chosen]) >= max_new_tokens,
+                                "rejected": len(ids[rejected]) >= max_new_tokens}})
     return kept, counts
 
 

@@ -146,6 +146,56 @@ def test_response_mask_selects_exactly_the_response_tokens(smollm2):
     assert (batch["attention_mask"].sum(1) == torch.tensor([len(p) + len(q) for p, q in seqs])).all()
 
 
+def test_a_capped_response_is_a_prefix_in_every_sequence(smollm2, monkeypatch):
+    """A response that hit max_new_tokens gets no "." and no end-of-turn token; the others keep both rules."""
+    model, tok = smollm2
+    p_sys, n_sys = system_prompts(["Helpfulness", "Accuracy"])
+    texts = {p_sys: "a long enough good answer that was cut", n_sys: "a long enough bad answer here",
+             "": "a plain answer that ended"}
+    cap = len(tok.encode(texts[p_sys]))
+    assert all(len(tok.encode(t)) < cap for t in (texts[n_sys], texts[""]))
+    answers = {tuple(prompt_ids(tok, system, "q")): tok.encode(text) for system, text in texts.items()}
+    monkeypatch.setattr(data, "generate", lambda m, prompts, **k: [answers[tuple(p)] for p in prompts])
+    monkeypatch.setattr(data, "select_features", lambda *a, **k: [["Helpfulness", "Accuracy"]])
+    records, stats = data.build_records(model, tok, ["q"], max_new_tokens=cap, progress=False)
+    r = records[0]
+    assert r["capped"] == {"chosen": True, "rejected": False, "raw": False} and stats["capped"] == 1
+    assert r["chosen"] == texts[p_sys]  # no "." invented for a text that did not end
+    assert r["rejected"] == texts[n_sys] + "." and r["raw"] == texts[""] + "."
+    eot = end_of_turn_id(tok)
+    seqs = record_sequences(tok, r)
+    for i, key in enumerate(("chosen", "rejected", "chosen", "rejected", "raw", "chosen")):  # losses.SEQUENCES
+        response = seqs[i][1]
+        if key == "chosen":
+            assert response == tok.encode(r["chosen"]) and eot not in response, i
+        else:
+            assert response == tok.encode(r[key]) + [eot], i
+
+
+def test_a_record_without_capped_loads_as_uncapped(smollm2, tmp_path):
+    _, tok = smollm2
+    path = tmp_path / "old.jsonl"
+    path.write_text(json.dumps(record()) + "\n")  # a file written before the field existed
+    r = read_jsonl(path)[0]
+    assert not any(data.is_capped(r, k) for k in ("chosen", "rejected", "raw"))
+    eot = end_of_turn_id(tok)
+    assert all(response[-1] == eot for _, response in record_sequences(tok, r))
+
+
+def test_logprob_filter_scores_capped_responses_as_prefixes(smollm2, monkeypatch):
+    model, tok = smollm2
+    eot, seen = end_of_turn_id(tok), []
+
+    def spy(model, ids, attention, response):
+        seen.extend(row[mask].tolist() for row, mask in zip(ids, response))
+        return torch.zeros(ids.shape[0]), torch.ones(ids.shape[0])
+
+    monkeypatch.setattr(data, "sequence_logprobs", spy)
+    data.logprob_filter(model, tok, [record(capped={"chosen": True, "rejected": False, "raw": False})])
+    assert seen[:3] == [tok.encode("yes")] * 3  # y+ under x, x+, x-: no end-of-turn token
+    assert seen[3:] == [tok.encode("no") + [eot]] * 3
+
+
 # --- sampling on the real model --------------------------------------------------------------
 
 

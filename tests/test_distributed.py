@@ -63,17 +63,21 @@ def test_two_ranks_match_one_process(tiny_model_dir, tmp_path):
 
 def test_two_ranks_sample_and_chain_iterations(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\nGive a tip.\n")
+    prompts.write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\nGive a tip.\nName a tree.\n"
+                       "Say bye.\n")
     out = tmp_path / "run"
     r = run("--model", str(tiny_model_dir), "--prompts", str(prompts), "--prompts-per-iteration", "5",
-            "--iterations", "2", "--max-new-tokens", "6", "--batch-size", "2", "--out", str(out), nproc=2,
-            cwd=tmp_path)
+            "--eval-prompts", "2", "--iterations", "2", "--max-new-tokens", "6", "--batch-size", "2",
+            "--out", str(out), nproc=2, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for t in (0, 1):
         got = [json.loads(line) for line in (out / f"iter_{t}" / "pairs.jsonl").read_text().splitlines()]
         stats = json.loads((out / f"iter_{t}" / "data_stats.json").read_text())
         assert stats["prompts"] == 5 and len(got) == stats["kept"] > 0  # both ranks' shares gathered
         assert (out / f"iter_{t}" / "model" / "model.safetensors").exists()
+        summary = json.loads((out / f"iter_{t}" / "summary.json").read_text())
+        assert summary["eval"]["n"] == 2  # the held-out records: one per rank, gathered, scored by both ranks
+    assert json.loads((out / "final" / "summary.json").read_text())["generation"]["n"] == 2
     assert r.stdout.count("| iter |") == 1  # rank 0 alone prints the summary
 
 

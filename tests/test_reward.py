@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from sso_mini import ifeval, reward, verified_pairs
 from sso_mini.checkpoint import CheckpointError, load_model
-from sso_mini.data import write_jsonl
+from sso_mini.data import end_of_turn_id, write_jsonl
+from sso_mini.evaluate import wilson_interval
 
 
 PAIRS = [{"system": "", "prompt": f"How many apples are in basket {i}?", "chosen": f"Basket {i} holds {3 * i} apples.",
@@ -94,10 +95,10 @@ def test_wilson_interval_by_hand():
     # roots of (k/n - p)^2 = z^2 p (1 - p) / n, a quadratic in p
     a, b, c = 1 + z * z / n, -(2 * k / n + z * z / n), (k / n) ** 2
     roots = sorted(((-b - math.sqrt(b * b - 4 * a * c)) / (2 * a), (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)))
-    low, high = reward.wilson_interval(k, n)
+    low, high = wilson_interval(k, n)
     assert (low, high) == pytest.approx(roots, abs=1e-12)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # the textbook 95% interval of 8/10
-    assert reward.wilson_interval(0, 5)[0] == 0.0 and reward.wilson_interval(5, 5)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == pytest.approx(1.0)
 
 
 def test_load_pairs_from_sso_and_plain_files(tmp_path):
@@ -159,3 +160,16 @@ def test_build_testset_cli_on_smollm2(tmp_path):
     assert recipe["counts"]["kept"] == len(rows) and recipe["seed"] == 0 and recipe["samples"] == 6
     with pytest.raises(SystemExit, match="written once"):
         reward.main(["build-testset", "--out", str(out)])
+
+
+def test_reward_pairs_keep_a_capped_response_as_a_prefix(smollm2):
+    _, tok = smollm2
+    sso = {"prompt": "x", "system": "", "p_system": "be good", "n_system": "be bad", "chosen": "y+",
+           "rejected": "y-", "raw": "yo", "capped": {"chosen": True, "rejected": False, "raw": True}}
+    base, _, n = reward.sso_rm_pairs(sso, ("base", "p", "n"))
+    assert base["capped"] == {"chosen": True, "rejected": False} and n["capped"] == {"chosen": True, "rejected": True}
+    batch = reward.pair_batch(tok, [base])  # rows: chosen, rejected
+    eot = end_of_turn_id(tok)
+    chosen, rejected = (row[mask].tolist() for row, mask in zip(batch["input_ids"], batch["response_mask"]))
+    assert chosen == tok.encode("y+") and rejected == tok.encode("y-") + [eot]
+

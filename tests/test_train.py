@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import train
 from sso_mini import trainer
 from sso_mini.checkpoint import load_model
-from sso_mini.data import end_of_turn_id, record_groups
-from sso_mini.trainer import TrainConfig, TrainingError, reference_logprobs, train_iteration
+from sso_mini.data import end_of_turn_id, read_jsonl, record_groups
+from sso_mini.trainer import TrainConfig, TrainingError, score_records, train_iteration
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Name a fruit.", "Say hello.", "Count to three.", "Name a color.", "Give a tip.", "Name a tree."]
@@ -34,7 +34,7 @@ def test_overfit_two_records_drives_all_three_accuracies_to_one(smollm2, tmp_pat
     model, tok = load_model("SmolLM2-135M-Instruct")  # a private copy: this test changes the weights
     records = records_for_overfit()
     cfg = TrainConfig(lr=1e-4, batch_size=2, micro_batch_size=2, warmup_ratio=0.0, checkpoint_every=1000)
-    ref = reference_logprobs(model, tok, records, cfg, progress=False)
+    ref = score_records(model, tok, records, cfg, progress=False)
     history = []
     for epoch in range(12):
         history += train_iteration(model, tok, records, ref, cfg, tmp_path / f"e{epoch}", progress=False)
@@ -52,7 +52,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir, tmp_pat
     for micro in (1, 2):
         model, tok = load_model(tiny_model_dir)
         cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, checkpoint_every=1000, autocast=False)
-        ref = reference_logprobs(model, tok, records, cfg, progress=False)
+        ref = score_records(model, tok, records, cfg, progress=False)
         history.append(train_iteration(model, tok, records, ref, cfg, tmp_path / f"m{micro}", progress=False)[0])
         weights.append(model.state_dict())
     # Adam ignores the gradient's scale, so the accumulated gradient is checked through its norm
@@ -65,8 +65,8 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir, tmp_pat
 def test_bf16_autocast_scores_close_to_fp32(smollm2):
     model, tok = smollm2
     records = records_for_overfit()
-    fp32 = reference_logprobs(model, tok, records, TrainConfig(autocast=False), progress=False)  # [2, 6]
-    bf16 = reference_logprobs(model, tok, records, TrainConfig(autocast=True), progress=False)
+    fp32 = score_records(model, tok, records, TrainConfig(autocast=False), progress=False)  # [2, 6]
+    bf16 = score_records(model, tok, records, TrainConfig(autocast=True), progress=False)
     eot = end_of_turn_id(tok)
     n = torch.stack([trainer.score(model, record_groups(tok, r, 2048, eot), torch.device("cpu"), False)[1]
                      for r in records])  # [2, 6] scored tokens
@@ -80,7 +80,7 @@ def test_first_step_rewards_are_exactly_zero(tiny_model_dir, tmp_path, mixed):
     bit-identically to the reference pass (same precision, same packing)."""
     model, tok = load_model(tiny_model_dir)
     cfg = TrainConfig(batch_size=2, checkpoint_every=1000, autocast=mixed)
-    ref = reference_logprobs(model, tok, records_for_overfit(), cfg, progress=False)
+    ref = score_records(model, tok, records_for_overfit(), cfg, progress=False)
     first = train_iteration(model, tok, records_for_overfit(), ref, cfg, tmp_path, progress=False)[0]
     for p in ("", "p_", "n_"):
         assert first[f"{p}rewards/chosen"] == 0.0 and first[f"{p}rewards/rejected"] == 0.0, p
@@ -90,7 +90,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tiny_model_dir,
     model, tok = load_model(tiny_model_dir)
     records = records_for_overfit() * 3
     cfg = TrainConfig(batch_size=1, checkpoint_every=2)
-    ref = reference_logprobs(model, tok, records, cfg, progress=False)
+    ref = score_records(model, tok, records, cfg, progress=False)
     real, calls = trainer.sso_loss, []
 
     def poisoned(*a, **k):
@@ -114,44 +114,74 @@ def run_train(*args, cwd):
 
 
 def loop_args(model_dir, prompts_file, out, *extra):
+    """A tiny run; no held-out prompts unless `extra` says --eval-prompts N (the last flag wins)."""
     return ["--model", str(model_dir), "--prompts", str(prompts_file), "--out", str(out), "--max-new-tokens", "6",
-            "--batch-size", "2", "--no-progress", *extra]
+            "--batch-size", "2", "--eval-prompts", "0", "--no-progress", *extra]
 
 
 def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS[:4]))
+    prompts.write_text("\n".join(PROMPTS))
     loaded = []
     real_load = train.load_model
     monkeypatch.setattr(train, "load_model", lambda p, **k: (loaded.append(Path(p)), real_load(p, **k))[1])
     out = tmp_path / "run"
-    train.main(loop_args(tiny_model_dir, prompts, out, "--iterations", "2", "--prompts-per-iteration", "4"))
+    train.main(loop_args(tiny_model_dir, prompts, out, "--iterations", "2", "--prompts-per-iteration", "4",
+                         "--eval-prompts", "2"))
     for name in ("run.json", "train_config.json", "metrics.jsonl", "metrics.png"):
         assert (out / name).exists(), name
     native = trainer.bf16_is_native(torch.device("cpu"))  # the default precision is decided once, and recorded
     assert json.loads((out / "run.json").read_text())["autocast"] is native
     assert json.loads((out / "train_config.json").read_text())["autocast"] is native
+    held_out = set()
     for t in (0, 1):
         for name in ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors", "summary.json", "timing.json",
+                     "eval_pairs.jsonl", "eval_data_stats.json", "eval_ref_logps.safetensors", "eval_logps.safetensors",
                      "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
             assert (out / f"iter_{t}" / name).exists(), (t, name)
         assert not (out / f"iter_{t}" / "checkpoint").exists()
         seconds = json.loads((out / f"iter_{t}" / "summary.json").read_text())["seconds"]
-        assert set(seconds) == {"load", "sample", "reference", "train", "save", "total"}
+        assert set(seconds) == {"load", "sample", "reference", "train", "save", "eval_sample", "eval_reference",
+                                "eval_score", "total"}
         assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"), abs=0.2)
-    # iteration 1 samples from, and is referenced by, the weights iteration 0 saved
-    assert loaded == [tiny_model_dir, out / "iter_0" / "model"]
+        eval_prompts = {r["prompt"] for r in read_jsonl(out / f"iter_{t}" / "eval_pairs.jsonl")}
+        held_out |= eval_prompts
+        assert len(eval_prompts) == 2
+    # the same two prompts are held out in every iteration, and never trained on
+    assert len(held_out) == 2 and held_out <= set(PROMPTS)
+    for t in (0, 1):
+        trained_on = {r["prompt"] for r in read_jsonl(out / f"iter_{t}" / "pairs.jsonl")}
+        assert trained_on and not trained_on & held_out, t
+    # after the last iteration the final policy answers the held-out prompts once more
+    final = json.loads((out / "final" / "summary.json").read_text())
+    assert final["iteration"] == 2 and final["generation"]["n"] == 2
+    assert {r["prompt"] for r in read_jsonl(out / "final" / "generation.jsonl", required=("prompt", "raw"))} == held_out
+    # iteration 1 samples from, and is referenced by, the weights iteration 0 saved; the final sample uses iteration 1's
+    assert loaded == [tiny_model_dir, out / "iter_0" / "model", out / "iter_1" / "model"]
     start, _ = real_load(tiny_model_dir)
     after, tok = real_load(out / "iter_0" / "model")
     assert not torch.equal(start.layers[0].mlp.up_proj.weight, after.layers[0].mlp.up_proj.weight)
     records = [json.loads(line) for line in (out / "iter_1" / "pairs.jsonl").read_text().splitlines()]
-    expected = reference_logprobs(after, tok, records, TrainConfig(), progress=False)
+    expected = score_records(after, tok, records, TrainConfig(), progress=False)
     torch.testing.assert_close(load_file(out / "iter_1" / "ref_logps.safetensors")["logps"], expected)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["iteration"], r["step"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert [(r["iteration"], r["split"], r["step"]) for r in rows] == [
+        (0, "train", 1), (0, "train", 2), (0, "eval", 2), (1, "train", 1), (1, "train", 2), (1, "eval", 2)]
     for key in ("loss", "raw_loss", "W", "lr", "grad_norm", "tokens_per_s", "rewards/chosen", "p_rewards/margins",
-                "n_logps/rejected", "rewards/accuracies"):
+                "n_logps/rejected", "rewards/accuracies", "policy_is_reference"):
         assert key in rows[0]
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
+                "eval_rewards/rejected", "eval_p_rewards/accuracies", "eval_n_rewards/margins",
+                "generation/mean_length", "generation/eos_rate"):
+        assert key in rows[2], key
+    # training accuracy leaves out step 1, where the policy still is the reference (every reward 0)
+    assert [r["policy_is_reference"] for r in rows if r["split"] == "train"] == [True, False, True, False]
+    for t, step_2 in ((0, rows[1]), (1, rows[4])):
+        summary = json.loads((out / f"iter_{t}" / "summary.json").read_text())
+        assert summary["steps_at_reference"] == 1
+        for key, metric in (("acc", "rewards/accuracies"), ("p_acc", "p_rewards/accuracies"),
+                            ("n_acc", "n_rewards/accuracies")):
+            assert summary[key] == step_2[metric]
     # nothing is pickled: every file is JSON, JSONL, safetensors, PNG or tokenizer text
     for f in out.rglob("*"):
         if f.is_file():
@@ -245,7 +275,7 @@ def test_lora_run_saves_a_merged_plain_folder(tiny_model_dir, tmp_path):
     start, tok = load_model(tiny_model_dir)
     records = [json.loads(line) for line in (out / "iter_0" / "pairs.jsonl").read_text().splitlines()]
     torch.testing.assert_close(load_file(out / "iter_0" / "ref_logps.safetensors")["logps"],
-                               reference_logprobs(start, tok, records, TrainConfig(), progress=False))
+                               score_records(start, tok, records, TrainConfig(), progress=False))
     saved = load_file(out / "iter_0" / "model" / "model.safetensors")
     assert not any("lora" in k for k in saved)  # adapters merged into plain HF keys
     assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], start.layers[0].self_attn.q_proj.weight)
@@ -259,3 +289,126 @@ def test_lora_run_saves_a_merged_plain_folder(tiny_model_dir, tmp_path):
 def test_unknown_lora_target_is_a_clear_error(tmp_path):
     r = run_train("--lora", "--lora-targets", "q_proj,qkv", cwd=tmp_path)
     assert r.returncode == 2 and "unknown --lora-targets qkv" in r.stderr
+
+
+# --- held-out evaluation --------------------------------------------------------------------
+
+
+def ipo_metrics_by_hand(policy, ref, lengths, beta=0.2, theta=0.1, alpha=0.66):
+    """The v1 SSO loss with IPO and its rewards, written out from the formula: [R, 6] sums -> floats."""
+    pi, rf = policy / lengths, ref / lengths  # per-token means
+    out, losses = {}, []
+    for prefix, c, r in (("", 0, 1), ("p_", 2, 3), ("n_", 4, 5)):
+        chosen, rejected = beta * (pi[:, c] - rf[:, c]), beta * (pi[:, r] - rf[:, r])
+        h = (pi[:, c] - rf[:, c]) - (pi[:, r] - rf[:, r])
+        losses.append((h - 1 / (2 * beta)) ** 2)
+        out[f"eval_{prefix}rewards/chosen"] = chosen.mean().item()
+        out[f"eval_{prefix}rewards/rejected"] = rejected.mean().item()
+        out[f"eval_{prefix}rewards/margins"] = (chosen - rejected).mean().item()
+        out[f"eval_{prefix}rewards/accuracies"] = (chosen > rejected).float().mean().item()
+    W = torch.sigmoid(-(alpha * pi[:, 0] + (1 - alpha) * pi[:, 1]))
+    out["eval_loss"] = (W * (losses[0] + theta * (losses[1] + losses[2]))).mean().item()
+    out["eval_W"] = W.mean().item()
+    return out
+
+
+def test_eval_metrics_equal_a_recomputation_from_the_saved_files(tiny_model_dir, tmp_path):
+    from sso_mini.data import collate, is_capped, record_sequences
+    from sso_mini.logprobs import sequence_logprobs
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "run"
+    train.main(loop_args(tiny_model_dir, prompts, out, "--iterations", "1", "--prompts-per-iteration", "2",
+                         "--eval-prompts", "4", "--lr", "1e-2", "--no-autocast"))
+    it = out / "iter_0"
+    records = read_jsonl(it / "eval_pairs.jsonl")
+    model, tok = load_model(it / "model")
+    seqs = [s for r in records for s in record_sequences(tok, r)]  # padded rows: not the trainer's packed path
+    batch = collate(seqs, tok.pad_id)
+    with torch.no_grad():
+        logp, n = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    policy, lengths = logp.view(-1, 6), n.view(-1, 6).float()
+    ref = load_file(it / "eval_ref_logps.safetensors")["logps"]
+    expected = ipo_metrics_by_hand(policy, ref, lengths)
+    summary = json.loads((it / "summary.json").read_text())
+    assert summary["eval"]["n"] == len(records) >= 3
+    assert expected["eval_rewards/margins"] != 0  # the policy did move
+    for key, value in expected.items():
+        assert summary["eval"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # the policy's own behaviour: its plain answers y^o to the held-out prompts
+    gen = summary["generation"]
+    assert gen["mean_length"] == pytest.approx(sum(len(tok.encode(r["raw"])) for r in records) / len(records))
+    assert gen["eos_rate"] == pytest.approx(sum(not is_capped(r, "raw") for r in records) / len(records))
+    eval_row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert eval_row["split"] == "eval" and eval_row["eval_loss"] == summary["eval"]["eval_loss"]
+
+
+def test_lr_zero_gives_exactly_zero_eval_rewards_and_no_training_accuracy(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "run"
+    train.main(loop_args(tiny_model_dir, prompts, out, "--iterations", "1", "--prompts-per-iteration", "4",
+                         "--eval-prompts", "2", "--lr", "0"))
+    summary = json.loads((out / "iter_0" / "summary.json").read_text())
+    for p in ("", "p_", "n_"):
+        for k in ("chosen", "rejected", "margins", "accuracies"):
+            assert summary["eval"][f"eval_{p}rewards/{k}"] == 0.0, (p, k)  # the policy still is the reference
+    # every step had policy = reference: no step counts toward the training accuracy
+    assert summary["steps_at_reference"] == 2 and summary["acc"] is None and summary["n_acc"] is None
+
+
+EVAL_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.argv = ["train.py"] + sys.argv[1:]
+    import train
+    real = train.score_records
+    def killed_in_the_held_out_pass(*a, **k):
+        if k.get("cache") is not None and k["cache"].name == "eval_logps.safetensors":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    train.score_records = killed_in_the_held_out_pass
+    train.main()
+""")
+
+
+def test_resume_after_sigkill_in_the_eval_pass_gives_the_same_summary(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    common = ["--prompts-per-iteration", "3", "--iterations", "2", "--eval-prompts", "3"]
+    whole = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "whole", *common), cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    (tmp_path / "killer.py").write_text(EVAL_KILLER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"),
+                             *loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common)],
+                            capture_output=True, text=True, env=env)
+    assert killed.returncode == -9, killed.stderr
+    cut = tmp_path / "cut" / "iter_0"
+    assert (cut / "model" / "model.safetensors").exists() and not (cut / "summary.json").exists()
+    resumed = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common, "--resume"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def without_timings(path):
+        s = json.loads(path.read_text())
+        return {k: v for k, v in s.items() if k not in ("seconds", "sample_tokens_per_s", "train_tokens_per_s")}
+
+    for part in ("iter_0/summary.json", "iter_1/summary.json"):
+        assert without_timings(tmp_path / "cut" / part) == without_timings(tmp_path / "whole" / part), part
+    assert (json.loads((tmp_path / "cut" / "final" / "summary.json").read_text())["generation"]
+            == json.loads((tmp_path / "whole" / "final" / "summary.json").read_text())["generation"])
+    rows = lambda run: [(r["iteration"], r["split"], r["step"], r["loss" if r["split"] == "train" else "eval_loss"])  # noqa
+                        for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+    assert rows("cut") == rows("whole")  # one eval row per iteration, none twice
+
+
+def test_too_many_eval_prompts_fail_before_anything_is_loaded_or_written(tiny_model_dir, tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]))
+    r = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "o", "--eval-prompts", "4"), cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "error: --eval-prompts 4 leaves none of the 4 prompts to train on (allowed: 0 to 3)"]
+    assert not (tmp_path / "o").exists()
+    r = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "o", "--eval-prompts", "-1"), cwd=tmp_path)
+    assert r.returncode == 2 and "--eval-prompts must be >= 0" in r.stderr and not (tmp_path / "o").exists()
