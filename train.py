@@ -24,31 +24,28 @@ import json
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from sso_mini.assets import write_atomic
+from sso_mini.assets import write_json
 from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
 from sso_mini.config import ModelConfig
-from sso_mini.data import (DROP_REASONS, RESPONSES, build_records, default_prompts, generation_stats, load_prompts,
-                           logprob_filter, read_jsonl, sample_plain, write_jsonl)
-from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, on_main, setup, shard,
-                                  teardown)
-from sso_mini.evaluate import wilson_interval
+from sso_mini.eval.report import log_eval_row, plot_metrics, print_table, summarize, timed
+from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, merge_shares, on_main, setup,
+                                  shard, teardown)
 from sso_mini.lora import TARGETS, adapters_disabled, apply_lora, merge_lora
-from sso_mini.model import Transformer
 from sso_mini.losses import FORMS, LOSS_TYPES
+from sso_mini.model import Transformer
+from sso_mini.records import (build_records, default_prompts, generation_stats, load_prompts, logprob_filter,
+                              read_jsonl, sample_plain, write_jsonl)
 from sso_mini.tokenizer import Tokenizer
-from sso_mini.trainer import (TrainConfig, TrainingError, bf16_is_native, held_out_metrics, score_records,
-                              train_iteration, write_config)
+from sso_mini.trainer import TrainConfig, TrainingError, bf16_is_native, score_records, train_iteration, write_config
 
-# Settings that define a run: resuming with different values would mix two experiments.
-RUN_KEYS = ("model", "prompts", "pairs", "prompts_per_iteration", "eval_prompts", "loss", "form", "no_w", "no_g",
-            "theta", "alpha", "beta", "lr", "batch_size", "max_new_tokens", "seed", "logprob_filter", "cutoff", "lora",
-            "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "autocast")
+# Flags that say how to run, not what: a resume may change them. Every other flag defines the
+# run (resuming with a different value would mix two experiments), so a new flag is checked too.
+OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_size", "sample_batch_size",
+               "gradient_checkpointing", "save_every", "no_progress", "ablation", "scale")
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
 # Held-out prompts by default: ~15% of an iteration's time on 2 CPU cores at the default sizes
 # (they are sampled, scored by the reference and scored again by the trained policy).
@@ -56,7 +53,7 @@ EVAL_PROMPTS = 16
 EVAL_SEED = 1_000_003  # offsets the held-out sampling seeds from the training ones
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Self-Steering Optimization (arXiv 2410.17131)")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or known name (default: %(default)s)")
     ap.add_argument("--prompts", help=".txt (one per line) or .jsonl (prompt/instruction); default: AlpacaEval")
@@ -66,20 +63,22 @@ def parse_args(argv=None):
     ap.add_argument("--eval-prompts", type=int, default=None,
                     help=f"prompts held out of training and evaluated every iteration (default {EVAL_PROMPTS}; "
                          "0: off); with --pairs, records of the file held out (default 0)")
-    ap.add_argument("--loss", default="ipo", help=f"base preference loss: {' | '.join(LOSS_TYPES)}")
-    ap.add_argument("--form", default="v1", help=f"SSO objective: {' | '.join(FORMS)} (see sso_mini/losses.py)")
+    ap.add_argument("--loss", default=TrainConfig.loss_type, help=f"base preference loss: {' | '.join(LOSS_TYPES)}")
+    ap.add_argument("--form", default=TrainConfig.form, help=f"SSO objective: {' | '.join(FORMS)} (see sso_mini/losses.py)")
     ap.add_argument("--no-w", action="store_true", help="ablation: drop the weight W")
     ap.add_argument("--no-g", action="store_true", help="ablation: drop the self-steering term G")
-    ap.add_argument("--theta", type=float, default=0.1, help="weight of G")
-    ap.add_argument("--alpha", type=float, default=0.66, help="weight of y+ in W")
+    ap.add_argument("--theta", type=float, default=TrainConfig.theta, help="weight of G")
+    ap.add_argument("--alpha", type=float, default=TrainConfig.alpha, help="weight of y+ in W")
     ap.add_argument("--beta", type=float, default=None, help="loss beta (default: 0.2 IPO, 0.1 DPO)")
-    ap.add_argument("--lr", type=float, default=5e-6)
-    ap.add_argument("--batch-size", type=int, default=8, help="records per optimizer step")
-    ap.add_argument("--micro-batch-size", type=int, default=1, help="records per forward (6 sequences, 3 prompts, packed in one row)")
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="records per optimizer step")
+    ap.add_argument("--micro-batch-size", type=int, default=TrainConfig.micro_batch_size,
+                    help="records per forward (6 sequences, 3 prompts, packed in one row)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="response length cap when sampling")
     ap.add_argument("--sample-batch-size", type=int, default=48, help="rows per sampler batch")
-    ap.add_argument("--cutoff", type=int, default=2048, help="max tokens of a training sequence")
-    ap.add_argument("--logprob-filter", action="store_true", help="keep only pairs the SSO_SPEC §2.7 filter passes")
+    ap.add_argument("--cutoff", type=int, default=TrainConfig.cutoff, help="max tokens of a training sequence")
+    ap.add_argument("--logprob-filter", action="store_true",
+                    help="keep only pairs whose log-probs move the right way with the principles")
     ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                     help=f"train low-rank adapters (default: on for CUDA models above {LORA_THRESHOLD / 1e9:.0f}B)")
     ap.add_argument("--lora-rank", type=int, default=16)
@@ -87,10 +86,10 @@ def parse_args(argv=None):
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated projection names")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--checkpoint-every", type=int, default=4, help="steps between resumable checkpoints")
+    ap.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="steps between resume points (iter_t/resume/)")
     ap.add_argument("--out", default="runs/sso", help="run folder")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weight dtype (default float32)")
     ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
@@ -98,8 +97,13 @@ def parse_args(argv=None):
                          "matmuls are native: a GPU, or a CPU with AVX512-BF16 or AMX; --no-autocast: plain fp32)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--ablation", action="store_true",
-                    help="run SSO, w/o W, w/o G and PBAA from the same start and compare them (sso_mini/ablation.py)")
+                    help="run SSO, w/o W, w/o G and PBAA from the same start and compare them (sso_mini/eval/ablation.py)")
     ap.add_argument("--scale", type=int, default=1, help="--ablation: multiply its small default sizes")
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.loss not in LOSS_TYPES:
         ap.error(f"unknown --loss {args.loss!r} (choose from {', '.join(LOSS_TYPES)})")
@@ -136,19 +140,19 @@ def choose_lora_and_dtype(args):
 def start_run(args) -> Path:
     """Create --out, or check that it holds this same run when resuming."""
     out = Path(args.out)
-    settings = {k: getattr(args, k) for k in RUN_KEYS}
+    settings = {k: v for k, v in vars(args).items() if k not in OPERATIONAL}
     run_file = out / "run.json"
     if run_file.exists():
         if not args.resume:
             raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
         saved = json.loads(run_file.read_text())
-        changed = [k for k in RUN_KEYS if saved.get(k) != settings[k]]
+        changed = [k for k in settings if saved.get(k) != settings[k]]
         if changed:
             raise ValueError(f"{out} holds a run with different settings ({', '.join(changed)}); use another --out")
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no run.json; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps(settings, indent=2))
+    write_json(run_file, settings)
     return out
 
 
@@ -157,158 +161,25 @@ def load_inputs(args) -> tuple[list, list]:
 
     Prompts: all of them in one fixed, seeded order; the first --eval-prompts are held out
     for the whole run (never trained on, in any iteration), and iteration t trains on the
-    t-th slice of the rest. With --pairs the inputs are the file's records, split the same way.
+    t-th slice of the rest. With --pairs: a seeded sample of the file's records is held out,
+    the rest keep the file's order.
     """
     pool = read_jsonl(args.pairs) if args.pairs else load_prompts(args.prompts) if args.prompts else default_prompts()
-    random.Random(args.seed).shuffle(pool)
     n = args.eval_prompts
     if n >= len(pool):
         what = f"records in {args.pairs}" if args.pairs else "prompts"
         raise ValueError(f"--eval-prompts {n} leaves none of the {len(pool)} {what} to train on "
                          f"(allowed: 0 to {len(pool) - 1})")
-    held_out = pool[:n]
     if args.pairs:
-        return pool[n:], held_out
+        held = set(random.Random(args.seed).sample(range(len(pool)), n))
+        return [r for i, r in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)]
+    random.Random(args.seed).shuffle(pool)
+    held_out = pool[:n]
     return [x for x in pool[n:] if x not in set(held_out)], held_out  # a duplicated prompt stays held out
 
 
 def iteration_prompts(pool, t, n):
     return [pool[(t * n + i) % len(pool)] for i in range(min(n, len(pool)))]
-
-
-def mean(rows, key):
-    return sum(r[key] for r in rows) / len(rows) if rows else None
-
-
-def summarize(t, it, history, tokenizer, cfg, sampled: bool) -> dict:
-    """iter_t/summary.json: the data, the training steps, the held-out metrics and the policy's behaviour.
-
-    `sampled`: the records came from this run's policy (not from --pairs), so their plain
-    responses y^o say how the policy behaves on its own.
-    """
-    records = read_jsonl(it / "pairs.jsonl")
-    stats = json.loads((it / "data_stats.json").read_text())
-    seconds = json.loads((it / "timing.json").read_text()) if (it / "timing.json").exists() else {}
-    lengths = {k: sum(len(tokenizer.encode(r[k])) for r in records) / len(records) for k in RESPONSES}
-    moved = [h for h in history if not h.get("policy_is_reference")]  # a tie with the reference is no failure
-    summary = {
-        "iteration": t, "prompts": stats.get("prompts", len(records)), "kept": len(records),
-        "dropped": {k: v for k, v in stats.items() if k in DROP_REASONS}, "capped": stats.get("capped", 0),
-        "sample_tokens_per_s": stats.get("sample_tokens", 0) / max(stats.get("sample_seconds", 0), 1e-9),
-        "train_tokens_per_s": mean(history, "tokens_per_s"),
-        "len_chosen": lengths["chosen"], "len_rejected": lengths["rejected"], "len_raw": lengths["raw"],
-        "loss": mean(history, "loss"), "W": mean(history, "W"), "acc": mean(moved, "rewards/accuracies"),
-        "p_acc": mean(moved, "p_rewards/accuracies"), "n_acc": mean(moved, "n_rewards/accuracies"),
-        "steps_at_reference": len(history) - len(moved), "eval": None, "generation": None,
-        "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
-    }
-    if (it / "eval_pairs.jsonl").exists():
-        held_out = read_jsonl(it / "eval_pairs.jsonl")
-        ref, policy = (load_file(it / f"eval_{name}.safetensors")["logps"] for name in ("ref_logps", "logps"))
-        metrics, n = held_out_metrics(tokenizer, held_out, policy, ref, cfg), len(held_out)
-        intervals = {key: wilson_interval(round(metrics[key] * n), n)
-                     for key in (f"eval_{p}rewards/accuracies" for p in ("", "p_", "n_"))}
-        summary["eval"] = {"n": n, **metrics, "intervals": intervals}
-        if sampled:
-            summary["generation"] = generation_stats(tokenizer, held_out)
-    return summary
-
-
-def log_eval_row(metrics_path: Path, summary: dict, steps: int):
-    """The iteration's held-out metrics as one metrics.jsonl row (split "eval"), written once."""
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
-    rows = [r for r in rows if not (r.get("split") == "eval" and r["iteration"] == summary["iteration"])]
-    generation = {f"generation/{k}": v for k, v in (summary["generation"] or {}).items() if k != "n"}
-    metrics = {k: v for k, v in summary["eval"].items() if k != "intervals"}
-    rows.append({"iteration": summary["iteration"], "split": "eval", "step": steps, **metrics, **generation})
-    write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def fmt(x, spec=".2f"):
-    return "-" if x is None else format(x, spec)
-
-
-def print_table(rows, final=None):
-    """The end-of-run table: training (steps where the policy moved), held-out, the policy's own answers."""
-    print("\n| iter | kept/prompts | len y+ / y- / y^o | loss | W | train acc x / x+ / x- "
-          "| held-out acc x [95% CI] / x+ / x- (n) | y^o length / eos rate (held out) | minutes |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows + ([final] if final else []):
-        ev, gen = r.get("eval"), r.get("generation")
-        if "kept" in r:
-            train = (f"| {r['iteration']} | {r['kept']}/{r['prompts']} | {r['len_chosen']:.0f} / {r['len_rejected']:.0f}"
-                     f" / {r['len_raw']:.0f} | {r['loss']:.4f} | {r['W']:.3f} | {fmt(r['acc'])} / {fmt(r['p_acc'])}"
-                     f" / {fmt(r['n_acc'])} ")
-        else:  # the final policy: its behaviour only
-            train = f"| final ({r['iteration']}) | - | - | - | - | - "
-        held = "-" if not ev else (
-            f"{ev['eval_rewards/accuracies']:.2f} [{ev['intervals']['eval_rewards/accuracies'][0]:.2f}, "
-            f"{ev['intervals']['eval_rewards/accuracies'][1]:.2f}] / {ev['eval_p_rewards/accuracies']:.2f} / "
-            f"{ev['eval_n_rewards/accuracies']:.2f} ({ev['n']})")
-        behaviour = "-" if not gen else f"{gen['mean_length']:.1f} / {gen['eos_rate']:.2f}"
-        print(f"{train}| {held} | {behaviour} | {r['seconds']['total'] / 60:.1f} |")
-
-
-def plot_metrics(out: Path, summaries: list[dict]):
-    """metrics.png: per step loss, W and training accuracies; per iteration the held-out
-    accuracies and the policy's own mean response length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("split", "train") == "train"]
-    if not train:
-        return
-    pairs = (("", "x: y+ > y-"), ("p_", "x+: y+ > y-"), ("n_", "x-: y^o > y+"))
-    x = range(1, len(train) + 1)
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    axes[0].plot(x, [r["loss"] for r in train], label="loss")
-    axes[0].plot(x, [r["raw_loss"] for r in train], label="raw_loss (W = 1)")
-    axes[1].plot(x, [r["W"] for r in train], label="W")
-    for prefix, name in pairs:
-        axes[2].plot(x, [None if r.get("policy_is_reference") else r[f"{prefix}rewards/accuracies"] for r in train],
-                     ".-", label=name)  # a gap: the policy still was the reference
-    for ax, title in zip(axes, ("loss", "weight W", "training reward accuracy")):
-        ax.set_title(title)
-        ax.set_xlabel("step (all iterations)")
-        ax.legend()
-    held = [s for s in summaries if s.get("eval")]
-    for prefix, name in pairs:
-        axes[3].plot([s["iteration"] for s in held], [s["eval"][f"eval_{prefix}rewards/accuracies"] for s in held],
-                     "o-", label=f"held out {name}")
-    axes[3].axhline(0.5, color="grey", lw=0.5)
-    axes[3].set(title="held out: reward accuracy after training; policy's y^o length", ylim=(0, 1),
-                xlabel="iteration (y^o: the policy at its start; the last point is the final policy)",
-                xticks=range(len(summaries)))
-    axes[3].legend(loc="lower left", fontsize="small")
-    gen = [s for s in summaries if s.get("generation")]
-    if gen:
-        length = axes[3].twinx()
-        length.plot([s["iteration"] for s in gen], [s["generation"]["mean_length"] for s in gen], "k--s",
-                    label="mean y^o length (tokens)")
-        length.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png")
-    plt.close(fig)
-
-
-@contextlib.contextmanager
-def timed(it: Path, stage: str, what: str = ""):
-    """Say what runs (and what the same stage took last iteration); add its wall time to it/timing.json
-    (a stage finished over two attempts, or run in several parts, adds up)."""
-    if is_main() and what:
-        last = it.with_name(f"iter_{int(it.name.split('_')[1]) - 1}") / "timing.json" if it.name != "final" else None
-        before = json.loads(last.read_text()).get(stage) if last and last.exists() else None
-        print(f"[{it.name}] {stage}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""), file=sys.stderr)
-    start = time.perf_counter()
-    yield
-    if is_main():
-        path = it / "timing.json"
-        seconds = json.loads(path.read_text()) if path.exists() else {}
-        seconds[stage] = round(seconds.get(stage, 0) + time.perf_counter() - start, 1)
-        write_atomic(path, json.dumps(seconds, indent=2))
 
 
 def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks, held_out=False) -> list[dict]:
@@ -331,7 +202,7 @@ def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks,
                 records, stats = build_records(model, tokenizer, deal(inputs, n_ranks, rank), iteration=t, seed=seed,
                                                max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
                                                compile=args.device.startswith("cuda"), progress=progress and is_main(),
-                                               desc=what)
+                                               desc=f"{what} prompts")
                 if args.logprob_filter and not held_out:  # held-out records show what the policy samples
                     records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
                     stats.update(filter_stats)
@@ -339,7 +210,7 @@ def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks,
         if not records:
             raise ValueError(f"iteration {t}: every {prefix}pair was filtered out ({dict(stats)})")
         if is_main():
-            stats_file.write_text(json.dumps(dict(stats), indent=2))
+            write_json(stats_file, dict(stats))
             write_jsonl(pairs, records)
         barrier()
     records = read_jsonl(pairs)
@@ -398,10 +269,10 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
             stats_file = it / "data_stats.json"
             stats = json.loads(stats_file.read_text())
             stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            stats_file.write_text(json.dumps(stats, indent=2))
+            write_json(stats_file, stats)
         with timed(it, "save"):
             save_model(trained, tokenizer, it / "model")
-        shutil.rmtree(it / "checkpoint", ignore_errors=True)
+        shutil.rmtree(it / "resume", ignore_errors=True)
     barrier()
     return (trained, tokenizer) if n_ranks == 1 else None
 
@@ -433,36 +304,26 @@ def final_generation(args, out, dtype, held_out, progress) -> dict:
     seconds = json.loads((final / "timing.json").read_text())
     summary = {"iteration": args.iterations, "generation": generation_stats(tokenizer, records),
                "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}}
-    write_atomic(final / "summary.json", json.dumps(summary, indent=2))
+    write_json(final / "summary.json", summary)
     return summary
-
-
-def merge_shares(shares):
-    """[(records, stats)] from each rank -> all records (rank 0's first) and summed stats."""
-    records = [r for part, _ in shares for r in part]
-    stats = {}
-    for _, part in shares:
-        for k, v in part.items():
-            stats[k] = max(stats.get(k, 0), v) if k == "sample_seconds" else stats.get(k, 0) + v
-    return records, stats
 
 
 def main(argv=None):
     args = parse_args(argv)
-    progress = not args.no_progress
-    if args.ablation:
-        from sso_mini.ablation import run_ablation
+    if not args.ablation:
+        return run(args)
+    from sso_mini.eval.ablation import run_ablation
 
-        shared = ["--model", args.model, "--loss", args.loss, "--form", args.form, "--theta", str(args.theta),
-                  "--alpha", str(args.alpha), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-                  "--seed", str(args.seed), "--device", args.device,
-                  *(["--prompts", args.prompts] * bool(args.prompts)),
-                  *([f"--{'' if args.autocast else 'no-'}autocast"] if args.autocast is not None else [])]
-        out = Path("runs/ablation" if args.out == "runs/sso" else args.out)
-        result = run_ablation(main, shared, out, scale=args.scale, resume=args.resume, progress=progress)
-        print((out / "ablation.md").read_text())
-        print(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, plot {out / 'ablation.png'}")
-        return result
+    out = Path("runs/ablation" if args.out == "runs/sso" else args.out)
+    result = run_ablation(run, args, out)
+    print((out / "ablation.md").read_text())
+    print(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, plot {out / 'ablation.png'}")
+    return result
+
+
+def run(args):
+    """The SSO loop on parsed settings (train.py's flags as an argparse.Namespace)."""
+    progress = not args.no_progress
     rank, n_ranks = setup()
     if n_ranks > 1 and args.batch_size % n_ranks:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} "
@@ -475,8 +336,8 @@ def main(argv=None):
     cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
                       theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                       micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
-                      gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-                      autocast=args.autocast)
+                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+                      autocast=args.autocast)  # the flags above take their defaults from TrainConfig
     if is_main():
         write_config(out / "train_config.json", cfg)
         print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}; "
@@ -502,7 +363,7 @@ def main(argv=None):
         summary = summarize(t, it, history, Tokenizer.from_folder(it / "model"), cfg, sampled=not args.pairs)
         if summary["eval"]:
             log_eval_row(metrics_path, summary, len(history))
-        write_atomic(it / "summary.json", json.dumps(summary, indent=2))
+        write_json(it / "summary.json", summary)
         summaries.append(summary)
         plot_metrics(out, summaries)
 

@@ -7,6 +7,8 @@ imported (some of them pull native builds or call out to the network on import).
 """
 
 import hashlib
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -32,6 +34,22 @@ def write_atomic(path, text: str, mode: int = 0o644):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json(path, obj, indent: int = 2):
+    """JSON through write_atomic; NaN and infinities (an accuracy with nothing to count) become
+    null, since standard JSON has none."""
+    write_atomic(path, json.dumps(_finite(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def cache_dir() -> Path:

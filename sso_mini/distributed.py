@@ -133,3 +133,13 @@ def full_state_dict(model) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def merge_shares(shares):
+    """[(records, stats)] from each rank -> all records (rank 0's first) and summed stats."""
+    records = [r for part, _ in shares for r in part]
+    stats = {}
+    for _, part in shares:
+        for k, v in part.items():
+            stats[k] = max(stats.get(k, 0), v) if k == "sample_seconds" else stats.get(k, 0) + v
+    return records, stats

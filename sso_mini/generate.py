@@ -27,7 +27,7 @@ import functools
 import torch
 from tqdm.auto import tqdm
 
-from .model import linear
+from .model import project
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,7 +85,7 @@ def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature
     mask [B, 1, 1, S] (keys: the first S cache slots) -> next tokens [B].
     """
     h = model.hidden_states(tokens, position_ids, mask, input_pos)  # [B, 1, H]
-    logits = linear(h[:, -1], model.lm_head_weight)  # [B, V]
+    logits = project(h[:, -1], model.lm_head_weight)  # [B, V]
     return sample(logits, noise, temperature, top_k, top_p)
 
 
@@ -198,7 +198,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
         pieces = [mask[i:i + 1, :, T - L:] for i, L in enumerate(lengths)]  # [1, 1, L, T] each
         h = model.hidden_states(own, own_pos, pieces, own_slots)  # [1, N, H]
         last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [B] each row's last prompt token
-        logits = linear(h[0, last], model.lm_head_weight)  # [B, V]
+        logits = project(h[0, last], model.lm_head_weight)  # [B, V]
         if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
             for layer in model.layers:
                 cache = layer.self_attn.kv_cache
@@ -233,6 +233,25 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     finally:
         model.clear_cache()
     return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
+
+
+def generate_batched(model, prompts, *, batch_size, seed=None, n=1, desc="sampling", progress=True,
+                     **kw) -> list[list[int]]:
+    """generate() over any number of prompts, in prompt order (n per prompt, prompt-major).
+
+    Longest first, in batches of similar length: few pad slots in the KV cache. Batch b is
+    seeded with seed + b, so a run is reproducible whatever the batch it lands in holds.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    starts = range(0, len(order), batch_size)
+    for b, start in enumerate(starts):
+        idx = order[start:start + batch_size]
+        done = generate(model, [prompts[i] for i in idx], seed=None if seed is None else seed + b, n=n,
+                        desc=f"{desc} (batch {b + 1}/{len(starts)}, {len(idx)} rows)", progress=progress, **kw)
+        for m, i in enumerate(idx):
+            out[i] = done[m * n:(m + 1) * n]
+    return [ids for per_prompt in out for ids in per_prompt]
 
 
 def complete(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, n=1, seed=None,

@@ -28,7 +28,7 @@ def _on_tensor_cores(hidden, weight) -> bool:
 
     A product of two bf16 (or fp16) numbers is exact in fp32, and cuBLAS sums in fp32 when asked
     for an fp32 result (out_dtype), so on CUDA the logits equal those of upcasting first, at
-    tensor-core speed (bf16, N = 32768 on an H100: 0.16 s instead of 0.89 s for forward+backward).
+    tensor-core speed (several times faster than upcasting; benchmarks/README.md).
     CPU has no such matmul: upcast there.
     """
     return hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
@@ -165,7 +165,7 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask):
 
 
 def packed_logprobs(model, input_ids, position_ids, attention_mask, parent, segment):
-    """Summed log-prob and token count of each response in prompt-sharing rows (data.collate_groups).
+    """Summed log-prob and token count of each response in prompt-sharing rows (batches.collate_groups).
 
     The same numbers as sequence_logprobs on the unpacked sequences: a token's log-prob is
     read from its parent's hidden state (the token before it in its own sequence).

@@ -31,13 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import Transformer, linear
+from .model import Transformer, project
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LoRALinear(nn.Module):
-    """A frozen model.Linear plus a trainable low-rank update (alpha / r) * B @ A."""
+    """A frozen model.Projection plus a trainable low-rank update (alpha / r) * B @ A."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -56,7 +56,7 @@ class LoRALinear(nn.Module):
         self.disabled = False  # set by adapters_disabled(): compute the base layer only
 
     def forward(self, x):
-        y = linear(x, self.weight)  # [..., out], exactly the base layer (model.Linear: bias added after)
+        y = project(x, self.weight)  # [..., out], exactly the base layer (model.Projection: bias added after)
         if self.bias is not None:
             y = y + self.bias
         if self.disabled:

@@ -1,28 +1,25 @@
-"""Preference losses: DPO, IPO and the SSO objective (SSO_SPEC.md §1.3-1.7).
+"""Preference losses: DPO, IPO and the SSO objective (docs/algorithm.md).
 
 Everything here takes per-sequence log-probs (the sum of the response-token
 log-probs and the response-token counts), never a model, so the whole objective
 can be read and tested on hand-picked numbers.
 
-One SSO record gives six sequences, always in this column order:
-
-    col  name        pair                  sequence
-    0    chosen      base  (x:  y+ > y-)   y_pos | x
-    1    rejected    base                  y_neg | x
-    2    p_chosen    G+    (x+: y+ > y-)   y_pos | x+
-    3    p_rejected  G+                    y_neg | x+
-    4    n_chosen    G-    (x-: y^o > y+)  y_raw | x-
-    5    n_rejected  G-                    y_pos | x-
+One SSO record gives six sequences; every [B, 6] tensor here has the columns of
+batches.SEQUENCES: chosen, rejected (x: y+ > y-), p_chosen, p_rejected (x+: y+ > y-),
+n_chosen, n_rejected (x-: y^o > y+).
 
 Under the bad principle the raw response is chosen and the good one rejected
-(not y- > y+): it keeps p- from becoming a way to elicit y- (SSO_SPEC §1.2).
+(not y- > y+): it keeps p- from becoming a way to elicit y- (docs/algorithm.md).
 """
 
 import torch
 import torch.nn.functional as F
 
-SEQUENCES = ("chosen", "rejected", "p_chosen", "p_rejected", "n_chosen", "n_rejected")
-CHOSEN, REJECTED, P_CHOSEN, P_REJECTED, N_CHOSEN, N_REJECTED = range(6)
+from .batches import SEQUENCES
+
+COLUMNS = tuple(name for name, _, _ in SEQUENCES)
+CHOSEN, REJECTED, P_CHOSEN, P_REJECTED, N_CHOSEN, N_REJECTED = map(COLUMNS.index, (
+    "chosen", "rejected", "p_chosen", "p_rejected", "n_chosen", "n_rejected"))
 PAIRS = (("", CHOSEN, REJECTED), ("p_", P_CHOSEN, P_REJECTED), ("n_", N_CHOSEN, N_REJECTED))
 
 LOSS_TYPES = ("ipo", "dpo")
@@ -59,7 +56,7 @@ def _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta):
     if beta is not None and beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     for name, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps), ("lengths", lengths)):
-        if t.dim() != 2 or t.shape[1] != len(SEQUENCES) or t.shape != policy_logps.shape:
+        if t.dim() != 2 or t.shape[1] != len(COLUMNS) or t.shape != policy_logps.shape:
             raise ValueError(f"{name} must have shape [B, 6] like policy_logps "
                              f"{tuple(policy_logps.shape)}, got {tuple(t.shape)}")
     if (lengths <= 0).any():
@@ -72,7 +69,7 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
 
     policy_logps: [B, 6] summed response log-probs under the policy (differentiable).
     ref_logps:    [B, 6] the same under the reference (no grad needed).
-    lengths:      [B, 6] response-token counts; columns as in the module docstring.
+    lengths:      [B, 6] response-token counts; columns as in batches.SEQUENCES.
 
     With L the base loss (IPO on per-token means, DPO on sums, for policy and
     reference alike) and
@@ -87,7 +84,7 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
 
     W is NOT detached: its gradient pushes log pi(y+|x), log pi(y-|x) up, which
     keeps the pair on-policy. It always uses per-token means, computed per
-    example as sum/len (not the official code's broadcast, SSO_SPEC §1.7).
+    example as sum/len (not the released code's broadcast, docs/algorithm.md).
 
     Ablations (both v1 and head): use_w=False -> L + theta*G (INIT's "w/o W";
     HEAD would silently drop G), use_g=False -> W * L, neither -> L (PBAA).

@@ -103,18 +103,17 @@ def cached_attention(q, k, v, mask):
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def linear(x, weight):
+def project(x, weight):
     """x @ weight.T (F.linear without bias); when sampling on the CPU, through oneDNN.
 
-    Why: torch sends fp32 matmuls on the CPU to MKL, whose kernels for few rows run far below
-    the machine on AMD Zen 4 (this project's 2-core box): one decode row streams a [1536, 576]
-    weight at 10 GB/s where the memory gives 31, and 32 rows reach 95 GF/s of ~200. oneDNN,
-    which torch also ships, picks its kernels from the CPU's own features: up to 2.0x at 1 row,
-    1.2-1.8x at 32 (benchmarks/bench_linear.py; on Zen 5, whose 512-bit units MKL leaves
-    idle, 1.9-2.3x at 1 row and ~2x at 32 and above). It is reached through the op that
-    torch.compile's CPU backend emits for linear layers. Only under inference mode (generate):
-    scoring keeps F.linear, so reference log-probs are bit-identical to the training forward at
-    the same weights (rewards start at exactly 0), and logits to transformers'.
+    Why: torch sends fp32 matmuls on the CPU to MKL, whose kernels for few rows (one decode
+    row per sequence) run far below what the memory and the vector units allow on the AMD
+    CPUs this was measured on. oneDNN, which torch also ships, picks its kernels from the
+    CPU's own features (benchmarks/bench_linear.py measures the two). It is reached through
+    the op that torch.compile's CPU backend emits for linear layers. Only under inference mode
+    (generate): scoring keeps F.linear, so reference log-probs are bit-identical to the
+    training forward at the same weights (rewards start at exactly 0), and logits to
+    transformers'.
     """
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
             and torch.is_inference_mode_enabled()):  # (compiled code picks its own matmuls)
@@ -122,17 +121,17 @@ def linear(x, weight):
     return F.linear(x, weight)
 
 
-class Linear(nn.Linear):
+class Projection(nn.Linear):
     """nn.Linear with the bias added after the matmul instead of inside it (the same math).
 
     Why: in compiled one-token decode on a GPU, a bias-free one-row matmul becomes a Triton
     reduction with the bias add fused into it, while addmm goes to a cuBLAS split-K call that
-    reads Qwen2's small k/v weights at a fraction of HBM bandwidth: ~10% of a Qwen2-7B decode
-    step for 2% of its bytes (measured on an H100, see README "Sampler"). On the CPU the
-    matmul goes through `linear` above."""
+    reads Qwen2's small k/v weights at a fraction of HBM bandwidth (a profile put it at a
+    large share of a Qwen2-7B decode step for a small share of its bytes; benchmarks/README.md).
+    On the CPU the matmul goes through `project` above."""
 
     def forward(self, x):
-        y = linear(x, self.weight)
+        y = project(x, self.weight)
         return y if self.bias is None else y + self.bias
 
 
@@ -141,10 +140,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         H = config.hidden_size
-        self.q_proj = Linear(H, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = Linear(H, self.n_kv * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = Linear(H, self.n_kv * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, H, bias=config.o_bias)
+        self.q_proj = Projection(H, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Projection(H, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Projection(H, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Projection(self.n_heads * self.head_dim, H, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos=None):
@@ -183,9 +182,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         H, I = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(H, I, bias=False)
-        self.up_proj = Linear(H, I, bias=False)
-        self.down_proj = Linear(I, H, bias=False)
+        self.gate_proj = Projection(H, I, bias=False)
+        self.up_proj = Projection(H, I, bias=False)
+        self.down_proj = Projection(I, H, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
@@ -299,7 +298,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
         """Logits [B, T, V]. Training never calls this (it would materialise [B, T, V])."""
         h = self.hidden_states(input_ids, position_ids, attention_mask, input_pos)
-        return linear(h, self.lm_head_weight)
+        return project(h, self.lm_head_weight)
 
     def setup_cache(self, batch_size: int, max_len: int):
         """Attach a static KV cache of `max_len` slots to every layer (for generate.py)."""

@@ -1,6 +1,6 @@
 """Principles: the seven features plus Concision, feature selection, system prompts.
 
-SSO (SSO_SPEC.md §2.1-2.4) steers the policy with principles instead of labels.
+SSO (docs/algorithm.md) steers the policy with principles instead of labels.
 For each query the policy itself picks the features that matter most (a raw-text
 few-shot prompt), Concision is added at random, and the chosen features' good
 and bad principles become the system prompts of x+ and x-.
@@ -232,7 +232,7 @@ def _join_adjectives(adjectives):
 def system_prompts(features):
     """(p_system, n_system): the good and bad system prompts for these features.
 
-    Layout (SSO_SPEC §2.4), shown for two features F1, F2 with adjectives A1, A2:
+    Layout (as the released code builds it), shown for two features F1, F2 with adjectives A1, A2:
 
         Your response should be A1 and A2. Following these detailed guidelines:\\n
         F1: <principle 1>\\n

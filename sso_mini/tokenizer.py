@@ -94,3 +94,24 @@ class Tokenizer:
         if self.chat_template:
             config["chat_template"] = self.chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+# --- chat helpers -------------------------------------------------------------------------
+
+
+def chat(system: str, prompt: str) -> list[dict]:
+    """x, x+ or x-: an empty system means no system message, i.e. the template's default."""
+    user = {"role": "user", "content": prompt}
+    return [{"role": "system", "content": system}, user] if system else [user]
+
+
+def prompt_ids(tokenizer, system: str, prompt: str) -> list[int]:
+    return tokenizer.encode_chat(chat(system, prompt), add_generation_prompt=True)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the template puts right after an assistant message (<|im_end|>, <|eot_id|>)."""
+    marker = "\u2063sso\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+                                         add_generation_prompt=False)
+    return tokenizer.encode(text.split(marker, 1)[1])[0]

@@ -4,7 +4,7 @@
       -> reference log-probs (cached, no grad)
       -> for each step: micro-batches of 3*b groups packed in one row -> ONE forward -> fused log-probs
          -> sso_loss -> backward (accumulate) -> clip -> AdamW -> cosine lr
-      -> metrics.jsonl per step; a resumable step checkpoint every k steps
+      -> metrics.jsonl per step; the resume state every k steps (iter_t/resume/)
     held-out records -> scored by the reference before, and by the trained policy after, the epoch
       -> the same loss and rewards, prefixed eval_ (held_out_metrics)
 
@@ -28,14 +28,15 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .assets import write_atomic
-from .data import collate_groups, end_of_turn_id, record_groups, record_sequences
+from .batches import collate_groups, record_groups, record_sequences
 from .distributed import all_sum, deal, full_tensor, gather_objects, is_main, like, rank, world_size
 from .logprobs import packed_logprobs
 from .losses import sso_loss
+from .tokenizer import end_of_turn_id
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the last checkpoint is intact."""
+    """Training cannot go on (e.g. a non-finite loss); the last resume state is intact."""
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     cutoff: int = 2048
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 4  # steps
+    save_every: int = 4  # steps
     seed: int = 0
     autocast: bool | None = None  # bf16 autocast; None: where bf16 matmuls are native (bf16_is_native)
 
@@ -71,10 +72,34 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def make_optimizer(model, cfg) -> tuple[torch.optim.AdamW, list]:
+    """AdamW over the trainable parameters, without weight decay on norms and biases.
+
+    Returns it and its parameters in its own order (the resume state and clipping use it).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=cfg.betas, fused=params[0].device.type == "cuda")
+    return optimizer, decay + no_decay
+
+
+def optimizer_step(optimizer, params, step: int, total: int, cfg) -> tuple[float, float]:
+    """The step's learning rate, gradient clipping, the update: (lr, grad norm before clipping)."""
+    lr = lr_at(step, total, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm
+
+
 def bf16_is_native(device) -> bool:
     """A GPU, or a CPU with bf16 dot-product units (AVX512-BF16, AMX).
 
-    There bf16 autocast runs the matmuls several times faster than fp32 (measured in the README);
+    There bf16 autocast runs the matmuls several times faster than fp32 (benchmarks/README.md);
     elsewhere bf16 is emulated and slower.
     """
     if device.type == "cuda":
@@ -90,7 +115,7 @@ def autocast(device, enabled: bool | None = None):
 
 def score(model, groups, device, mixed: bool | None = None):
     """Summed log-probs and token counts of every response in prompt-sharing groups
-    (data.record_groups), plus the number of tokens the model ran. `mixed`: bf16 autocast
+    (batches.record_groups), plus the number of tokens the model ran. `mixed`: bf16 autocast
     (TrainConfig.autocast); the reference and the training forward must use the same."""
     batch = collate_groups(groups, device)
     with autocast(device, mixed):
@@ -145,10 +170,24 @@ def record_lengths(tokenizer, records, cutoff: int) -> torch.Tensor:
 
 def held_out_metrics(tokenizer, records, policy_logps, ref_logps, cfg: TrainConfig) -> dict:
     """The SSO loss and rewards of held-out records, with TRL's eval_ prefix (eval_loss,
-    eval_rewards/accuracies, eval_p_rewards/margins, ...): one batch of all of them."""
+    eval_rewards/accuracies, eval_p_rewards/margins, ...): one batch of all of them. Plus
+    `n` and `intervals`: a 95% Wilson interval for each pair's accuracy."""
     _, metrics = sso_loss(policy_logps, ref_logps, record_lengths(tokenizer, records, cfg.cutoff),
                           **loss_settings(cfg))
-    return {f"eval_{k}": v for k, v in metrics.items()}
+    metrics, n = {f"eval_{k}": v for k, v in metrics.items()}, len(records)
+    intervals = {key: wilson_interval(round(metrics[key] * n), n)
+                 for key in (f"eval_{p}rewards/accuracies" for p in ("", "p_", "n_"))}
+    return {"n": n, **metrics, "intervals": intervals}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def _atomic_save(tensors: dict, path: Path):
@@ -158,10 +197,10 @@ def _atomic_save(tensors: dict, path: Path):
     os.replace(tmp, path)
 
 
-# --- step checkpoints: weights, optimizer, schedule position, RNG -------------------------
+# --- the resume state: weights, optimizer, schedule position, RNG ---------------------------
 
 
-def save_step_checkpoint(path: Path, model, optimizer, step: int, params: list):
+def save_resume_state(path: Path, model, optimizer, step: int, params: list):
     """Everything needed to continue exactly from `step`, as safetensors + JSON, atomically.
 
     Sharded tensors are gathered whole (every rank takes part); rank 0 writes.
@@ -182,7 +221,7 @@ def save_step_checkpoint(path: Path, model, optimizer, step: int, params: list):
     os.replace(tmp, path)
 
 
-def load_step_checkpoint(path: Path, model, optimizer, params: list) -> int:
+def load_resume_state(path: Path, model, optimizer, params: list) -> int:
     weights = load_file(path / "weights.safetensors")
     with torch.no_grad():
         for name, t in _trainable_state(model).items():
@@ -209,7 +248,7 @@ def _trainable_state(model) -> dict:
 
 def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir: Path, *, iteration=0,
                     metrics_path: Path | None = None, progress=True, on_step=None) -> list[dict]:
-    """One epoch of the SSO loss over `records`; resumes from out_dir/checkpoint if present.
+    """One epoch of the SSO loss over `records`; resumes from out_dir/resume if present.
 
     Under torchrun (a sharded model) each step's records are dealt out across ranks.
     """
@@ -217,19 +256,12 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
     device = model.lm_head_weight.device
     if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward: the optimizer needs shards
         model.reshard()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms and biases
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda",
-    )
-    params = decay + [p for p in params if p.dim() < 2]  # the optimizer's own order, for checkpoints
+    optimizer, params = make_optimizer(model, cfg)
     order = list(range(len(records)))
     random.Random(f"{cfg.seed}-{iteration}-order").shuffle(order)
     total = math.ceil(len(order) / cfg.batch_size)
-    ckpt = out_dir / "checkpoint"
-    start = load_step_checkpoint(ckpt, model, optimizer, params) if ckpt.exists() else 0
+    ckpt = out_dir / "resume"
+    start = load_resume_state(ckpt, model, optimizer, params) if ckpt.exists() else 0
     if metrics_path is not None and is_main():
         _truncate_metrics(metrics_path, iteration, start)
     n_ranks = world_size()
@@ -262,13 +294,8 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
         tokens = all_sum([tokens], device)[0]
         if not math.isfinite(sums["loss"]):
             raise TrainingError(f"non-finite loss at iteration {iteration} step {step}; "
-                                f"the last good checkpoint is {ckpt if ckpt.exists() else 'the iteration start'}")
-        lr = lr_at(step, total, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                                f"the last good resume state is {ckpt if ckpt.exists() else 'the iteration start'}")
+        lr, grad_norm = optimizer_step(optimizer, params, step, total, cfg)
         row = {"iteration": iteration, "split": "train", "step": step + 1, "steps": total, **sums, "lr": lr,
                "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0),
                # no update has changed the weights yet (the first step, or lr 0): every reward is 0
@@ -278,8 +305,8 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracies']:.2f}", W=f"{sums['W']:.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            save_step_checkpoint(ckpt, model, optimizer, step + 1, params)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_resume_state(ckpt, model, optimizer, step + 1, params)
         if on_step is not None:
             on_step(step + 1)
     model.eval()
@@ -288,7 +315,7 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
 
 
 def _truncate_metrics(path: Path, iteration: int, step: int):
-    """Drop metric rows a killed run logged past its last checkpoint, so none is counted twice."""
+    """Drop metric rows a killed run logged past its last resume state, so none is counted twice."""
     if not path.exists():
         return
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -3,15 +3,16 @@
 import json
 
 import train
-from sso_mini.ablation import VARIANTS, markdown, run_ablation
+from sso_mini.eval.ablation import VARIANTS, markdown, run_ablation
 
 
 def test_tiny_ablation_writes_table_and_plot(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\n")
     out = tmp_path / "ablation"
-    result = run_ablation(train.main, ["--model", str(tiny_model_dir), "--prompts", str(prompts), "--batch-size", "2"],
-                          out, progress=False, iterations=1, prompts_per_iteration=4, max_new_tokens=6,
+    args = train.parse_args(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--batch-size", "2",
+                             "--no-progress"])
+    result = run_ablation(train.run, args, out, iterations=1, prompts_per_iteration=4, max_new_tokens=6,
                           ifeval_limit=2, mtbench_limit=2, eval_max_new_tokens=8, judge_samples=1)
     for name in ("ablation.md", "ablation.json", "ablation.png", "evaluations.json"):
         assert (out / name).exists(), name
@@ -22,10 +23,10 @@ def test_tiny_ablation_writes_table_and_plot(tiny_model_dir, tmp_path):
     for r in rows[1:]:
         assert r["onpolicy"] < 0 and 0 <= r["reward_acc"] <= 1 and r["length"] >= 0
     # the four variants trained with the intended switches
-    for variant, flags in VARIANTS.items():
+    for variant, switches in VARIANTS.items():
         slug = {"SSO": "sso", "w/o W": "no_w", "w/o G": "no_g", "PBAA (w/o W, G)": "pbaa"}[variant]
         config = json.loads((out / slug / "train_config.json").read_text())
-        assert config["use_w"] == ("--no-w" not in flags) and config["use_g"] == ("--no-g" not in flags)
+        assert config["use_w"] == (not switches["no_w"]) and config["use_g"] == (not switches["no_g"])
     assert json.dumps(result["rows"]) == json.dumps(rows)  # NaN-safe: a tiny judge may cast no vote
     # iteration 0 is sampled and scored once (SSO) and shared: the others start at training
     sso = out / "sso" / "iter_0"

@@ -36,7 +36,7 @@ def test_two_ranks_match_one_process(tiny_model_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in records(7)))
     common = ["--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "4", "--lr", "1e-3",
-              "--checkpoint-every", "1"]
+              "--save-every", "1"]
     one = run(*common, "--out", str(tmp_path / "one"), cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     two = run(*common, "--out", str(tmp_path / "two"), nproc=2, cwd=tmp_path)

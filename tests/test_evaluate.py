@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from sso_mini import evaluate
 from sso_mini.checkpoint import fetch_default_model
+from sso_mini.eval import evaluate
 
 RECORDS = [
     {"prompt": "Name a fruit that is yellow.", "chosen": "A banana.", "rejected": "A cucumber is a yellow fruit.",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sso_mini.generate import (complete, exponential_noise, generate, sample, shared_prefix_length, top_k_filter,
-                               top_p_filter)
+from sso_mini.generate import (complete, exponential_noise, generate, generate_batched, sample, shared_prefix_length,
+                               top_k_filter, top_p_filter)
 
 QUESTIONS = [
     "Hi!",
@@ -91,6 +91,25 @@ def test_n_samples_share_their_prompt(smollm2, chat_prompts):
     assert greedy == [alone[0]] * 3 + [alone[1]] * 3  # copied cache rows, prompt-major order
     sampled = generate(model, [a], max_new_tokens=12, temperature=1.0, n=4, seed=0, progress=False)
     assert len(sampled) == 4 and len({tuple(s) for s in sampled}) == 4
+
+
+def test_generate_batched_keeps_prompt_order_and_seeds_each_batch(smollm2, chat_prompts, greedy32):
+    model, tok = smollm2
+    # greedy: batches of 3 sorted by length, answers back in prompt order, as every row decodes alone
+    batched = generate_batched(model, chat_prompts, batch_size=3, max_new_tokens=32, temperature=0,
+                               stop_ids=tok.stop_ids, progress=False)
+    assert batched == greedy32
+    # sampled, n per prompt: batch b (longest prompts first) is exactly generate(..., seed=seed + b)
+    prompts = chat_prompts[:4]
+    out = generate_batched(model, prompts, batch_size=2, seed=5, n=2, max_new_tokens=6, temperature=1.0,
+                           progress=False)
+    order = sorted(range(4), key=lambda i: -len(prompts[i]))
+    for b in range(2):
+        idx = order[2 * b:2 * b + 2]
+        direct = generate(model, [prompts[i] for i in idx], seed=5 + b, n=2, max_new_tokens=6, temperature=1.0,
+                          progress=False)
+        for m, i in enumerate(idx):
+            assert out[2 * i:2 * i + 2] == direct[2 * m:2 * m + 2]
 
 
 def test_stop_ids_end_rows_and_are_not_returned(smollm2, chat_prompts):

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from sso_mini import ifeval
+from sso_mini.eval import ifeval
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_scores_identical_across_runs(records):
 
 
 def test_floors_match_published_table():
-    """ASSETS.md §4: the trivial-answer floors on all 541 prompts, in percent to one decimal."""
+    """The trivial-answer floors on all 541 prompts, in percent to one decimal."""
     expected = {
         "empty": (0.0, 0.0, 0.0, 0.0),
         "hello_world": (11.3, 11.3, 22.5, 22.5),

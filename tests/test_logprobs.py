@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from sso_mini.batches import collate_groups, record_groups, record_sequences
 from sso_mini.config import ModelConfig
-from sso_mini.data import collate_groups, record_groups, record_sequences
 from sso_mini.logprobs import packed_logprobs, sequence_logprobs, token_logprobs
 from sso_mini.model import Transformer
 

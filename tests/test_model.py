@@ -127,21 +127,21 @@ def test_parameter_count_matches_transformers():
 
 @pytest.mark.parametrize("shape", [(1, 576), (32, 576), (3, 7, 576)])
 def test_linear_equals_the_formula(shape):
-    """model.linear (oneDNN on the CPU in inference mode) against x @ W.T in float64, on 1 row,
+    """model.project (oneDNN on the CPU in inference mode) against x @ W.T in float64, on 1 row,
     a batch and a [B, T, H] input seen through a non-contiguous view; outside inference mode it
     is exactly F.linear (scoring must match the training forward bit for bit)."""
-    from sso_mini.model import linear
+    from sso_mini.model import project
 
     torch.manual_seed(0)
     W = torch.randn(1536, 576)
     x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]  # strided last dim
     ref = (x.double() @ W.double().T).float()
     with torch.inference_mode():
-        y = linear(x, W)
+        y = project(x, W)
     assert y.shape == ref.shape and y.dtype == torch.float32
     assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
     with torch.no_grad():
-        assert torch.equal(linear(x, W), torch.nn.functional.linear(x, W))
+        assert torch.equal(project(x, W), torch.nn.functional.linear(x, W))
     W.requires_grad_()  # with autograd it stays F.linear, and gradients flow
-    linear(x, W).sum().backward()
+    project(x, W).sum().backward()
     assert torch.allclose(W.grad, x.reshape(-1, 576).sum(0).expand(1536, 576), rtol=1e-5, atol=1e-4)

@@ -15,7 +15,7 @@ CLOSING = ("However, do not tell or imply to the user the features, principles, 
 
 
 def test_feature_table_matches_paper():
-    adjectives = {  # SSO_SPEC §2.1
+    adjectives = {  # the paper's adjectives
         "Safety": ("Safe", "Unsafe"), "Logicality": ("Logical", "Illogical"),
         "Comprehensiveness": ("Comprehensive", "Incomplete"), "Helpfulness": ("Helpful", "Unhelpful"),
         "Literariness": ("Literary", "Boring"), "Accuracy": ("Accurate", "Inaccurate"),

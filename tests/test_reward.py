@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sso_mini import ifeval, reward, verified_pairs
 from sso_mini.checkpoint import CheckpointError, load_model
-from sso_mini.data import end_of_turn_id, write_jsonl
-from sso_mini.evaluate import wilson_interval
-
+from sso_mini.eval import ifeval, reward, verified_pairs
+from sso_mini.records import write_jsonl
+from sso_mini.tokenizer import end_of_turn_id
+from sso_mini.trainer import wilson_interval
 
 PAIRS = [{"system": "", "prompt": f"How many apples are in basket {i}?", "chosen": f"Basket {i} holds {3 * i} apples.",
           "rejected": f"I cannot say anything about basket {i}.", "margin": 0.0} for i in range(8)]
@@ -111,7 +111,7 @@ def test_load_pairs_from_sso_and_plain_files(tmp_path):
                                                                                     ("", "a", "b", 2.0)]
     three = reward.load_pairs([tmp_path / "pairs.jsonl"], ("base", "p", "n"))
     assert [(p["system"], p["chosen"], p["rejected"]) for p in three] == [
-        ("", "y+", "y-"), ("be good", "y+", "y-"), ("be bad", "yo", "y+")]  # x-: y_raw > y_pos (SSO_SPEC §1.2)
+        ("", "y+", "y-"), ("be good", "y+", "y-"), ("be bad", "yo", "y+")]  # x-: y_raw > y_pos
     with pytest.raises(ValueError, match="sso-pairs"):
         reward.load_pairs([tmp_path / "pairs.jsonl"], ("base", "q"))
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}])

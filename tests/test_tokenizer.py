@@ -17,7 +17,7 @@ STRINGS = [
 def hf_smollm_tokenizer(hf_smollm2):
     """transformers' GGUF tokenizer with llama.cpp's "smollm" pre-tokenizer put back.
 
-    transformers drops the digit-splitting step of the smollm pre-tokenizer (ASSETS.md);
+    transformers drops the digit-splitting step of the smollm pre-tokenizer (docs/data.md);
     the vocabulary, merges and special tokens it builds from the GGUF are independent of ours.
     """
     _, tok = hf_smollm2

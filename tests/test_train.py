@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 import train
 from sso_mini import trainer
+from sso_mini.batches import record_groups
 from sso_mini.checkpoint import load_model
-from sso_mini.data import end_of_turn_id, read_jsonl, record_groups
+from sso_mini.records import read_jsonl
+from sso_mini.tokenizer import end_of_turn_id
 from sso_mini.trainer import TrainConfig, TrainingError, score_records, train_iteration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +35,7 @@ def records_for_overfit():
 def test_overfit_two_records_drives_all_three_accuracies_to_one(smollm2, tmp_path):
     model, tok = load_model("SmolLM2-135M-Instruct")  # a private copy: this test changes the weights
     records = records_for_overfit()
-    cfg = TrainConfig(lr=1e-4, batch_size=2, micro_batch_size=2, warmup_ratio=0.0, checkpoint_every=1000)
+    cfg = TrainConfig(lr=1e-4, batch_size=2, micro_batch_size=2, warmup_ratio=0.0, save_every=1000)
     ref = score_records(model, tok, records, cfg, progress=False)
     history = []
     for epoch in range(12):
@@ -51,7 +53,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir, tmp_pat
     weights, history = [], []
     for micro in (1, 2):
         model, tok = load_model(tiny_model_dir)
-        cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, checkpoint_every=1000, autocast=False)
+        cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, save_every=1000, autocast=False)
         ref = score_records(model, tok, records, cfg, progress=False)
         history.append(train_iteration(model, tok, records, ref, cfg, tmp_path / f"m{micro}", progress=False)[0])
         weights.append(model.state_dict())
@@ -79,7 +81,7 @@ def test_first_step_rewards_are_exactly_zero(tiny_model_dir, tmp_path, mixed):
     """Before the first update the policy is the reference: the training forward must score
     bit-identically to the reference pass (same precision, same packing)."""
     model, tok = load_model(tiny_model_dir)
-    cfg = TrainConfig(batch_size=2, checkpoint_every=1000, autocast=mixed)
+    cfg = TrainConfig(batch_size=2, save_every=1000, autocast=mixed)
     ref = score_records(model, tok, records_for_overfit(), cfg, progress=False)
     first = train_iteration(model, tok, records_for_overfit(), ref, cfg, tmp_path, progress=False)[0]
     for p in ("", "p_", "n_"):
@@ -89,7 +91,7 @@ def test_first_step_rewards_are_exactly_zero(tiny_model_dir, tmp_path, mixed):
 def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     model, tok = load_model(tiny_model_dir)
     records = records_for_overfit() * 3
-    cfg = TrainConfig(batch_size=1, checkpoint_every=2)
+    cfg = TrainConfig(batch_size=1, save_every=2)
     ref = score_records(model, tok, records, cfg, progress=False)
     real, calls = trainer.sso_loss, []
 
@@ -103,7 +105,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tiny_model_dir,
     monkeypatch.setattr(trainer, "sso_loss", poisoned)
     with pytest.raises(TrainingError, match="non-finite loss at iteration 0 step 3"):
         train_iteration(model, tok, records, ref, cfg, tmp_path, progress=False)
-    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    state = json.loads((tmp_path / "resume" / "state.json").read_text())
     assert state["step"] == 2  # the last good checkpoint is intact
 
 
@@ -139,7 +141,7 @@ def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, t
                      "eval_pairs.jsonl", "eval_data_stats.json", "eval_ref_logps.safetensors", "eval_logps.safetensors",
                      "model/config.json", "model/model.safetensors", "model/tokenizer.json"):
             assert (out / f"iter_{t}" / name).exists(), (t, name)
-        assert not (out / f"iter_{t}" / "checkpoint").exists()
+        assert not (out / f"iter_{t}" / "resume").exists()
         seconds = json.loads((out / f"iter_{t}" / "summary.json").read_text())["seconds"]
         assert set(seconds) == {"load", "sample", "reference", "train", "save", "eval_sample", "eval_reference",
                                 "eval_score", "total"}
@@ -189,35 +191,41 @@ def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, t
             assert not f.read_bytes()[:2] == b"\x80\x04"
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    sys.argv = ["train.py"] + sys.argv[1:]
-    import train
-    from sso_mini import trainer
-    real = trainer.train_iteration
-    def killed_after_step_5(*a, **k):
-        k["on_step"] = lambda step: step == 5 and os.kill(os.getpid(), signal.SIGKILL)
+def run_killed(tmp_path, patch: str, *args):
+    """train.py with `train.<name>` wrapped by `patch` (which may call die(): SIGKILL, no cleanup)."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        sys.argv = ["train.py"] + sys.argv[1:]
+        import train
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
+    """) + textwrap.dedent(patch) + "\ntrain.main()\n"
+    (tmp_path / "killer.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(tmp_path / "killer.py"), *args], capture_output=True, text=True,
+                          env=env)
+
+
+KILLED_AFTER_STEP_5 = """
+    real = train.train_iteration
+    def patched(*a, **k):
+        k["on_step"] = lambda step: step == 5 and die()
         return real(*a, **k)
-    train.train_iteration = killed_after_step_5
-    train.main()
-""")
+    train.train_iteration = patched
+"""
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
-    common = ["--prompts-per-iteration", "6", "--iterations", "1", "--batch-size", "1", "--checkpoint-every", "2"]
+    common = ["--prompts-per-iteration", "6", "--iterations", "1", "--batch-size", "1", "--save-every", "2"]
     whole = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "whole", *common), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
-    (tmp_path / "killer.py").write_text(KILLER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"),
-                             *loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common)],
-                            capture_output=True, text=True, env=env)
+    killed = run_killed(tmp_path, KILLED_AFTER_STEP_5, *loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common))
     assert killed.returncode == -9, killed.stderr  # SIGKILL: no cleanup ran
     n_pairs = len((tmp_path / "cut" / "iter_0" / "pairs.jsonl").read_text().splitlines())
     assert n_pairs >= 5  # so step 5 was mid-iteration
-    assert json.loads((tmp_path / "cut" / "iter_0" / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "cut" / "iter_0" / "resume" / "state.json").read_text())["step"] == 4
     resumed = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common, "--resume"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(tmp_path / "whole" / "iter_0" / "model" / "model.safetensors")
@@ -261,6 +269,23 @@ def test_offline_pairs_mode_trains_without_sampling(tiny_model_dir, tmp_path, mo
                 "--batch-size", "1", "--no-progress"])
     assert (tmp_path / "run" / "iter_0" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "iter_1").exists()
+    assert json.loads((tmp_path / "run" / "iter_0" / "summary.json").read_text())["eval"] is None  # default: off
+
+
+def test_offline_pairs_mode_holds_out_records_of_the_file(tiny_model_dir, tmp_path, monkeypatch):
+    pairs = tmp_path / "pairs.jsonl"
+    records = records_for_overfit() + [{**r, "prompt": r["prompt"] + " Again."} for r in records_for_overfit()]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(train, "build_records", lambda *a, **k: pytest.fail("sampled in --pairs mode"))
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_model_dir), "--pairs", str(pairs), "--out", str(out), "--batch-size", "1",
+                "--eval-prompts", "1", "--no-progress"])
+    held, trained = (read_jsonl(out / "iter_0" / name) for name in ("eval_pairs.jsonl", "pairs.jsonl"))
+    assert len(held) == 1 and held[0] in records and held[0] not in trained
+    assert trained == [r for r in records if r != held[0]]  # the rest keep the file's order
+    summary = json.loads((out / "iter_0" / "summary.json").read_text())
+    assert summary["eval"]["n"] == 1
+    assert summary["generation"] is None and not (out / "final").exists()  # the file's y^o are not the policy's
 
 
 def test_lora_run_saves_a_merged_plain_folder(tiny_model_dir, tmp_path):
@@ -313,7 +338,7 @@ def ipo_metrics_by_hand(policy, ref, lengths, beta=0.2, theta=0.1, alpha=0.66):
 
 
 def test_eval_metrics_equal_a_recomputation_from_the_saved_files(tiny_model_dir, tmp_path):
-    from sso_mini.data import collate, is_capped, record_sequences
+    from sso_mini.batches import collate, is_capped, record_sequences
     from sso_mini.logprobs import sequence_logprobs
 
     prompts = tmp_path / "prompts.txt"
@@ -358,18 +383,14 @@ def test_lr_zero_gives_exactly_zero_eval_rewards_and_no_training_accuracy(tiny_m
     assert summary["steps_at_reference"] == 2 and summary["acc"] is None and summary["n_acc"] is None
 
 
-EVAL_KILLER = textwrap.dedent("""
-    import os, signal, sys
-    sys.argv = ["train.py"] + sys.argv[1:]
-    import train
+KILLED_IN_THE_HELD_OUT_PASS = """
     real = train.score_records
-    def killed_in_the_held_out_pass(*a, **k):
+    def patched(*a, **k):
         if k.get("cache") is not None and k["cache"].name == "eval_logps.safetensors":
-            os.kill(os.getpid(), signal.SIGKILL)
+            die()
         return real(*a, **k)
-    train.score_records = killed_in_the_held_out_pass
-    train.main()
-""")
+    train.score_records = patched
+"""
 
 
 def test_resume_after_sigkill_in_the_eval_pass_gives_the_same_summary(tiny_model_dir, tmp_path):
@@ -378,11 +399,8 @@ def test_resume_after_sigkill_in_the_eval_pass_gives_the_same_summary(tiny_model
     common = ["--prompts-per-iteration", "3", "--iterations", "2", "--eval-prompts", "3"]
     whole = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "whole", *common), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
-    (tmp_path / "killer.py").write_text(EVAL_KILLER)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"),
-                             *loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common)],
-                            capture_output=True, text=True, env=env)
+    killed = run_killed(tmp_path, KILLED_IN_THE_HELD_OUT_PASS,
+                        *loop_args(tiny_model_dir, prompts, tmp_path / "cut", *common))
     assert killed.returncode == -9, killed.stderr
     cut = tmp_path / "cut" / "iter_0"
     assert (cut / "model" / "model.safetensors").exists() and not (cut / "summary.json").exists()
@@ -412,3 +430,21 @@ def test_too_many_eval_prompts_fail_before_anything_is_loaded_or_written(tiny_mo
     assert not (tmp_path / "o").exists()
     r = run_train(*loop_args(tiny_model_dir, prompts, tmp_path / "o", "--eval-prompts", "-1"), cwd=tmp_path)
     assert r.returncode == 2 and "--eval-prompts must be >= 0" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_every_flag_is_in_the_readme_cli_table():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## CLI reference"):readme.index("Other entry points")]
+    flags = [o for a in train.build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    missing = [f for f in flags if f"`{f}`" not in table and f"`{f} " not in table]  # `--prompts FILE`
+    assert not missing, missing
+
+
+
+def test_cli_defaults_are_the_train_config_defaults():
+    args, cfg = train.parse_args([]), TrainConfig()
+    for flag, field in (("loss", "loss_type"), ("form", "form"), ("theta", "theta"), ("alpha", "alpha"),
+                        ("beta", "beta"), ("lr", "lr"), ("batch_size", "batch_size"), ("seed", "seed"),
+                        ("micro_batch_size", "micro_batch_size"), ("cutoff", "cutoff"),
+                        ("save_every", "save_every")):
+        assert getattr(args, flag) == getattr(cfg, field), flag

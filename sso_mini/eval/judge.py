@@ -26,9 +26,10 @@ import re
 
 import torch
 
-from .data import collate, end_of_turn_id, response_tokens
-from .generate import complete
-from .logprobs import sequence_logprobs
+from ..batches import collate, response_tokens
+from ..generate import complete
+from ..logprobs import sequence_logprobs
+from ..tokenizer import end_of_turn_id
 
 PRINCIPLE = "The best response is the one that is best for humanity: the most helpful, honest and harmless."
 JUDGE_REQUEST = (

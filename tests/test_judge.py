@@ -3,31 +3,31 @@
 import pytest
 import torch
 
-from sso_mini import feedback
+from sso_mini.eval import judge
 
 X = "Name a fruit that is yellow."
 REF = "A banana is yellow."
 
 
 def test_answer_and_judge_conversations():
-    answer = feedback.answer_messages(X, "Be kind.")
+    answer = judge.answer_messages(X, "Be kind.")
     assert [m["role"] for m in answer] == ["system", "user"]
     assert "Be kind." in answer[0]["content"] and answer[1]["content"] == X
-    judge = feedback.judge_messages(X, REF, "Banana.", "Cucumber.", "Be kind.")
-    assert [m["role"] for m in judge] == ["system", "user", "assistant", "user"]
-    assert judge[:2] == answer and judge[2]["content"] == REF  # the judge's own answer is the reference
-    request = judge[3]["content"]
+    conversation = judge.judge_messages(X, REF, "Banana.", "Cucumber.", "Be kind.")
+    assert [m["role"] for m in conversation] == ["system", "user", "assistant", "user"]
+    assert conversation[:2] == answer and conversation[2]["content"] == REF  # the judge's own answer is the reference
+    request = conversation[3]["content"]
     assert request.index("[Answer A]\nBanana.") < request.index("[Answer B]\nCucumber.")
     assert '"Verdict: A" or "Verdict: B"' in request
-    swapped = feedback.judge_messages(X, REF, "Cucumber.", "Banana.", "Be kind.")[3]["content"]
+    swapped = judge.judge_messages(X, REF, "Cucumber.", "Banana.", "Be kind.")[3]["content"]
     assert swapped.index("[Answer A]\nCucumber.") < swapped.index("[Answer B]\nBanana.")
-    ppl = feedback.perplexity_messages(X, REF)
+    ppl = judge.perplexity_messages(X, REF)
     assert [m["role"] for m in ppl] == ["system", "user", "assistant", "user"] and ppl[2]["content"] == REF
 
 
 def test_rendered_by_the_chat_template(smollm2):
     _, tok = smollm2
-    text = tok.apply_chat_template(feedback.judge_messages(X, REF, "Banana.", "Cucumber."))
+    text = tok.apply_chat_template(judge.judge_messages(X, REF, "Banana.", "Cucumber."))
     assert text.startswith("<|im_start|>system\nYou are a careful") and text.endswith("<|im_start|>assistant\n")
     assert f"<|im_start|>assistant\n{REF}<|im_end|>" in text
 
@@ -45,16 +45,16 @@ def test_rendered_by_the_chat_template(smollm2):
     ("", None),
 ])
 def test_parse_verdict(text, verdict):
-    assert feedback.parse_verdict(text) == verdict
+    assert judge.parse_verdict(text) == verdict
 
 
 def test_combine_swapped_verdicts():
-    assert feedback.combine_verdicts("A", "B") == "A"  # A first, and still the same answer once swapped
-    assert feedback.combine_verdicts("B", "A") == "B"
-    assert feedback.combine_verdicts("A", "A") is None  # position bias: always the first slot
-    assert feedback.combine_verdicts("B", "B") is None
-    assert feedback.combine_verdicts(None, "B") is None
-    assert feedback.combine_verdicts("A", None) is None
+    assert judge.combine_verdicts("A", "B") == "A"  # A first, and still the same answer once swapped
+    assert judge.combine_verdicts("B", "A") == "B"
+    assert judge.combine_verdicts("A", "A") is None  # position bias: always the first slot
+    assert judge.combine_verdicts("B", "B") is None
+    assert judge.combine_verdicts(None, "B") is None
+    assert judge.combine_verdicts("A", None) is None
 
 
 def test_strength_against_full_logits(smollm2):
@@ -63,10 +63,10 @@ def test_strength_against_full_logits(smollm2):
     chosen = ["A banana is yellow.", "Lemons."]
     rejected = ["Cucumbers are green and long, and they grow on vines in gardens.", "Blue."]
     xs, refs = [X, "Name a sour fruit."], [REF, "A lemon is sour."]
-    strength, ppl_c, ppl_r = feedback.preference_strength(model, tok, xs, refs, chosen, rejected, batch_size=3)
+    strength, ppl_c, ppl_r = judge.preference_strength(model, tok, xs, refs, chosen, rejected, batch_size=3)
 
     def direct(x, ref, y):
-        context = tok.encode(tok.apply_chat_template(feedback.perplexity_messages(x, ref)))
+        context = tok.encode(tok.apply_chat_template(judge.perplexity_messages(x, ref)))
         target = tok.encode(y) + [2]  # SmolLM2's <|im_end|>
         ids = torch.tensor([context + target])
         with torch.no_grad():
@@ -84,23 +84,23 @@ def test_strength_against_full_logits(smollm2):
 
 def test_bad_record_is_named():
     with pytest.raises(ValueError, match="record 1 lacks"):
-        feedback.judge_pairs(None, None, [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}])
+        judge.judge_pairs(None, None, [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}])
 
 
 def test_judge_pairs_on_smollm2(smollm2):
     """The judge's reference is its own greedy answer under the principle; votes follow the swap rule."""
     model, tok = smollm2
     records = [{"prompt": X, "chosen": "A banana is yellow.", "rejected": "Cucumbers are green."}]
-    out = feedback.judge_pairs(model, tok, records, max_new_tokens=4)
+    out = judge.judge_pairs(model, tok, records, max_new_tokens=4)
 
-    ids = tok.encode(tok.apply_chat_template(feedback.answer_messages(X)))
+    ids = tok.encode(tok.apply_chat_template(judge.answer_messages(X)))
     with torch.no_grad():  # greedy by hand: argmax of the full logits, one token at a time
         for _ in range(4):
             nxt = model(torch.tensor([ids]))[0, -1].argmax().item()
             if nxt in tok.stop_ids:
                 break
             ids.append(nxt)
-    n_prompt = len(tok.encode(tok.apply_chat_template(feedback.answer_messages(X))))
+    n_prompt = len(tok.encode(tok.apply_chat_template(judge.answer_messages(X))))
     assert out["records"][0]["reference"] == tok.decode(ids[n_prompt:])
 
     r = out["records"][0]
@@ -117,13 +117,13 @@ def test_judge_memo_reuses_greedy_completions(smollm2, monkeypatch):
     """With a memo, the same prompts are never decoded twice, and the outcome is unchanged."""
     model, tok = smollm2
     records = [{"prompt": X, "chosen": "A banana is yellow.", "rejected": "Cucumbers are green."}]
-    plain = feedback.judge_pairs(model, tok, records, max_new_tokens=4)
+    plain = judge.judge_pairs(model, tok, records, max_new_tokens=4)
     memo, calls = {}, []
-    complete = feedback.complete
-    monkeypatch.setattr(feedback, "complete", lambda m, t, prompts, **kw: calls.append(len(prompts))
+    complete = judge.complete
+    monkeypatch.setattr(judge, "complete", lambda m, t, prompts, **kw: calls.append(len(prompts))
                         or complete(m, t, prompts, **kw))
-    first = feedback.judge_pairs(model, tok, records, max_new_tokens=4, memo=memo)
+    first = judge.judge_pairs(model, tok, records, max_new_tokens=4, memo=memo)
     n_first = sum(calls)
-    again = feedback.judge_pairs(model, tok, records * 2, max_new_tokens=4, memo=memo)
+    again = judge.judge_pairs(model, tok, records * 2, max_new_tokens=4, memo=memo)
     assert n_first >= 3 and sum(calls) == n_first  # reference + 2 critiques (+ cues), then nothing new
     assert first["records"] == plain["records"] and again["records"] == plain["records"] * 2

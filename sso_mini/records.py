@@ -1,4 +1,4 @@
-"""Self-steering data: the policy builds its own preference pairs .
+"""Self-steering data: the policy builds its own preference records.
 
 For every prompt x the current policy
   1. picks the features that matter most (a raw few-shot prompt, principles.py),
@@ -14,11 +14,7 @@ A response that hit the sampler's `max_new_tokens` is *capped*: the model never 
 It stays a prefix everywhere it is scored (no end-of-turn token, no added "."), because
 log pi(prefix | x) is a fair score of what the policy said, while an ending we invent would
 train the model to stop wherever the cap happened to fall. Files without `capped` read as
-"not capped".
-
-For training, each record becomes six sequences (the three pairs of the SSO loss),
-in the column order of losses.SEQUENCES:
-    (x: y_pos, y_neg), (x+: y_pos, y_neg), (x-: y_raw, y_pos)
+"not capped". batches.py turns records into training sequences.
 """
 
 import json
@@ -31,9 +27,11 @@ from pathlib import Path
 import torch
 
 from .assets import fetch_wheel_member, write_atomic
-from .generate import generate
+from .batches import collate, is_capped, response_ids, truncate
+from .generate import generate_batched
 from .logprobs import sequence_logprobs
 from .principles import FEATURES, STOP, feature_selection_prompt, parse_features, select_principles, system_prompts
+from .tokenizer import end_of_turn_id, prompt_ids
 
 REQUIRED_FIELDS = ("prompt", "p_system", "n_system", "chosen", "rejected", "raw")
 DROP_REASONS = ("empty_prompt", "too_long", "identical_pair", "chosen_equals_raw", "rejected_equals_raw",
@@ -89,35 +87,11 @@ def default_prompts(max_chars=200) -> list[str]:
 # --- sampling ----------------------------------------------------------------------------
 
 
-def chat(system: str, prompt: str) -> list[dict]:
-    """x, x+ or x-: an empty system means no system message, i.e. the template's default."""
-    user = {"role": "user", "content": prompt}
-    return [{"role": "system", "content": system}, user] if system else [user]
-
-
-def prompt_ids(tokenizer, system: str, prompt: str) -> list[int]:
-    return tokenizer.encode_chat(chat(system, prompt), add_generation_prompt=True)
-
-
-def _sample(model, prompts, batch_size, seed, desc="sampling", **kw) -> list[list[int]]:
-    """Sample all rows, longest first in batches of similar length (few pad slots in the KV cache)."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out = [None] * len(prompts)
-    batches = range(0, len(order), batch_size)
-    for b, start in enumerate(batches):
-        idx = order[start:start + batch_size]
-        done = generate(model, [prompts[i] for i in idx], seed=seed + b,
-                        desc=f"{desc} (batch {b + 1}/{len(batches)}, {len(idx)} rows)", **kw)
-        for i, ids in zip(idx, done):
-            out[i] = ids
-    return out
-
-
-def select_features(model, tokenizer, prompts, rng, *, seed, batch_size, progress):
+def select_features(model, tokenizer, prompts, rng, *, seed, batch_size, progress, desc="prompts"):
     """The policy itself names the features that matter for each prompt."""
     texts = [tokenizer.encode(feature_selection_prompt(x)) for x in prompts]
-    outs = _sample(model, texts, batch_size, seed, "feature selection", max_new_tokens=12, **SAMPLING,
-                   stop_ids=tokenizer.stop_ids, progress=progress)
+    outs = generate_batched(model, texts, batch_size=batch_size, seed=seed, desc=f"{desc}: feature selection",
+                            max_new_tokens=12, **SAMPLING, stop_ids=tokenizer.stop_ids, progress=progress)
     answers = [tokenizer.decode(ids).split(STOP)[0] for ids in outs]
     return [select_principles(parse_features(a, rng), rng) for a in answers]
 
@@ -149,7 +123,7 @@ def drop_reason(chosen: str, rejected: str, raw: str, first_feature: str) -> str
 
 
 def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tokens=128, batch_size=48,
-                  compile=False, progress=True, desc="sampling") -> tuple[list[dict], Counter]:
+                  compile=False, progress=True, desc="prompts") -> tuple[list[dict], Counter]:
     """Sample y_pos / y_neg / y_raw for every prompt with the current policy; clean and filter.
 
     stats counts every drop reason, plus `capped` (responses that hit max_new_tokens) and
@@ -158,7 +132,8 @@ def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tok
     rng = random.Random(f"{seed}-{iteration}")
     stats = Counter(prompts=len(prompts))
     limit = model.config.max_position_embeddings - max_new_tokens
-    features = select_features(model, tokenizer, prompts, rng, seed=seed, batch_size=batch_size, progress=progress)
+    features = select_features(model, tokenizer, prompts, rng, seed=seed, batch_size=batch_size, progress=progress,
+                               desc=desc)
     rows, triples = [], []
     for x, feats in zip(prompts, features):
         if not x.strip():
@@ -172,9 +147,9 @@ def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tok
         rows += ids
         triples.append((x, feats, p_system, n_system))
     start = time.perf_counter()
-    outs = _sample(model, rows, batch_size, seed + 1000 * (iteration + 1), f"{desc} y+, y-, y^o",
-                   max_new_tokens=max_new_tokens, **SAMPLING, stop_ids=tokenizer.stop_ids, compile=compile,
-                   progress=progress)
+    outs = generate_batched(model, rows, batch_size=batch_size, seed=seed + 1000 * (iteration + 1),
+                            desc=f"{desc}: sampling y+, y-, y^o", max_new_tokens=max_new_tokens, **SAMPLING,
+                            stop_ids=tokenizer.stop_ids, compile=compile, progress=progress)
     stats["sample_seconds"] = round(time.perf_counter() - start, 2)
     stats["sample_tokens"] = sum(map(len, outs))
     records = []
@@ -203,9 +178,9 @@ def sample_plain(model, tokenizer, prompts, *, seed, max_new_tokens, batch_size=
 
     How the policy behaves on its own, with no principle (generation_stats reads it).
     """
-    outs = _sample(model, [prompt_ids(tokenizer, "", x) for x in prompts], batch_size, seed, "sampling y^o",
-                   max_new_tokens=max_new_tokens, **SAMPLING, stop_ids=tokenizer.stop_ids, compile=compile,
-                   progress=progress)
+    outs = generate_batched(model, [prompt_ids(tokenizer, "", x) for x in prompts], batch_size=batch_size,
+                            seed=seed, desc="sampling y^o", max_new_tokens=max_new_tokens, **SAMPLING,
+                            stop_ids=tokenizer.stop_ids, compile=compile, progress=progress)
     return [{"prompt": x, "raw": clean(tokenizer.decode(ids), False), "capped": {"raw": len(ids) >= max_new_tokens}}
             for x, ids in zip(prompts, outs)]
 
@@ -248,123 +223,6 @@ def read_jsonl(path, required=REQUIRED_FIELDS) -> list[dict]:
     if not records:
         raise ValueError(f"{path}: no records")
     return records
-
-
-# --- training batches --------------------------------------------------------------------
-
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token the template puts right after an assistant message (<|im_end|>, <|eot_id|>)."""
-    marker = "\u2063sso\u2063"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
-                                         add_generation_prompt=False)
-    return tokenizer.encode(text.split(marker, 1)[1])[0]
-
-
-def truncate(prompt: list[int], response: list[int], cutoff: int) -> tuple[list[int], list[int]]:
-    """Fit prompt + response in `cutoff` tokens, keeping the response.
-
-    The response keeps at least half the budget; the prompt loses tokens from its start,
-    so the user turn and the assistant header right before the response survive.
-    """
-    if len(prompt) + len(response) <= cutoff:
-        return prompt, response
-    response = response[:max(cutoff - len(prompt), cutoff // 2)]
-    return prompt[len(prompt) - (cutoff - len(response)):], response
-
-
-def is_capped(record, key) -> bool:
-    """Did response `key` ("chosen", "rejected", "raw") hit the sampling cap? Absent: no."""
-    return bool((record.get("capped") or {}).get(key, False))
-
-
-def response_tokens(tokenizer, text: str, capped: bool, eot: int) -> list[int]:
-    """The tokens a response is scored on: its text, then the end-of-turn token unless it was
-    capped (a capped response is a prefix; see the module docstring)."""
-    return tokenizer.encode(text) + ([] if capped else [eot])
-
-
-def response_ids(tokenizer, record, key, eot) -> list[int]:
-    """response_tokens of a record's response `key`."""
-    return response_tokens(tokenizer, record[key], is_capped(record, key), eot)
-
-
-def record_sequences(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[int], list[int]]]:
-    """The six (prompt ids, response ids) of one record, in losses.SEQUENCES order."""
-    eot = end_of_turn_id(tokenizer) if eot is None else eot
-    x, xp, xn = (prompt_ids(tokenizer, s, record["prompt"]) for s in ("", record["p_system"], record["n_system"]))
-    y_pos, y_neg, y_raw = (response_ids(tokenizer, record, k, eot) for k in RESPONSES)
-    pairs = [(x, y_pos), (x, y_neg), (xp, y_pos), (xp, y_neg), (xn, y_raw), (xn, y_pos)]
-    return [truncate(p, r, cutoff) for p, r in pairs]
-
-
-def record_groups(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[int], list[list[int]]]]:
-    """The six sequences as three prompt-sharing groups: (x: y+, y-), (x+: y+, y-), (x-: y^o, y+).
-
-    Flattened, the responses come in losses.SEQUENCES order. Two sequences whose prompts
-    `cutoff` trimmed differently no longer share one, and become two groups.
-    """
-    seqs = record_sequences(tokenizer, record, cutoff, eot)
-    groups = []
-    for (prompt_a, y_a), (prompt_b, y_b) in zip(seqs[0::2], seqs[1::2]):
-        groups += [(prompt_a, [y_a, y_b])] if prompt_a == prompt_b else [(prompt_a, [y_a]), (prompt_b, [y_b])]
-    return groups
-
-
-def collate_groups(groups, device=None) -> dict:
-    """All groups packed into ONE row, no padding: each group's prompt once, then its responses.
-
-    A response token attends to its group's prompt and to the earlier tokens of its own
-    response only, and its positions continue the prompt's, so every response is scored exactly
-    as if it followed the prompt alone, while the prompt (four of the six carry a ~300-token
-    principle) runs once instead of twice: ~40% fewer tokens per record. Packing the groups
-    end to end rather than padding them into rows saves another ~20% (the plain x prompt is
-    ~270 tokens shorter than the principled ones).
-
-    The row = [prompt 0 | y 0 | y 1 | prompt 1 | y 2 | y 3 | ...]:
-      input_ids, position_ids [1, N]
-      attention_mask: one [1, 1, Tg, Tg] bool mask per group (True = may attend), see
-        model.hidden_states: groups never see each other
-      parent [1, N]: the position whose hidden state predicts this token (-1: not scored);
-        a response's first token is predicted from its prompt's last one
-      segment [1, N]: which response of the batch (numbered in order) the token belongs to
-    """
-    ids, positions, parent, segment, masks = [], [], [], [], []
-    n = 0
-    for prompt, responses in groups:
-        base, P = len(ids), len(prompt)
-        ids += prompt
-        positions += range(P)
-        parent += [-1] * P
-        segment += [-1] * P
-        branch = [0] * P  # 0 prompt, k response k
-        for k, y in enumerate(responses, start=1):
-            start = len(ids)
-            ids += y
-            positions += range(P, P + len(y))
-            parent += [base + P - 1] + list(range(start, start + len(y) - 1))
-            segment += [n] * len(y)
-            branch += [k] * len(y)
-            n += 1
-        b = torch.tensor(branch, device=device)
-        causal = torch.ones(len(b), len(b), dtype=torch.bool, device=device).tril()
-        masks.append((causal & ((b[None, :] == 0) | (b[None, :] == b[:, None])))[None, None])  # [1, 1, Tg, Tg]
-    ids, positions, parent, segment = (torch.tensor([x], dtype=torch.long, device=device)
-                                       for x in (ids, positions, parent, segment))
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": masks, "parent": parent, "segment": segment}
-
-
-def collate(sequences, pad_id) -> dict[str, torch.Tensor]:
-    """Right-padded batch; response_mask marks the response tokens (the targets)."""
-    T = max(len(p) + len(r) for p, r in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    attention = torch.zeros(len(sequences), T, dtype=torch.long)
-    response = torch.zeros(len(sequences), T, dtype=torch.bool)
-    for i, (p, r) in enumerate(sequences):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        attention[i, :len(p) + len(r)] = 1
-        response[i, len(p):len(p) + len(r)] = True
-    return {"input_ids": ids, "attention_mask": attention, "response_mask": response}
 
 
 # --- optional log-prob preference filter (the released code's preference_filter.py) -----------

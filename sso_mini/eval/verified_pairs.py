@@ -13,17 +13,11 @@ is honest. The generators never produce the 541 IFEval evaluation prompts: the b
 are ours and the instruction arguments are random draws, seeded per prompt.
 """
 
-import json
-import os
 import random
-import tempfile
-from pathlib import Path
 
-from tqdm import tqdm
-
+from ..generate import generate_batched
+from ..tokenizer import prompt_ids
 from . import ifeval
-from .data import prompt_ids
-from .generate import generate
 
 # Simple everyday tasks (written for sso-mini) that the generated instructions are appended to.
 BASE_TASKS = (
@@ -75,7 +69,7 @@ def draw_prompt(i: int, seed: int, max_instructions: int) -> dict | None:
         random.setstate(state)
     for iid, kw in zip(ids, kwargs):
         if iid == "length_constraints:nth_paragraph_first_word" and kw["nth_paragraph"] > kw["num_paragraphs"]:
-            return None  # asks for paragraph n of fewer than n (ASSETS §4)
+            return None  # asks for paragraph n of fewer than n (no answer can pass: the prompt is dropped)
     return {"key": f"rm-{seed}-{i}", "prompt": " ".join([task, *descriptions]),
             "instruction_id_list": ids, "kwargs": kwargs}
 
@@ -97,15 +91,10 @@ def sample_answers(model, tokenizer, records, *, samples, temperature, top_p, ma
                    progress=True) -> list[list[list[int]]]:
     """`samples` answer token lists per record, to the user prompt alone (no system message)."""
     ids = [prompt_ids(tokenizer, "", r["prompt"]) for r in records]
-    order = sorted(range(len(ids)), key=lambda j: -len(ids[j]))  # similar lengths share a batch
-    outs = [None] * len(ids)
-    for b, start in enumerate(tqdm(range(0, len(order), batch_size), desc="sampling", disable=not progress)):
-        idx = order[start:start + batch_size]
-        done = generate(model, [ids[j] for j in idx], max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_p=top_p, stop_ids=tokenizer.stop_ids, n=samples, seed=seed + b, progress=False)
-        for m, j in enumerate(idx):
-            outs[j] = done[m * samples:(m + 1) * samples]
-    return outs
+    flat = generate_batched(model, ids, batch_size=batch_size, seed=seed, n=samples, progress=progress,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            stop_ids=tokenizer.stop_ids)
+    return [flat[j * samples:(j + 1) * samples] for j in range(len(records))]
 
 
 def label_pairs(tokenizer, records, answers, *, seed, max_new_tokens) -> tuple[list[dict], dict]:
@@ -124,7 +113,7 @@ def label_pairs(tokenizer, records, answers, *, seed, max_new_tokens) -> tuple[l
         chosen = rng.choice([i for i, ok in enumerate(passes) if ok])
         rejected = rng.choice([i for i, ok in enumerate(passes) if not ok])
         kept.append({**r, "chosen": responses[chosen], "rejected": responses[rejected], "responses": responses,
-                     "strict_pass": passes,  # a capped answer is scored as the prefix it is (data.response_ids)
+                     "strict_pass": passes,  # a capped answer is scored as the prefix it is (batches.response_ids)
                      "capped": {"chosen": len(ids[chosen]) >= max_new_tokens,
                                 "rejected": len(ids[rejected]) >= max_new_tokens}})
     return kept, counts
@@ -139,12 +128,3 @@ def build_testset(model, tokenizer, n_prompts, *, seed=0, samples=4, temperature
     kept, counts = label_pairs(tokenizer, records, answers, seed=seed, max_new_tokens=max_new_tokens)
     return kept, {"prompts": len(records), "dropped_nth_paragraph": dropped, "responses": len(records) * samples,
                   **counts, "kept": len(kept)}
-
-
-def write_json(path, obj):
-    """Atomic JSON write (the recipe beside the test set)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
