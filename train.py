@@ -21,6 +21,7 @@ interrupted run continues with `--resume` and loses nothing.
 import argparse
 import contextlib
 import json
+import math
 import random
 import shutil
 import sys
@@ -31,14 +32,14 @@ import torch
 from sso_mini.assets import write_json
 from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
 from sso_mini.config import ModelConfig
-from sso_mini.eval.report import log_eval_row, plot_metrics, print_table, summarize, timed
-from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, merge_shares, on_main, setup,
-                                  shard, teardown)
+from sso_mini.eval.report import (final_generation, log_eval_row, plot_metrics, print_table, score_held_out,
+                                  summarize, timed)
+from sso_mini.distributed import (barrier, check_device, deal, full_state_dict, gather_objects, is_main, merge_shares,
+                                  on_main, setup, shard, teardown)
 from sso_mini.lora import TARGETS, adapters_disabled, apply_lora, merge_lora
 from sso_mini.losses import FORMS, LOSS_TYPES
 from sso_mini.model import Transformer
-from sso_mini.records import (build_records, default_prompts, generation_stats, load_prompts, logprob_filter,
-                              read_jsonl, sample_plain, write_jsonl)
+from sso_mini.records import build_records, default_prompts, load_prompts, logprob_filter, read_jsonl, write_jsonl
 from sso_mini.tokenizer import Tokenizer
 from sso_mini.trainer import TrainConfig, TrainingError, bf16_is_native, score_records, train_iteration, write_config
 
@@ -47,14 +48,22 @@ from sso_mini.trainer import TrainConfig, TrainingError, bf16_is_native, score_r
 OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_size", "sample_batch_size",
                "gradient_checkpointing", "save_every", "no_progress", "ablation", "scale")
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
-# Held-out prompts by default: ~15% of an iteration's time on 2 CPU cores at the default sizes
-# (they are sampled, scored by the reference and scored again by the trained policy).
-EVAL_PROMPTS = 16
+EVAL_PROMPTS = 16  # held out by default: sampled and scored twice, ~15% of a default iteration's time
 EVAL_SEED = 1_000_003  # offsets the held-out sampling seeds from the training ones
 
 
+class UsageError(ValueError):
+    """A bad argument or input file, found before any model is loaded or file written (exit 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other failure of train.py
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Self-Steering Optimization (arXiv 2410.17131)")
+    ap = Parser(description="Self-Steering Optimization (arXiv 2410.17131)")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or known name (default: %(default)s)")
     ap.add_argument("--prompts", help=".txt (one per line) or .jsonl (prompt/instruction); default: AlpacaEval")
     ap.add_argument("--pairs", help="train on this pairs.jsonl (one iteration, no sampling)")
@@ -64,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"prompts held out of training and evaluated every iteration (default {EVAL_PROMPTS}; "
                          "0: off); with --pairs, records of the file held out (default 0)")
     ap.add_argument("--loss", default=TrainConfig.loss_type, help=f"base preference loss: {' | '.join(LOSS_TYPES)}")
-    ap.add_argument("--form", default=TrainConfig.form, help=f"SSO objective: {' | '.join(FORMS)} (see sso_mini/losses.py)")
+    ap.add_argument("--form", default=TrainConfig.form, help=f"SSO objective: {' | '.join(FORMS)} (docs/algorithm.md)")
     ap.add_argument("--no-w", action="store_true", help="ablation: drop the weight W")
     ap.add_argument("--no-g", action="store_true", help="ablation: drop the self-steering term G")
     ap.add_argument("--theta", type=float, default=TrainConfig.theta, help="weight of G")
@@ -86,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated projection names")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="steps between resume points (iter_t/resume/)")
+    ap.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="steps between resume points")
     ap.add_argument("--out", default="runs/sso", help="run folder")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
@@ -97,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "matmuls are native: a GPU, or a CPU with AVX512-BF16 or AMX; --no-autocast: plain fp32)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--ablation", action="store_true",
-                    help="run SSO, w/o W, w/o G and PBAA from the same start and compare them (sso_mini/eval/ablation.py)")
+                    help="SSO, w/o W, w/o G and PBAA from the same start, compared (sso_mini/eval/ablation.py)")
     ap.add_argument("--scale", type=int, default=1, help="--ablation: multiply its small default sizes")
     return ap
 
@@ -114,11 +123,31 @@ def parse_args(argv=None):
         ap.error(f"unknown --lora-targets {', '.join(unknown)} (valid: {', '.join(TARGETS)})")
     if args.eval_prompts is None:
         args.eval_prompts = 0 if args.pairs else EVAL_PROMPTS
-    if args.eval_prompts < 0:
-        ap.error(f"--eval-prompts must be >= 0 (0 turns the held-out evaluation off), got {args.eval_prompts}")
+    for flag, ok, allowed in RANGES:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and (not math.isfinite(value) or not ok(value, args)):
+            ap.error(f"{flag} {value} is out of range (allowed: {allowed})")
+    device_error = check_device(args.device)
+    if device_error:
+        ap.error(device_error)
     if args.pairs:
         args.iterations = 1
     return args
+
+
+# Every numeric flag's range, checked before anything is loaded: (flag, test, what is allowed).
+RANGES = (
+    ("--iterations", lambda v, a: v >= 1, ">= 1"), ("--prompts-per-iteration", lambda v, a: v >= 1, ">= 1"),
+    ("--eval-prompts", lambda v, a: v >= 0, ">= 0; 0 turns the held-out evaluation off"),
+    ("--theta", lambda v, a: v >= 0, ">= 0"), ("--alpha", lambda v, a: 0 <= v <= 1, "0 to 1"),
+    ("--beta", lambda v, a: v > 0, "> 0"), ("--lr", lambda v, a: v >= 0, ">= 0; 0 keeps the policy its reference"),
+    ("--batch-size", lambda v, a: v >= 1, ">= 1"),
+    ("--micro-batch-size", lambda v, a: 1 <= v <= a.batch_size, "1 to --batch-size"),
+    ("--max-new-tokens", lambda v, a: v >= 1, ">= 1"), ("--sample-batch-size", lambda v, a: v >= 1, ">= 1"),
+    ("--cutoff", lambda v, a: v >= 2, ">= 2 tokens"), ("--save-every", lambda v, a: v >= 1, ">= 1 steps"),
+    ("--lora-rank", lambda v, a: v >= 1, ">= 1"), ("--lora-alpha", lambda v, a: v > 0, "> 0"),
+    ("--lora-dropout", lambda v, a: 0 <= v < 1, "0 to below 1"), ("--scale", lambda v, a: v >= 1, ">= 1"),
+)
 
 
 def choose_lora_and_dtype(args):
@@ -128,10 +157,10 @@ def choose_lora_and_dtype(args):
     native (a GPU, or a CPU with AVX512-BF16 or AMX); LoRA keeps the frozen base in bf16 on
     GPU with fp32 adapters.
     """
+    size = ModelConfig.from_json(resolve(args.model) / "config.json").num_parameters  # the model's check, too
     if args.autocast is None:
         args.autocast = bf16_is_native(torch.device(args.device))
     if args.lora is None:
-        size = ModelConfig.from_json(resolve(args.model) / "config.json").num_parameters
         args.lora = args.device.startswith("cuda") and size > LORA_THRESHOLD
     if args.dtype is None:
         args.dtype = "bfloat16" if args.lora and args.device.startswith("cuda") else "float32"
@@ -178,10 +207,6 @@ def load_inputs(args) -> tuple[list, list]:
     return [x for x in pool[n:] if x not in set(held_out)], held_out  # a duplicated prompt stays held out
 
 
-def iteration_prompts(pool, t, n):
-    return [pool[(t * n + i) % len(pool)] for i in range(min(n, len(pool)))]
-
-
 def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks, held_out=False) -> list[dict]:
     """it/pairs.jsonl (or it/eval_pairs.jsonl): the policy's records for these prompts, built once.
 
@@ -215,7 +240,8 @@ def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks,
         barrier()
     records = read_jsonl(pairs)
     if is_main():
-        print(f"[{it.name}] {len(records)} {prefix}pairs in {pairs} {json.loads(stats_file.read_text())}", file=sys.stderr)
+        print(f"[{it.name}] {len(records)} {prefix}pairs in {pairs}: {json.loads(stats_file.read_text())}",
+              file=sys.stderr)
     return records
 
 
@@ -234,7 +260,8 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
 
     # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
     train_inputs, held_out = inputs
-    prompts = train_inputs if args.pairs else iteration_prompts(train_inputs, t, args.prompts_per_iteration)
+    k, pool = args.prompts_per_iteration, train_inputs  # iteration t trains on the t-th slice, wrapping round
+    prompts = pool if args.pairs else [pool[(t * k + i) % len(pool)] for i in range(min(k, len(pool)))]
     records = make_records(args, model, tokenizer, t, it, prompts, progress, rank, n_ranks)
     eval_records = make_records(args, model, tokenizer, t, it, held_out, progress, rank, n_ranks, held_out=True) \
         if held_out else []
@@ -265,47 +292,14 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
     elif args.lora:
         trained = merge_lora(model)
     if is_main():
-        if torch.cuda.is_available() and args.device.startswith("cuda"):
-            stats_file = it / "data_stats.json"
-            stats = json.loads(stats_file.read_text())
-            stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            write_json(stats_file, stats)
+        if args.device.startswith("cuda"):  # the peak GPU memory, beside the data stats
+            stats = json.loads((it / "data_stats.json").read_text())
+            write_json(it / "data_stats.json", {**stats, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30})
         with timed(it, "save"):
             save_model(trained, tokenizer, it / "model")
         shutil.rmtree(it / "resume", ignore_errors=True)
     barrier()
     return (trained, tokenizer) if n_ranks == 1 else None
-
-
-def evaluate_held_out(args, cfg, it, dtype, trained, progress):
-    """6. the trained policy scores the held-out records (eval_logps.safetensors), once."""
-    if not (it / "eval_pairs.jsonl").exists() or on_main((it / "eval_logps.safetensors").exists):
-        return
-    records = read_jsonl(it / "eval_pairs.jsonl")
-    with timed(it, "eval_score", f"the trained policy scores {len(records)} held-out records"):
-        model, tokenizer = trained or load_model(it / "model", dtype=dtype, device=args.device)
-        score_records(model, tokenizer, records, cfg, cache=it / "eval_logps.safetensors", progress=progress,
-                      desc="held-out log-probs (trained)")
-    barrier()
-
-
-def final_generation(args, out, dtype, held_out, progress) -> dict:
-    """final/summary.json: the last policy samples the held-out prompts' y^o once more."""
-    final = out / "final"
-    if (final / "summary.json").exists():
-        return json.loads((final / "summary.json").read_text())
-    final.mkdir(exist_ok=True)
-    with timed(final, "eval_sample", f"the final policy answers the {len(held_out)} held-out prompts (y^o)"):
-        model, tokenizer = load_model(out / f"iter_{args.iterations - 1}" / "model", dtype=dtype, device=args.device)
-        records = sample_plain(model, tokenizer, held_out, seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
-                               max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
-                               compile=args.device.startswith("cuda"), progress=progress)
-        write_jsonl(final / "generation.jsonl", records)
-    seconds = json.loads((final / "timing.json").read_text())
-    summary = {"iteration": args.iterations, "generation": generation_stats(tokenizer, records),
-               "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}}
-    write_json(final / "summary.json", summary)
-    return summary
 
 
 def main(argv=None):
@@ -326,13 +320,16 @@ def run(args):
     progress = not args.no_progress
     rank, n_ranks = setup()
     if n_ranks > 1 and args.batch_size % n_ranks:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} "
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} "
                          f"(torchrun --nproc_per_node): every rank needs the same share of each step")
-    inputs = load_inputs(args)
-    choose_lora_and_dtype(args)
-    if n_ranks > 1 and args.lora:
-        raise ValueError("--lora is single-GPU only; under torchrun, FSDP2 shards a full fine-tune (pass --no-lora)")
-    out = on_main(lambda: start_run(args))
+    try:  # the inputs, the model's config and --out, before anything is written
+        inputs = load_inputs(args)
+        choose_lora_and_dtype(args)
+        if n_ranks > 1 and args.lora:
+            raise ValueError("--lora is single-GPU only; under torchrun FSDP2 shards a full fine-tune (--no-lora)")
+        out = on_main(lambda: start_run(args))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
     cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
                       theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                       micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
@@ -343,6 +340,7 @@ def run(args):
         print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}; "
               f"{len(inputs[1])} held-out {'records' if args.pairs else 'prompts'}", file=sys.stderr)
     dtype = getattr(torch, args.dtype)
+    load = lambda path: load_model(path, dtype=dtype, device=args.device)  # noqa: E731
     metrics_path, summaries = out / "metrics.jsonl", []
     for t in range(args.iterations):
         it = out / f"iter_{t}"
@@ -355,7 +353,7 @@ def run(args):
             policy = args.model if t == 0 else out / f"iter_{t - 1}" / "model"
             trained = run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress and is_main(),
                                     rank, n_ranks)
-        evaluate_held_out(args, cfg, it, dtype, trained, progress and is_main())
+        score_held_out(it, cfg, trained or load, progress and is_main())
         if not is_main():
             continue
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -369,7 +367,12 @@ def run(args):
 
     if not is_main():
         return
-    final = final_generation(args, out, dtype, inputs[1], progress) if inputs[1] and not args.pairs else None
+    final = None
+    if inputs[1] and not args.pairs:  # the last policy answers the held-out prompts once more
+        final = final_generation(out / "final", lambda: load(out / f"iter_{args.iterations - 1}" / "model"),
+                                 inputs[1], args.iterations, seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
+                                 compile=args.device.startswith("cuda"), progress=progress)
     if final:
         plot_metrics(out, summaries + [final])
     print_table(summaries, final)
@@ -377,10 +380,20 @@ def run(args):
           f"  models:  {out}/iter_*/model/\n  metrics: {metrics_path}\n  plot:    {out / 'metrics.png'}")
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """`python train.py`: 0 done, 2 a bad argument or input (nothing written), 1 a failure later."""
     try:
-        main()
+        main(argv)
+        return 0
+    except SystemExit as e:  # the parser's own exit: --help, or a bad flag (it said why)
+        return e.code or 0
     except (CheckpointError, FileNotFoundError, ValueError, TrainingError) as e:
-        sys.exit(f"error: {e}" if is_main() else 1)  # every rank fails alike; rank 0 says why
+        if is_main():  # every rank fails alike; rank 0 says why
+            print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
     finally:
         teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

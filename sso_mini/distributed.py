@@ -25,6 +25,21 @@ import torch
 import torch.distributed as dist
 
 
+def check_device(name: str) -> str | None:
+    """Why `--device name` cannot run here, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device (allowed: cpu, cuda, cuda:N)"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {name}: sso-mini runs on cpu or cuda"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
 def setup() -> tuple[int, int]:
     """(rank, world size). Starts the process group when torchrun started this process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -102,16 +102,14 @@ def compiled_decode_step(cuda: bool):
 def check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
     if not prompts:
         raise ValueError("generate: prompts is empty (give a list of token-id lists)")
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if n < 1:
-        raise ValueError(f"generate: n must be >= 1, got {n}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"generate: top_k must be >= 0 (0 = off), got {top_k}")
+    for name, value, ok, allowed in (
+            ("max_new_tokens", max_new_tokens, lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+            ("n", n, lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+            ("temperature", temperature, lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0 (0 = greedy)"),
+            ("top_p", top_p, lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
+            ("top_k", top_k, lambda v: isinstance(v, int) and v >= 0, "an int >= 0 (0 = off)")):
+        if isinstance(value, bool) or not ok(value):
+            raise ValueError(f"generate: {name} must be {allowed}, got {value!r}")
     V, context = model.config.vocab_size, model.config.max_position_embeddings
     for i, p in enumerate(prompts):
         if len(p) == 0:

@@ -46,7 +46,7 @@ def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.2):
     return (_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2
 
 
-def _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta):
+def _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta, theta, alpha):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if form not in FORMS:
@@ -55,6 +55,8 @@ def _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta):
         raise ValueError("form 'v2' is made of the G pairs only; use_g=False would leave no loss")
     if beta is not None and beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    if theta < 0 or not 0 <= alpha <= 1:
+        raise ValueError(f"theta must be >= 0 and alpha in [0, 1], got theta {theta}, alpha {alpha}")
     for name, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps), ("lengths", lengths)):
         if t.dim() != 2 or t.shape[1] != len(COLUMNS) or t.shape != policy_logps.shape:
             raise ValueError(f"{name} must have shape [B, 6] like policy_logps "
@@ -97,7 +99,7 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
         logps/{chosen,rejected} = the policy's SUMMED log-probs (as TRL logs).
         For "n_", chosen is y^o and rejected is y+ (both under x-).
     """
-    _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta)
+    _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta, theta, alpha)
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
     lengths = lengths.to(policy_logps.dtype)
     mean_logps = policy_logps / lengths  # [B, 6] pi~(y|x), used by W and SFT whatever the loss

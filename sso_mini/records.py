@@ -48,30 +48,38 @@ ALPACA_SHA256 = "83db546b872ddebee8965fd05fa48461ee3c32bc695c62fb57f2d214ff741ec
 # --- prompts ------------------------------------------------------------------------------
 
 
+def _lines(path, what: str):
+    """(line number, text) of each non-blank line; a missing file is named as `what`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} file")
+    with open(path, encoding="utf-8") as f:
+        yield from ((n, line) for n, line in enumerate(f, 1) if line.strip())
+
+
+def _json_line(path, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
 def load_prompts(path) -> list[str]:
     """Prompts from a .txt file (one per line) or .jsonl (a `prompt` or `instruction` field)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such prompt file")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                text = obj.get("prompt", obj.get("instruction")) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{n}: needs a string 'prompt' or 'instruction' field")
-            elif path.suffix == ".txt":
-                text = line
-            else:
-                raise ValueError(f"{path}: prompt files must be .txt or .jsonl")
-            if text.strip():
-                prompts.append(text.strip())
+    for n, line in _lines(path, "prompt"):
+        if path.suffix == ".jsonl":
+            obj = _json_line(path, n, line)
+            text = obj.get("prompt", obj.get("instruction")) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{n}: needs a string 'prompt' or 'instruction' field")
+        elif path.suffix == ".txt":
+            text = line
+        else:
+            raise ValueError(f"{path}: prompt files must be .txt or .jsonl")
+        if text.strip():
+            prompts.append(text.strip())
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
@@ -204,22 +212,14 @@ def write_jsonl(path, records):
 
 
 def read_jsonl(path, required=REQUIRED_FIELDS) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such pairs file")
+    """The records of a JSONL file, each checked for the string fields in `required`."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in required if not isinstance(r, dict) or not isinstance(r.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing or non-string field(s) {', '.join(missing)}")
-            records.append(r)
+    for n, line in _lines(path, "pairs"):
+        r = _json_line(path, n, line)
+        missing = [k for k in required if not isinstance(r, dict) or not isinstance(r.get(k), str)]
+        if missing:
+            raise ValueError(f"{path}:{n}: missing or non-string field(s) {', '.join(missing)}")
+        records.append(r)
     if not records:
         raise ValueError(f"{path}: no records")
     return records

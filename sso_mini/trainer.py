@@ -6,7 +6,7 @@
          -> sso_loss -> backward (accumulate) -> clip -> AdamW -> cosine lr
       -> metrics.jsonl per step; the resume state every k steps (iter_t/resume/)
     held-out records -> scored by the reference before, and by the trained policy after, the epoch
-      -> the same loss and rewards, prefixed eval_ (held_out_metrics)
+      (score_records; eval/report.py turns them into eval_ metrics)
 
 The reference is the iteration's starting weights. Scoring all six sequences with it
 once, before the first update, means no second copy of the model is ever held.
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .assets import write_atomic
-from .batches import collate_groups, record_groups, record_sequences
+from .batches import collate_groups, record_groups
 from .distributed import all_sum, deal, full_tensor, gather_objects, is_main, like, rank, world_size
 from .logprobs import packed_logprobs
 from .losses import sso_loss
@@ -160,34 +160,6 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     if cache is not None and is_main():
         _atomic_save({"logps": logps}, cache)
     return logps
-
-
-def record_lengths(tokenizer, records, cutoff: int) -> torch.Tensor:
-    """[R, 6] response-token counts of the six sequences (what score_records sums over)."""
-    eot = end_of_turn_id(tokenizer)
-    return torch.tensor([[len(y) for _, y in record_sequences(tokenizer, r, cutoff, eot)] for r in records])
-
-
-def held_out_metrics(tokenizer, records, policy_logps, ref_logps, cfg: TrainConfig) -> dict:
-    """The SSO loss and rewards of held-out records, with TRL's eval_ prefix (eval_loss,
-    eval_rewards/accuracies, eval_p_rewards/margins, ...): one batch of all of them. Plus
-    `n` and `intervals`: a 95% Wilson interval for each pair's accuracy."""
-    _, metrics = sso_loss(policy_logps, ref_logps, record_lengths(tokenizer, records, cfg.cutoff),
-                          **loss_settings(cfg))
-    metrics, n = {f"eval_{k}": v for k, v in metrics.items()}, len(records)
-    intervals = {key: wilson_interval(round(metrics[key] * n), n)
-                 for key in (f"eval_{p}rewards/accuracies" for p in ("", "p_", "n_"))}
-    return {"n": n, **metrics, "intervals": intervals}
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def _atomic_save(tensors: dict, path: Path):

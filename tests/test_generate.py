@@ -172,6 +172,8 @@ def test_bad_inputs(smollm2):
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(n=0), dict(max_new_tokens=0)):
         with pytest.raises(ValueError):
             generate(model, [[1, 2]], **{"max_new_tokens": 4, **bad})
+    with pytest.raises(ValueError, match=r"top_k must be an int >= 0 \(0 = off\), got None"):
+        generate(model, [[1, 2]], max_new_tokens=4, top_k=None)  # a type mistake gets the same kind of line
     with pytest.raises(ValueError, match="prompt 0 is a int"):
         complete(model, tok, [3], max_new_tokens=4)
     assert all(layer.self_attn.kv_cache is None for layer in model.layers)

@@ -254,6 +254,8 @@ def test_explicit_beta_and_hyperparameters():
     ({"form": "init"}, r"'init'.*'v1', 'head', 'v2'"),
     ({"form": "v2", "use_g": False}, "v2"),
     ({"beta": 0.0}, "beta"),
+    ({"theta": -1.0}, "theta must be >= 0"),
+    ({"alpha": 2.0}, r"alpha in \[0, 1\]"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

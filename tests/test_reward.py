@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from sso_mini.checkpoint import CheckpointError, load_model
 from sso_mini.eval import ifeval, reward, verified_pairs
+from sso_mini.eval.report import wilson_interval
 from sso_mini.records import write_jsonl
 from sso_mini.tokenizer import end_of_turn_id
-from sso_mini.trainer import wilson_interval
 
 PAIRS = [{"system": "", "prompt": f"How many apples are in basket {i}?", "chosen": f"Basket {i} holds {3 * i} apples.",
           "rejected": f"I cannot say anything about basket {i}.", "margin": 0.0} for i in range(8)]

@@ -6,16 +6,21 @@ so they can be redrawn for any finished or interrupted run.
 
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from ..assets import write_atomic, write_json
-from ..distributed import is_main
-from ..records import DROP_REASONS, RESPONSES, generation_stats, read_jsonl
-from ..trainer import held_out_metrics
+from ..batches import record_sequences
+from ..distributed import barrier, is_main, on_main
+from ..losses import sso_loss
+from ..records import DROP_REASONS, RESPONSES, generation_stats, read_jsonl, sample_plain, write_jsonl
+from ..tokenizer import end_of_turn_id
+from ..trainer import TrainConfig, loss_settings, score_records
 
 
 @contextlib.contextmanager
@@ -23,7 +28,8 @@ def timed(it: Path, stage: str, what: str = ""):
     """Say what runs (and what the same stage took last iteration); add its wall time to it/timing.json
     (a stage finished over two attempts, or run in several parts, adds up)."""
     if is_main() and what:
-        last = None if it.name == "final" else it.with_name(f"iter_{int(it.name.split('_')[1]) - 1}") / "timing.json"
+        t = None if it.name == "final" else int(it.name.split("_")[1])
+        last = it.with_name(f"iter_{t - 1}") / "timing.json" if t else None
         before = json.loads(last.read_text()).get(stage) if last and last.exists() else None
         print(f"[{it.name}] {stage}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""), file=sys.stderr)
     start = time.perf_counter()
@@ -33,6 +39,65 @@ def timed(it: Path, stage: str, what: str = ""):
         seconds = json.loads(path.read_text()) if path.exists() else {}
         seconds[stage] = round(seconds.get(stage, 0) + time.perf_counter() - start, 1)
         write_json(path, seconds)
+
+
+def record_lengths(tokenizer, records, cutoff: int) -> torch.Tensor:
+    """[R, 6] response-token counts of the six sequences (what score_records sums over)."""
+    eot = end_of_turn_id(tokenizer)
+    return torch.tensor([[len(y) for _, y in record_sequences(tokenizer, r, cutoff, eot)] for r in records])
+
+
+def held_out_metrics(tokenizer, records, policy_logps, ref_logps, cfg: TrainConfig) -> dict:
+    """The SSO loss and rewards of held-out records, with TRL's eval_ prefix (eval_loss,
+    eval_rewards/accuracies, eval_p_rewards/margins, ...): one batch of all of them. Plus
+    `n` and `intervals`: a 95% Wilson interval for each pair's accuracy."""
+    _, metrics = sso_loss(policy_logps, ref_logps, record_lengths(tokenizer, records, cfg.cutoff),
+                          **loss_settings(cfg))
+    metrics, n = {f"eval_{k}": v for k, v in metrics.items()}, len(records)
+    intervals = {key: wilson_interval(round(metrics[key] * n), n)
+                 for key in (f"eval_{p}rewards/accuracies" for p in ("", "p_", "n_"))}
+    return {"n": n, **metrics, "intervals": intervals}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def score_held_out(it: Path, cfg, model, progress: bool):
+    """The trained policy scores the held-out records once (it/eval_logps.safetensors).
+
+    model: (model, tokenizer), or a function that loads them from a folder (it/model).
+    """
+    if not (it / "eval_pairs.jsonl").exists() or on_main((it / "eval_logps.safetensors").exists):
+        return
+    records = read_jsonl(it / "eval_pairs.jsonl")
+    with timed(it, "eval_score", f"the trained policy scores {len(records)} held-out records"):
+        model, tokenizer = model(it / "model") if callable(model) else model
+        score_records(model, tokenizer, records, cfg, cache=it / "eval_logps.safetensors", progress=progress,
+                      desc="held-out log-probs (trained)")
+    barrier()
+
+
+def final_generation(final: Path, load_policy, prompts, iteration: int, *, progress: bool, **sampling) -> dict:
+    """final/summary.json: the last policy (load_policy() -> model, tokenizer) answers the
+    held-out prompts' y^o once more: point `iteration` of the policy's behaviour."""
+    if (final / "summary.json").exists():
+        return json.loads((final / "summary.json").read_text())
+    with timed(final, "eval_sample", f"the final policy answers the {len(prompts)} held-out prompts (y^o)"):
+        model, tokenizer = load_policy()
+        records = sample_plain(model, tokenizer, prompts, progress=progress, **sampling)
+        write_jsonl(final / "generation.jsonl", records)
+    seconds = json.loads((final / "timing.json").read_text())
+    summary = {"iteration": iteration, "generation": generation_stats(tokenizer, records),
+               "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}}
+    write_json(final / "summary.json", summary)
+    return summary
 
 
 def mean(rows, key):

@@ -42,8 +42,9 @@ from ..logprobs import sequence_logprobs
 from ..model import Transformer
 from ..records import REQUIRED_FIELDS, read_jsonl, write_jsonl
 from ..tokenizer import end_of_turn_id, prompt_ids
-from ..trainer import autocast, make_optimizer, optimizer_step, wilson_interval
+from ..trainer import autocast, make_optimizer, optimizer_step
 from . import ifeval
+from .report import wilson_interval
 from .verified_pairs import BASE_TASKS, SKIPPED_INSTRUCTIONS, build_testset
 
 RM_MARKER = "sso_mini_reward_model"
