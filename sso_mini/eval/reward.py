@@ -15,8 +15,7 @@ An RM scores a response to the plain prompt x, so each pairs.jsonl record gives 
 with their system prompts. RMs are scored on pairs labelled by rule-based verifiers
 (verified_pairs.py): no human-labelled preference set is available offline.
 
-A saved RM is a normal HF causal-LM folder (the body, via checkpoint.save_model) plus
-`reward_head.safetensors`, and config.json carries "sso_mini_reward_model": true.
+A saved RM: a HF causal-LM folder (the body) + `reward_head.safetensors`; config.json says "sso_mini_reward_model".
 """
 
 import argparse
