@@ -233,13 +233,14 @@ def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks,
         if not records:
             raise ValueError(f"iteration {t}: every {prefix}pair was filtered out ({dict(stats)})")
         if is_main():
-            write_json(stats_file, dict(stats))
+            write_json(stats_file, {**stats, "records": len(records)})  # read back below: a cut file is refused
             write_jsonl(pairs, records)
         barrier()
-    records = read_jsonl(pairs)
+    records, stats = read_jsonl(pairs), json.loads(stats_file.read_text())
+    if len(records) != stats.get("records", len(records)):
+        raise ValueError(f"{pairs} holds {len(records)} of its {stats['records']} records: delete it to sample again")
     if is_main():
-        print(f"[{it.name}] {len(records)} {prefix}pairs in {pairs}: {json.loads(stats_file.read_text())}",
-              file=sys.stderr)
+        print(f"[{it.name}] {len(records)} {prefix}pairs in {pairs}: {stats}", file=sys.stderr)
     return records
 
 

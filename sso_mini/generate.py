@@ -105,7 +105,7 @@ def check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
     for name, value, ok, allowed in (
             ("max_new_tokens", max_new_tokens, lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
             ("n", n, lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
-            ("temperature", temperature, lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0 (0 = greedy)"),
+            ("temperature", temperature, lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0 (0: greedy)"),
             ("top_p", top_p, lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a number in (0, 1]"),
             ("top_k", top_k, lambda v: isinstance(v, int) and v >= 0, "an int >= 0 (0 = off)")):
         if isinstance(value, bool) or not ok(value):

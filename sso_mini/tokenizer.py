@@ -77,12 +77,11 @@ class Tokenizer:
         """Render messages to the prompt text exactly as transformers does."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json: chat_template)")
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:  # rendered in Jinja's sandbox: a template cannot reach Python's internals
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.exceptions.SecurityError as e:
+            raise ValueError(f"the chat template tried something the sandbox refuses ({e})") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))

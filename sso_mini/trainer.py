@@ -75,10 +75,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model, cfg) -> tuple[torch.optim.AdamW, list]:
-    """AdamW over the trainable parameters, without weight decay on norms and biases.
-
-    Returns it and its parameters in its own order (the resume state and clipping use it).
-    """
+    """AdamW over the trainable parameters, without weight decay on norms and biases; returns it and
+    its parameters in its own order (the resume state and clipping use it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -99,11 +97,8 @@ def optimizer_step(optimizer, params, step: int, total: int, cfg) -> tuple[float
 
 
 def bf16_is_native(device) -> bool:
-    """A GPU, or a CPU with bf16 dot-product units (AVX512-BF16, AMX).
-
-    There bf16 autocast runs the matmuls several times faster than fp32 (benchmarks/README.md);
-    elsewhere bf16 is emulated and slower.
-    """
+    """A GPU, or a CPU with bf16 dot-product units (AVX512-BF16, AMX): there bf16 autocast runs the
+    matmuls several times faster than fp32 (benchmarks/README.md); elsewhere bf16 is emulated."""
     if device.type == "cuda":
         return True
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
@@ -170,8 +165,12 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
 def _atomic_save(tensors: dict, path: Path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
     os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # a full disk: no partial file, one line naming it
+        os.unlink(tmp)
+        raise OSError(f"{path}: not written ({e})") from None
 
 
 # --- the resume state: weights, optimizer, schedule position, RNG ---------------------------
@@ -179,9 +178,7 @@ def _atomic_save(tensors: dict, path: Path):
 
 def save_resume_state(path: Path, model, optimizer, step: int, params: list):
     """Everything needed to continue exactly from `step`, as safetensors + JSON, atomically.
-
-    Sharded tensors are gathered whole (every rank takes part); rank 0 writes.
-    """
+    Sharded tensors are gathered whole (every rank takes part); rank 0 writes."""
     index = {id(p): i for i, p in enumerate(params)}
     tensors = {f"{index[id(p)]}.{k}": full_tensor(v).detach().cpu().contiguous()
                for p, state in optimizer.state.items() for k, v in state.items()}
@@ -189,10 +186,13 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list):
     if not is_main():
         return
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file(weights, str(tmp / "weights.safetensors"))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    try:
+        for name, t in (("optimizer", tensors), ("weights", weights), ("rng", {"torch": torch.get_rng_state()})):
+            save_file(t, str(tmp / f"{name}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+    except (OSError, SafetensorError) as e:  # a full disk: the last good state stays
+        shutil.rmtree(tmp)
+        raise OSError(f"{path}: not written ({e})") from None
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -490,24 +490,34 @@ def test_sigterm_stops_with_one_line_and_resume_ends_equal(tiny_model_dir, tmp_p
     assert_same_weights(tmp_path, uninterrupted)
 
 
-DISK_FULL_ON_PAIRS = """
+DISK_FULL = """
     import errno
-    from sso_mini import records
-    real = records.write_atomic
-    def patched(path, text, *a, **k):
-        if path.name == "pairs.jsonl" and not os.environ.get("SPACE_FREED"):
+    from sso_mini import {module}
+    real = {module}.{writer}
+    def patched(data, path, *a, **k):
+        if "{where}" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, text, *a, **k)
-    records.write_atomic = patched
+        return real(data, path, *a, **k)
+    {module}.{writer} = patched
 """
 
 
-def test_a_full_disk_names_the_file_keeps_the_state_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted):
-    full = fault_run(tiny_model_dir, tmp_path, DISK_FULL_ON_PAIRS)
-    lines = full.stderr.strip().splitlines()
-    assert full.returncode == 1 and lines[-1].startswith("error: [Errno 28] No space left on device") \
-        and lines[-1].endswith("iter_0/pairs.jsonl'"), lines[-1]
-    assert not list((tmp_path / "cut" / "iter_0").glob("pairs.jsonl*"))  # no half-written file, no temp file
+@pytest.mark.parametrize("module,writer,where,named", [
+    ("records", "write_atomic", "pairs.jsonl", "iter_0/pairs.jsonl'"),  # (path, text): the same shape
+    ("trainer", "save_file", "ref_logps.safetensors", "iter_0/ref_logps.safetensors: not written"),
+    ("trainer", "save_file", "resume.tmp-", "iter_0/resume: not written"),
+    ("checkpoint", "save_file", "model.tmp-", "iter_0/model: not written"),
+])
+def test_a_full_disk_names_the_file_keeps_the_state_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted,
+                                                                          module, writer, where, named):
+    patch = DISK_FULL.format(module=module, writer=writer, where=where)
+    if writer == "write_atomic":
+        patch = patch.replace("(data, path,", "(path, data,")  # write_atomic(path, text)
+    full = fault_run(tiny_model_dir, tmp_path, patch)
+    last = full.stderr.strip().splitlines()[-1]
+    assert full.returncode == 1 and last.startswith("error: ") and "No space left on device" in last and named in last
+    it = tmp_path / "cut" / "iter_0"
+    assert not [p for p in it.iterdir() if ".tmp-" in p.name]  # no half-written file or folder is left
     assert fault_run(tiny_model_dir, tmp_path, resume=True).returncode == 0
     assert_same_weights(tmp_path, uninterrupted)
 
@@ -537,3 +547,13 @@ def test_a_second_process_on_the_same_out_is_refused(tiny_model_dir, tmp_path):
         sleeper.kill()
         sleeper.wait()
     assert fault_run(tiny_model_dir, tmp_path).returncode == 0  # its process gone, the lock is stale
+
+
+def test_a_pairs_file_cut_at_a_line_is_refused_not_used(tiny_model_dir, tmp_path):
+    assert fault_run(tiny_model_dir, tmp_path, KILLED_AFTER_STEP_5).returncode == -9
+    pairs = tmp_path / "cut" / "iter_0" / "pairs.jsonl"
+    pairs.write_text("".join(pairs.read_text().splitlines(keepends=True)[:3]))  # whole lines: valid JSONL
+    resumed = fault_run(tiny_model_dir, tmp_path, resume=True)
+    assert resumed.returncode == 1
+    assert resumed.stderr.strip().splitlines()[-1] == \
+        f"error: {pairs} holds 3 of its 6 records: delete it to sample again"

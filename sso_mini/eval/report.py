@@ -31,7 +31,8 @@ def timed(it: Path, stage: str, what: str = ""):
         t = None if it.name == "final" else int(it.name.split("_")[1])
         last = it.with_name(f"iter_{t - 1}") / "timing.json" if t else None
         before = json.loads(last.read_text()).get(stage) if last and last.exists() else None
-        print(f"[{it.name}] {stage}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""), file=sys.stderr)
+        print(f"[{it.name}] {stage}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""),
+              file=sys.stderr)
     start = time.perf_counter()
     yield
     if is_main():
