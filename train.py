@@ -204,8 +204,8 @@ def load_inputs(args) -> tuple[list, list]:
         held = set(random.Random(args.seed).sample(range(len(pool)), n))
         return [r for i, r in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)]
     random.Random(args.seed).shuffle(pool)
-    held_out = pool[:n]
-    return [x for x in pool[n:] if x not in set(held_out)], held_out  # a duplicated prompt stays held out
+    held_out, held = pool[:n], set(pool[:n])
+    return [x for x in pool[n:] if x not in held], held_out  # a duplicated prompt stays held out
 
 
 def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks, held_out=False) -> list[dict]:
@@ -349,7 +349,7 @@ def run(args):
             policy = args.model if t == 0 else out / f"iter_{t - 1}" / "model"
             trained = run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress and is_main(),
                                     rank, n_ranks)
-        score_held_out(it, cfg, trained or load, progress and is_main())
+        score_held_out(it, cfg, lambda: trained or load(it / "model"), progress and is_main())
         if not is_main():
             continue
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]

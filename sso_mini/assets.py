@@ -7,6 +7,7 @@ imported (some of them pull native builds or call out to the network on import).
 """
 
 import atexit
+import contextlib
 import hashlib
 import json
 import math
@@ -18,6 +19,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 
 def write_atomic(path, text: str, mode: int = 0o644):
     """Write text to a temporary file beside `path`, then rename: readers never see half a file.
@@ -27,13 +30,23 @@ def write_atomic(path, text: str, mode: int = 0o644):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
+    with undo_on_failure(path, lambda: os.unlink(tmp)):
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def undo_on_failure(path, undo):
+    """Around a write into a temporary file or folder: whatever stops it, `undo` removes the partial
+    output; a failed write (a full disk) becomes one OSError that names `path`."""
+    try:
+        yield
+    except BaseException as e:
+        undo()
+        if isinstance(e, (OSError, SafetensorError)):
+            raise OSError(f"{path}: not written ({e})") from None
         raise
 
 
@@ -60,7 +73,9 @@ def lock_folder(folder: Path):
     """
     lock = Path(folder) / "lock.json"
     pid = json.loads(lock.read_text()).get("pid") if lock.exists() else None
-    if pid is not None and pid != os.getpid():
+    if pid == os.getpid():  # held already
+        return
+    if pid is not None:
         try:
             os.kill(pid, 0)  # signal 0: is it alive?
             raise ValueError(f"{folder} is in use by process {pid} (another train.py?); wait for it or stop it")

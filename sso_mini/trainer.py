@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .assets import write_atomic
+from .assets import undo_on_failure, write_atomic
 from .batches import collate_groups, record_groups
 from .distributed import all_sum, deal, full_tensor, gather_objects, is_main, like, rank, world_size
 from .logprobs import packed_logprobs
@@ -165,12 +165,9 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
 def _atomic_save(tensors: dict, path: Path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
     os.close(fd)
-    try:
+    with undo_on_failure(path, lambda: os.unlink(tmp)):  # a full disk: no partial file, one line naming it
         save_file(tensors, tmp)
         os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:  # a full disk: no partial file, one line naming it
-        os.unlink(tmp)
-        raise OSError(f"{path}: not written ({e})") from None
 
 
 # --- the resume state: weights, optimizer, schedule position, RNG ---------------------------
@@ -186,13 +183,10 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list):
     if not is_main():
         return
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
-    try:
+    with undo_on_failure(path, lambda: shutil.rmtree(tmp)):  # a full disk: the last good state stays
         for name, t in (("optimizer", tensors), ("weights", weights), ("rng", {"torch": torch.get_rng_state()})):
             save_file(t, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step}))
-    except (OSError, SafetensorError) as e:  # a full disk: the last good state stays
-        shutil.rmtree(tmp)
-        raise OSError(f"{path}: not written ({e})") from None
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -70,16 +70,14 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def score_held_out(it: Path, cfg, model, progress: bool):
-    """The trained policy scores the held-out records once (it/eval_logps.safetensors).
-
-    model: (model, tokenizer), or a function that loads them from a folder (it/model).
-    """
+def score_held_out(it: Path, cfg, load_policy, progress: bool):
+    """The trained policy (load_policy() -> model, tokenizer) scores the held-out records once
+    (it/eval_logps.safetensors)."""
     if not (it / "eval_pairs.jsonl").exists() or on_main((it / "eval_logps.safetensors").exists):
         return
     records = read_jsonl(it / "eval_pairs.jsonl")
     with timed(it, "eval_score", f"the trained policy scores {len(records)} held-out records"):
-        model, tokenizer = model(it / "model") if callable(model) else model
+        model, tokenizer = load_policy()
         score_records(model, tokenizer, records, cfg, cache=it / "eval_logps.safetensors", progress=progress,
                       desc="held-out log-probs (trained)")
     barrier()
