@@ -14,8 +14,7 @@
 
 `python train.py` runs it on SmolLM2-135M-Instruct on a CPU; `--model Qwen2-7B` on a GPU;
 `torchrun --nproc_per_node=N train.py ...` on N GPUs (FSDP2, see sso_mini/distributed.py).
-Every stage writes its output atomically and is skipped when already done, so an
-interrupted run continues with `--resume` and loses nothing.
+Every stage writes its output atomically and is skipped when done: an interrupted run continues with `--resume`.
 """
 
 import argparse
@@ -35,12 +34,14 @@ from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, reso
 from sso_mini.config import ModelConfig
 from sso_mini.eval.report import (final_generation, log_eval_row, plot_metrics, print_table, score_held_out,
                                   summarize, timed)
+from sso_mini.eval.verified_pairs import mix_in_checkable
 from sso_mini.distributed import (barrier, check_device, deal, full_state_dict, gather_objects, is_main, merge_shares,
                                   on_main, setup, shard, teardown)
 from sso_mini.lora import TARGETS, adapters_disabled, apply_lora, merge_lora
 from sso_mini.losses import FORMS, LOSS_TYPES
 from sso_mini.model import Transformer
-from sso_mini.records import build_records, default_prompts, load_prompts, logprob_filter, read_jsonl, write_jsonl
+from sso_mini.records import (build_records, check_cutoff, default_prompts, load_prompts, logprob_filter, read_jsonl,
+                              write_jsonl)
 from sso_mini.tokenizer import Tokenizer
 from sso_mini.trainer import TrainConfig, TrainingError, bf16_is_native, score_records, train_iteration, write_config
 
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-prompts", type=int, default=None,
                     help=f"prompts held out of training and evaluated every iteration (default {EVAL_PROMPTS}; "
                          "0: off); with --pairs, records of the file held out (default 0)")
+    ap.add_argument("--verifier-share", type=float, default=0.25, help="share of prompts with a checkable instruction")
     ap.add_argument("--loss", default=TrainConfig.loss_type, help=f"base preference loss: {' | '.join(LOSS_TYPES)}")
     ap.add_argument("--form", default=TrainConfig.form, help=f"SSO objective: {' | '.join(FORMS)} (docs/algorithm.md)")
     ap.add_argument("--no-w", action="store_true", help="ablation: drop the weight W")
@@ -131,8 +133,7 @@ def parse_args(argv=None):
     device_error = check_device(args.device)
     if device_error:
         ap.error(device_error)
-    if args.pairs:
-        args.iterations = 1
+    args.iterations = 1 if args.pairs else args.iterations  # --pairs: one iteration on the file
     return args
 
 
@@ -140,9 +141,9 @@ def parse_args(argv=None):
 RANGES = (
     ("--iterations", lambda v, a: v >= 1, ">= 1"), ("--prompts-per-iteration", lambda v, a: v >= 1, ">= 1"),
     ("--eval-prompts", lambda v, a: v >= 0, ">= 0; 0 turns the held-out evaluation off"),
-    ("--theta", lambda v, a: v >= 0, ">= 0"), ("--alpha", lambda v, a: 0 <= v <= 1, "0 to 1"),
-    ("--beta", lambda v, a: v > 0, "> 0"), ("--lr", lambda v, a: v >= 0, ">= 0; 0 keeps the policy its reference"),
-    ("--batch-size", lambda v, a: v >= 1, ">= 1"),
+    ("--verifier-share", lambda v, a: 0 <= v <= 1, "0 to 1"), ("--alpha", lambda v, a: 0 <= v <= 1, "0 to 1"),
+    ("--theta", lambda v, a: v >= 0, ">= 0"), ("--beta", lambda v, a: v > 0, "> 0"),
+    ("--batch-size", lambda v, a: v >= 1, ">= 1"), ("--lr", lambda v, a: v >= 0, ">= 0; 0 keeps the policy as is"),
     ("--micro-batch-size", lambda v, a: 1 <= v <= a.batch_size, "1 to --batch-size"),
     ("--max-new-tokens", lambda v, a: v >= 1, ">= 1"), ("--sample-batch-size", lambda v, a: v >= 1, ">= 1"),
     ("--cutoff", lambda v, a: v >= 2, ">= 2 tokens"), ("--save-every", lambda v, a: v >= 1, ">= 1 steps"),
@@ -152,12 +153,8 @@ RANGES = (
 
 
 def choose_lora_and_dtype(args):
-    """LoRA by default only where full fine-tuning cannot fit: a big model on a GPU.
-
-    Full fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are
-    native (a GPU, or a CPU with AVX512-BF16 or AMX); LoRA keeps the frozen base in bf16 on
-    GPU with fp32 adapters.
-    """
+    """LoRA by default only where full fine-tuning cannot fit (a big model on a GPU), its frozen base in bf16;
+    full fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are native."""
     size = ModelConfig.from_json(resolve(args.model) / "config.json").num_parameters  # the model's check, too
     if args.autocast is None:
         args.autocast = bf16_is_native(torch.device(args.device))
@@ -189,11 +186,11 @@ def start_run(args) -> Path:
     return out
 
 
-def load_inputs(args) -> tuple[list, list]:
-    """(training inputs, held-out inputs), checked before anything is written. Prompts: all of them in
-    one fixed, seeded order; the first --eval-prompts are held out for the whole run (never trained on),
-    iteration t trains on the t-th slice of the rest. --pairs: a seeded sample of the file's records is
-    held out, the rest keep the file's order."""
+def load_inputs(args) -> tuple[list, list, dict]:
+    """(training inputs, held-out inputs, {prompt: checks}), checked before anything is written. Prompts: all
+    in one fixed, seeded order, a --verifier-share of them replaced by checkable ones; the first --eval-prompts
+    are held out for the whole run (never trained on), iteration t trains on the t-th slice of the rest.
+    --pairs: a seeded sample of the file's records is held out, the rest keep the file's order."""
     pool = read_jsonl(args.pairs) if args.pairs else load_prompts(args.prompts) if args.prompts else default_prompts()
     n = args.eval_prompts
     if n >= len(pool):
@@ -202,15 +199,16 @@ def load_inputs(args) -> tuple[list, list]:
                          f"(allowed: 0 to {len(pool) - 1})")
     if args.pairs:
         held = set(random.Random(args.seed).sample(range(len(pool)), n))
-        return [r for i, r in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)]
+        return [r for i, r in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)], {}
     random.Random(args.seed).shuffle(pool)
+    pool, checks = mix_in_checkable(pool, args.verifier_share, args.seed)
     held_out, held = pool[:n], set(pool[:n])
-    return [x for x in pool[n:] if x not in held], held_out  # a duplicated prompt stays held out
+    return [x for x in pool[n:] if x not in held], held_out, checks  # a duplicated prompt stays held out
 
 
-def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks, held_out=False) -> list[dict]:
-    """it/pairs.jsonl (or it/eval_pairs.jsonl): the policy's records for these prompts, built once. With
-    --pairs the inputs are records already; under torchrun each rank samples its share, rank 0 writes."""
+def make_records(args, model, tokenizer, t, it, inputs, checks, progress, rank, n_ranks, held_out=False) -> list[dict]:
+    """it/pairs.jsonl (or it/eval_pairs.jsonl): the policy's records for these prompts (with their checks), built
+    once. With --pairs the inputs are records already; under torchrun each rank samples its share, rank 0 writes."""
     prefix = "eval_" if held_out else ""
     pairs, stats_file = it / f"{prefix}pairs.jsonl", it / f"{prefix}data_stats.json"
     if not on_main(pairs.exists):  # decided once: rank 0 may write the file before another rank looks
@@ -230,6 +228,7 @@ def make_records(args, model, tokenizer, t, it, inputs, progress, rank, n_ranks,
                     records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
                     stats.update(filter_stats)
                 records, stats = merge_shares(gather_objects((records, dict(stats))))
+                records = [r | {"checks": checks[r["prompt"]]} if r["prompt"] in checks else r for r in records]
         if not records:
             raise ValueError(f"iteration {t}: every {prefix}pair was filtered out ({dict(stats)})")
         if is_main():
@@ -255,12 +254,12 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
                    targets=args.lora_targets.split(","))
 
     # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
-    train_inputs, held_out = inputs
+    train_inputs, held_out, checks = inputs
     k, pool = args.prompts_per_iteration, train_inputs  # iteration t trains on the t-th slice, wrapping round
     prompts = pool if args.pairs else [pool[(t * k + i) % len(pool)] for i in range(min(k, len(pool)))]
-    records = make_records(args, model, tokenizer, t, it, prompts, progress, rank, n_ranks)
-    eval_records = make_records(args, model, tokenizer, t, it, held_out, progress, rank, n_ranks, held_out=True) \
-        if held_out else []
+    records = make_records(args, model, tokenizer, t, it, prompts, checks, progress, rank, n_ranks)
+    eval_records = make_records(args, model, tokenizer, t, it, held_out, checks, progress, rank, n_ranks,
+                                held_out=True) if held_out else []
     if n_ranks > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
         shard(model)
 
@@ -316,11 +315,13 @@ def run(args):
     progress = not args.no_progress
     rank, n_ranks = setup()
     if n_ranks > 1 and args.batch_size % n_ranks:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} "
-                         f"(torchrun --nproc_per_node): every rank needs the same share of each step")
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} (allowed: k*N)")
     try:  # the inputs, the model's config and --out, before anything is written
         inputs = load_inputs(args)
         choose_lora_and_dtype(args)
+        if not args.pairs:  # the prompts' token counts: the model folder's tokenizer, not its weights
+            check_cutoff(Tokenizer.from_folder(resolve(args.model)), inputs[0] + inputs[1], args.cutoff,
+                         args.max_new_tokens)
         if n_ranks > 1 and args.lora:
             raise ValueError("--lora is single-GPU only; under torchrun FSDP2 shards a full fine-tune (--no-lora)")
         out = on_main(lambda: start_run(args))
@@ -369,11 +370,10 @@ def run(args):
                                  inputs[1], args.iterations, seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
                                  max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
                                  compile=args.device.startswith("cuda"), progress=progress)
-    if final:
         plot_metrics(out, summaries + [final])
     print_table(summaries, final)
-    print(f"\nrun folder: {out}\n  pairs:   {out}/iter_*/pairs.jsonl (held out: eval_pairs.jsonl)\n"
-          f"  models:  {out}/iter_*/model/\n  metrics: {metrics_path}\n  plot:    {out / 'metrics.png'}")
+    print(f"\nrun folder: {out}\n  pairs:   {out}/iter_*/pairs.jsonl (held out: eval_pairs.jsonl)\n  models:  "
+          f"{out}/iter_*/model/\n  metrics: {metrics_path}\n  plot:    {out / 'metrics.png'}")
 
 
 def cli(argv=None) -> int:

@@ -180,6 +180,14 @@ def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tok
     return records, stats
 
 
+def check_cutoff(tokenizer, prompts, cutoff: int, max_new_tokens: int):
+    """ValueError unless a training sequence (--cutoff) holds the longest plain prompt and a full response."""
+    longest = max(len(prompt_ids(tokenizer, "", x)) for x in prompts)
+    if cutoff < longest + max_new_tokens + 1:  # + 1: the end-of-turn token of a finished response
+        raise ValueError(f"--cutoff {cutoff} cannot hold the longest prompt ({longest} tokens with its chat template) "
+                         f"and a {max_new_tokens}-token response (allowed: >= {longest + max_new_tokens + 1})")
+
+
 def sample_plain(model, tokenizer, prompts, *, seed, max_new_tokens, batch_size=48, compile=False,
                  progress=True) -> list[dict]:
     """y_raw alone for each prompt, as build_records samples it: [{"prompt", "raw", "capped": {"raw"}}].

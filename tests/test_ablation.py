@@ -1,46 +1,104 @@
-"""A tiny ablation run produces the Table-5-shaped markdown, the JSON and the plot."""
+"""A tiny ablation: the Table-5-shaped table from its JSON alone, both figures, shared data, resume after SIGKILL."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import train
-from sso_mini.eval.ablation import VARIANTS, markdown, run_ablation
+from sso_mini.eval.ablation import VARIANTS, markdown, run_ablation, slug
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = "Name a fruit.\nSay hello.\nCount to three.\nName a color.\nName a tree.\nSay goodbye.\n"
+TINY = dict(iterations=2, prompts_per_iteration=3, eval_prompts=2, max_new_tokens=6, verifier_share=0.5,
+            ifeval_limit=3, eval_max_new_tokens=8, judge_samples=1, eval_batch_size=8, lr=1e-3)
 
 
-def test_tiny_ablation_writes_table_and_plot(tiny_model_dir, tmp_path):
+def test_tiny_ablation_writes_table_figures_and_json(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\n")
+    prompts.write_text(PROMPTS)
     out = tmp_path / "ablation"
     args = train.parse_args(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--batch-size", "2",
                              "--no-progress"])
-    result = run_ablation(train.run, args, out, iterations=1, prompts_per_iteration=4, max_new_tokens=6,
-                          ifeval_limit=2, mtbench_limit=2, eval_max_new_tokens=8, judge_samples=1)
-    for name in ("ablation.md", "ablation.json", "ablation.png", "evaluations.json"):
-        assert (out / name).exists(), name
-    rows = json.loads((out / "ablation.json").read_text())["rows"]
-    assert [(r["variant"], r["iteration"]) for r in rows] == [("start", 0)] + [(v, 1) for v in VARIANTS]
-    table = (out / "ablation.md").read_text()
-    assert table.startswith("| variant | iter | length (tokens)") and "PBAA (w/o W, G)" in table
+    result = run_ablation(train.run, args, out, **TINY, variants=list(VARIANTS))
+    for name in ("ablation.md", "ablation.json", "ablation_signals.png", "ablation_length.png", "evaluations.json"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "ablation.json").read_text())
+    rows = saved["rows"]
+    assert [(r["variant"], r["iteration"]) for r in rows] == [("start", 0)] + [(v, t) for v in VARIANTS
+                                                                            for t in (1, 2)]
+    # every number of the table comes from the JSON: the table rebuilt from the file is the file's table
+    assert markdown(saved) == (out / "ablation.md").read_text()
+    assert json.dumps(result) == json.dumps(saved)
+    assert len(saved["comparisons"]) == 6  # every two of the four variants
     for r in rows[1:]:
-        assert r["onpolicy"] < 0 and 0 <= r["reward_acc"] <= 1 and r["length"] >= 0
-    # the four variants trained with the intended switches
-    for variant, switches in VARIANTS.items():
-        slug = {"SSO": "sso", "w/o W": "no_w", "w/o G": "no_g", "PBAA (w/o W, G)": "pbaa"}[variant]
-        config = json.loads((out / slug / "train_config.json").read_text())
-        assert config["use_w"] == (not switches["no_w"]) and config["use_g"] == (not switches["no_g"])
-    assert json.dumps(result["rows"]) == json.dumps(rows)  # NaN-safe: a tiny judge may cast no vote
-    # iteration 0 is sampled and scored once (SSO) and shared: the others start at training
+        assert r["onpolicy_y_pos"] < 0 and r["onpolicy_y_neg"] < 0 and 0 <= r["heldout_acc"] <= 1
+        assert r["heldout_n"] == 2 and 0 <= r["eos_rate"] <= 1 and r["signal_checked"] >= 1
+        assert 0 <= r["ifeval_prompt_strict"] <= 1 and 0 <= r["ifeval_vs_start_p"] <= 1
+    # the variants trained with their switches; iteration 0 was sampled and scored once and shared
     sso = out / "sso" / "iter_0"
-    assert "sample" in json.loads((sso / "timing.json").read_text())
-    for slug in ("no_w", "no_g", "pbaa"):
-        it = out / slug / "iter_0"
-        assert (it / "pairs.jsonl").read_bytes() == (sso / "pairs.jsonl").read_bytes()
-        assert (it / "ref_logps.safetensors").read_bytes() == (sso / "ref_logps.safetensors").read_bytes()
-        assert "sample" not in json.loads((it / "timing.json").read_text())
-        assert json.loads((out / slug / "run.json").read_text())["no_w"] == (slug != "no_g")
+    for variant, switches in VARIANTS.items():
+        config = json.loads((out / slug(variant) / "train_config.json").read_text())
+        assert config["use_w"] == (not switches["no_w"]) and config["use_g"] == (not switches["no_g"])
+        it = out / slug(variant) / "iter_0"
+        for name in ("pairs.jsonl", "ref_logps.safetensors", "eval_pairs.jsonl", "eval_ref_logps.safetensors"):
+            assert (it / name).read_bytes() == (sso / name).read_bytes(), name
+        assert ("sample" in json.loads((it / "timing.json").read_text())) == (variant == "SSO")
+    assert any("checks" in json.loads(x) for x in (sso / "pairs.jsonl").read_text().splitlines())
 
 
-def test_table_shows_a_dash_where_the_judge_cast_no_vote():
-    row = {"variant": "SSO", "iteration": 1, "length": 10.0, "capped": 0.5, "ifeval_strict": 0.25, "ifeval_se": 0.1,
-           "onpolicy": -1.5, "judge_acc": float("nan"), "judge_votes": 0, "sppl_acc": 0.5, "reward_acc": 0.75}
-    line = markdown({"rows": [row], "settings": {}}).splitlines()[2]
-    assert line == "| SSO | 1 | 10 | 0.50 | 25.0 ± 10.0 | -1.500 | - (0) | 0.50 | 0.75 |"
+def test_table_shows_a_dash_where_nothing_was_decided():
+    start = {"variant": "start", "iteration": 0, "length": 10.0, "eos_rate": 0.5, "ifeval_prompt_strict": 0.25,
+             "ifeval_prompt_strict_se": 0.1, "ifeval_instruction_strict": 0.5, "ifeval_instruction_strict_se": 0.1}
+    row = {**start, "variant": "SSO", "iteration": 1, "signal_acc": None, "signal_interval": [0.0, 1.0],
+           "signal_decided": 0, "onpolicy_y_pos": -1.5, "onpolicy_y_neg": -2.0, "heldout_acc": 0.75,
+           "heldout_interval": [0.3, 0.95], "ifeval_vs_start": 0.05, "ifeval_vs_start_p": 0.5,
+           "judge_acc": float("nan"), "judge_votes": 0, "sppl_acc": 0.5}
+    lines = markdown({"rows": [start, row], "comparisons": [], "settings": {}}).splitlines()
+    assert lines[2] == "| start | 0 | 10.0 | 0.50 | - | - | - | 25.0 ± 10.0 | 50.0 ± 10.0 | - | - |"
+    assert lines[3] == ("| SSO | 1 | 10.0 | 0.50 | - [0.00, 1.00] (0) | -1.500 / -2.000 | 0.75 [0.30, 0.95] | "
+                        "25.0 ± 10.0 (+5.0, p 0.50) | 50.0 ± 10.0 | - (0) | 0.50 |")
+
+
+def ablation_script(tmp_path, kill_in: str | None) -> Path:
+    """`python train.py --ablation` at TINY sizes; with kill_in, SIGKILL at step 2 of that variant's run."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.argv = ["train.py"] + sys.argv[1:]
+        import train
+        from sso_mini.eval import ablation
+        ablation.settings = lambda scale: {{**{TINY!r}, "variants": ["SSO", "w/o W", "PBAA (w/o W, G)"]}}
+        real = train.train_iteration
+        def patched(model, tokenizer, records, ref, cfg, it, **k):
+            if {kill_in!r} and {kill_in!r} in str(it) and not os.path.exists(str(it) + "/model"):
+                k["on_step"] = lambda step: step == 2 and os.kill(os.getpid(), signal.SIGKILL)
+            return real(model, tokenizer, records, ref, cfg, it, **k)
+        train.train_iteration = patched
+        sys.exit(train.cli())
+    """)
+    path = tmp_path / ("ablation_killed.py" if kill_in else "ablation_whole.py")
+    path.write_text(script)
+    return path
+
+
+def test_ablation_resumed_after_sigkill_mid_variant_gives_the_same_json(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def ablation(script, out, *extra):
+        return subprocess.run([sys.executable, str(script), "--ablation", "--model", str(tiny_model_dir), "--prompts",
+                               str(prompts), "--batch-size", "1", "--save-every", "1", "--no-progress", "--out",
+                               str(out), *extra], capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    whole = ablation(ablation_script(tmp_path, None), tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    killed = ablation(ablation_script(tmp_path, "no_w/iter_1"), tmp_path / "cut")
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / "cut" / "no_w" / "iter_1" / "resume").is_dir()  # killed mid-variant, mid-epoch
+    assert not (tmp_path / "cut" / "ablation.json").exists()
+    resumed = ablation(ablation_script(tmp_path, None), tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "cut" / "ablation.json").read_text() == (tmp_path / "whole" / "ablation.json").read_text()

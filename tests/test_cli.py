@@ -38,6 +38,7 @@ CASES = [  # (flags, what the error line must say)
     (["--max-new-tokens", "0"], "--max-new-tokens 0 is out of range (allowed: >= 1)"),
     (["--sample-batch-size", "0"], "--sample-batch-size 0 is out of range"),
     (["--cutoff", "1"], "--cutoff 1 is out of range (allowed: >= 2 tokens)"),
+    (["--cutoff", "40"], "--cutoff 40 cannot hold the longest prompt ("),
     (["--eval-prompts", "-1"], "--eval-prompts -1 is out of range (allowed: >= 0"),
     (["--save-every", "0"], "--save-every 0 is out of range"),
     (["--lora-rank", "0"], "--lora-rank 0 is out of range"),

@@ -1,20 +1,30 @@
 """The paper's ablation at small scale: SSO vs without W, without G, and PBAA (neither).
 
-docs/algorithm.md (v1 Tables 5/12): without W, response length grows fast over iterations
-(Qwen2-7B-Instruct, iteration 3: ~4.5k tokens without W vs ~2.8k with it). Here the
-four variants run the same loop from the same start, prompts and seeds; then every
-iteration's model is measured objectively (evaluate.py) and the results are laid out
-in the shape of Table 5:
+The paper's claims (docs/algorithm.md), each with the column that tests it here:
 
-    variant | iter | length (MT-Bench tokens) | IFEval strict | on-policy log-prob | judge acc | reward acc
+    1. SSO's pairs stay accurate over iterations  -> signal acc: of the pairs a rule can decide
+       (checkable prompts, verified_pairs.py), the share where y+ passes and y- fails
+    2. SSO's pairs stay on-policy                  -> on-policy: mean token log-prob of y+ and y-
+       under x, by the policy that sampled them (its reference pass)
+    3. W curbs length growth                       -> length / EOS rate of the held-out plain answers y^o
+    4. quality rises                               -> IFEval prompt- and instruction-strict on a fixed
+       subset, with McNemar's test against the start model and between variants
 
-"judge acc" counts only self-consistent votes of the self-reference judge (judge.py);
-"SPPL acc" is the share of pairs whose semantic perplexity favours the chosen response.
+The four variants run train.py's loop from the same start, prompts and seeds (iteration 0's
+data are shared, only training differs); a row "iteration t" holds the data iteration t
+trained on (signal, on-policy) and the model it produced (held-out reward accuracy, length,
+IFEval). The self-reference judge's accuracy where it votes and the semantic-perplexity
+accuracy stay as second columns.
 
     python train.py --ablation [--out runs/ablation] [--scale 4]   (any other flag of train.py applies too)
+
+Writes ablation.md (the table), ablation.json (every number in it, and more),
+ablation_signals.png (signal accuracy and on-policy-ness against iteration, as v1 Fig. 4) and
+ablation_length.png (length and EOS rate against iteration). Resumable: rerun with --resume.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -23,10 +33,16 @@ from pathlib import Path
 
 from ..assets import write_atomic, write_json
 from ..checkpoint import load_model
-from .evaluate import evaluate_model
+from ..records import read_jsonl
+from .evaluate import ifeval_eval
+from .ifeval import paired_difference
+from .judge import judge_pairs
+from .report import wilson_interval
 
 VARIANTS = {"SSO": {"no_w": False, "no_g": False}, "w/o W": {"no_w": True, "no_g": False},
             "w/o G": {"no_w": False, "no_g": True}, "PBAA (w/o W, G)": {"no_w": True, "no_g": True}}
+SHARED = ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors",
+          "eval_pairs.jsonl", "eval_data_stats.json", "eval_ref_logps.safetensors")
 
 
 def slug(name):
@@ -34,122 +50,197 @@ def slug(name):
 
 
 def settings(scale: int) -> dict:
-    """Default sizes finish on 2 CPU cores in about an hour; --scale N multiplies the data."""
-    return {"prompts_per_iteration": 12 * scale, "max_new_tokens": 48 * min(scale, 4), "iterations": 3,
-            "ifeval_limit": 40 * scale, "mtbench_limit": 12 * scale, "eval_max_new_tokens": 160 * min(scale, 4),
-            "judge_samples": 6 * scale, "eval_batch_size": 48}
+    """The CPU default and --scale N (N times the data; the GPU size). Chosen from measurements
+    (benchmarks/README.md): the learning curve for the records and the learning rate, the start
+    model's natural answer lengths for the cap."""
+    variants = ["SSO", "w/o W", "PBAA (w/o W, G)"] if scale == 1 else list(VARIANTS)  # the CPU drops w/o G
+    return {"variants": variants, "prompts_per_iteration": 16 * scale, "eval_prompts": 16 * scale,
+            "max_new_tokens": 64 * min(scale, 8), "iterations": 3, "verifier_share": 0.5, "lr": 2e-5,
+            "ifeval_limit": 40 * scale, "eval_max_new_tokens": 128 * min(scale, 4), "judge_samples": 4 * scale,
+            "eval_batch_size": 48}
 
 
 def share_first_iteration(sso: Path, run: Path, switches: dict):
-    """Start a variant's run folder with SSO's iteration-0 pairs and reference log-probs.
+    """Start a variant's run folder with SSO's iteration-0 records and reference log-probs.
 
     Iteration 0 samples from the start model with the same prompts and seed in every variant,
-    so its data are identical; only the training differs. Sampling and scoring them once instead
-    of four times saves ~3 minutes of the default run. The folder appears whole or not at all.
+    so its data are identical; only the training differs. The folder appears whole or not at all.
     """
     settings = json.loads((sso / "run.json").read_text()) | switches
     tmp = run.with_name(run.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "iter_0").mkdir(parents=True)
-    for name in ("pairs.jsonl", "data_stats.json", "ref_logps.safetensors"):
-        shutil.copy2(sso / "iter_0" / name, tmp / "iter_0" / name)
+    for name in SHARED:
+        if (sso / "iter_0" / name).exists():
+            shutil.copy2(sso / "iter_0" / name, tmp / "iter_0" / name)
     write_json(tmp / "run.json", settings)  # what train.py --resume checks
     os.replace(tmp, run)
+
+
+def evaluate(model_dir: Path, pairs_file: Path | None, judge, s: dict, memo: dict, progress: bool) -> dict:
+    """IFEval on the fixed subset (greedy) and, for a trained model's pairs, the judge's votes."""
+    model, tokenizer = load_model(model_dir)
+    out = {"ifeval": ifeval_eval(model, tokenizer, limit=s["ifeval_limit"], max_new_tokens=s["eval_max_new_tokens"],
+                                 batch_size=s["eval_batch_size"], progress=progress), "judge": None}
+    if pairs_file is not None and s["judge_samples"]:
+        records = read_jsonl(pairs_file)[:s["judge_samples"]]
+        out["judge"] = judge_pairs(*judge, records, max_new_tokens=s["eval_max_new_tokens"],
+                                   batch_size=s["eval_batch_size"], progress=progress, memo=memo)
+        out["judge"].pop("records")
+    return out
 
 
 def run_ablation(train_run, args: argparse.Namespace, out: Path, **overrides) -> dict:
     """Train the four variants with train.run on the settings in `args` (train.py's flags; the
     ablation's own sizes replace theirs), then evaluate every iteration's model."""
     s = {**settings(args.scale), **overrides}
-    resume, progress = args.resume, not args.no_progress
+    progress = not args.no_progress
     out.mkdir(parents=True, exist_ok=True)
-    common = {**vars(args), "iterations": s["iterations"], "prompts_per_iteration": s["prompts_per_iteration"],
-              "max_new_tokens": s["max_new_tokens"], "ablation": False,
-              "eval_prompts": 0}  # the variants are measured below, on IFEval and MT-Bench
-    for name, switches in VARIANTS.items():
-        run = out / slug(name)
+    sizes = {k: s[k] for k in ("iterations", "prompts_per_iteration", "eval_prompts", "max_new_tokens",
+                               "verifier_share", "lr")}
+    common = {**vars(args), **sizes, "ablation": False}
+    for name in s["variants"]:
+        run, switches = out / slug(name), VARIANTS[name]
         if name != "SSO" and not run.exists():
             share_first_iteration(out / "sso", run, switches)
-        if not (run / f"iter_{s['iterations'] - 1}" / "summary.json").exists():
+        if not (run / "final" / "summary.json").exists():
             train_run(argparse.Namespace(**{**common, **switches, "out": str(run), "resume": run.exists()}))
     start_model = json.loads((out / "sso" / "run.json").read_text())["model"]
-    judge = load_model(start_model)  # one fixed judge for every variant: the starting policy
-    kw = dict(ifeval_limit=s["ifeval_limit"], mtbench_limit=s["mtbench_limit"], max_new_tokens=s["eval_max_new_tokens"],
-              judge_samples=s["judge_samples"], judge_max_new_tokens=s["eval_max_new_tokens"], judge_memo={},
-              batch_size=s["eval_batch_size"], progress=progress)
+    judge, memo = load_model(start_model), {}  # one fixed judge for every variant: the starting policy
     cache = out / "evaluations.json"
-    evals = json.loads(cache.read_text()) if cache.exists() and resume else {}
-    if "start" not in evals:
-        evals["start"] = evaluate_model(start_model, **kw)
-        write_atomic(cache, json.dumps(evals, indent=2))
-    rows = [_row("start", 0, evals["start"], None)]
-    for name in VARIANTS:
-        for t in range(s["iterations"]):
-            it = out / slug(name) / f"iter_{t}"
-            key = f"{slug(name)}/{t}"
-            if key not in evals:
-                evals[key] = evaluate_model(it / "model", pairs_file=it / "pairs.jsonl", judge=judge, **kw)
-                write_atomic(cache, json.dumps(evals, indent=2))
-            rows.append(_row(name, t + 1, evals[key], json.loads((it / "summary.json").read_text())))
-    result = {"settings": s, "rows": rows}
+    evals = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = [("start", start_model, None)] + [
+        (f"{slug(n)}/{t}", out / slug(n) / f"iter_{t}" / "model", out / slug(n) / f"iter_{t}" / "pairs.jsonl")
+        for n in s["variants"] for t in range(s["iterations"])]
+    for key, model_dir, pairs in todo:
+        if key not in evals:
+            evals[key] = evaluate(model_dir, pairs, judge, s, memo, progress)
+            write_atomic(cache, json.dumps(evals, indent=2))
+    result = {"settings": s, "rows": rows(out, evals, s), "comparisons": comparisons(evals, s)}
     write_atomic(out / "ablation.json", json.dumps(result, indent=2))
     write_atomic(out / "ablation.md", markdown(result))
-    plot(rows, out / "ablation.png")
+    plot(result["rows"], out)
     return result
 
 
-def _row(name, iteration, ev, summary) -> dict:
-    ifeval, length = ev["ifeval"], ev["length"]
-    return {
-        "variant": name, "iteration": iteration,
-        "length": length["mean_tokens"], "capped": length["cap_share"],
-        "ifeval_strict": ifeval["prompt_strict"], "ifeval_se": ifeval["prompt_strict_se"],
-        "onpolicy": ev["onpolicy"]["mean"] if ev.get("onpolicy") else None,
-        "judge_acc": ev["judge"]["accuracy"] if ev.get("judge") else None,
-        "judge_votes": ev["judge"]["n_voted"] if ev.get("judge") else None,
-        "sppl_acc": ev["judge"]["perplexity_accuracy"] if ev.get("judge") else None,
-        "reward_acc": summary["acc"] if summary else None,
-        "pairs_len": summary["len_chosen"] if summary else None,
-    }
+def pooled_signal(*signals) -> dict:
+    """Signal accuracy over several record sets of one iteration (training and held out)."""
+    right, decided = sum(g["pos_only"] for g in signals), sum(g["decided"] for g in signals)
+    return {"accuracy": right / decided if decided else None, "interval": wilson_interval(right, decided),
+            "decided": decided, "checked": sum(g["checked"] for g in signals)}
 
 
-def _fmt(v, spec):
-    return "-" if v is None or math.isnan(v) else format(v, spec)  # NaN: e.g. a judge accuracy with no votes
+def ifeval_columns(ev: dict, start: dict) -> dict:
+    i = ev["ifeval"]
+    vs = paired_difference(i["prompt_strict_pass"], start["ifeval"]["prompt_strict_pass"])
+    return {"ifeval_prompt_strict": i["prompt_strict"], "ifeval_prompt_strict_se": i["prompt_strict_se"],
+            "ifeval_instruction_strict": i["instruction_strict"],
+            "ifeval_instruction_strict_se": i["instruction_strict_se"],
+            "ifeval_vs_start": vs["difference"], "ifeval_vs_start_p": vs["p_exact"]}
+
+
+def rows(out: Path, evals: dict, s: dict) -> list[dict]:
+    """One row for the start model, then one per variant and iteration (see the module docstring)."""
+    read = lambda path: json.loads(path.read_text())  # noqa: E731
+    start_gen = read(out / "sso" / "iter_0" / "summary.json")["generation"]
+    table = [{"variant": "start", "iteration": 0, "length": start_gen["mean_length"],
+              "eos_rate": start_gen["eos_rate"], **ifeval_columns(evals["start"], evals["start"])}]
+    iterations = s["iterations"]
+    for name in s["variants"]:
+        run = out / slug(name)
+        for t in range(1, iterations + 1):
+            s = read(run / f"iter_{t - 1}" / "summary.json")
+            after = run / (f"iter_{t}" if t < iterations else "final") / "summary.json"
+            gen, ev, judge = read(after)["generation"], s["eval"], evals[f"{slug(name)}/{t - 1}"]["judge"]
+            signal = pooled_signal(s["signal"], ev["signal"])
+            table.append({
+                "variant": name, "iteration": t, "length": gen["mean_length"], "eos_rate": gen["eos_rate"],
+                "signal_acc": signal["accuracy"], "signal_interval": signal["interval"],
+                "signal_decided": signal["decided"], "signal_checked": signal["checked"],
+                "onpolicy_y_pos": s["onpolicy"]["y_pos"], "onpolicy_y_neg": s["onpolicy"]["y_neg"],
+                "heldout_acc": ev["eval_rewards/accuracies"],
+                "heldout_interval": ev["intervals"]["eval_rewards/accuracies"], "heldout_n": ev["n"],
+                **ifeval_columns(evals[f"{slug(name)}/{t - 1}"], evals["start"]),
+                "judge_acc": judge["accuracy"] if judge else None, "judge_votes": judge["n_voted"] if judge else None,
+                "sppl_acc": judge["perplexity_accuracy"] if judge else None,
+                "train_acc": s["acc"], "len_chosen": s["len_chosen"], "len_rejected": s["len_rejected"], "W": s["W"],
+            })
+    return table
+
+
+def comparisons(evals: dict, s: dict) -> list[dict]:
+    """IFEval prompt-strict of every two variants' last models on the same prompts (McNemar)."""
+    last = s["iterations"] - 1
+    out = []
+    for a, b in itertools.combinations(s["variants"], 2):
+        d = paired_difference(evals[f"{slug(a)}/{last}"]["ifeval"]["prompt_strict_pass"],
+                              evals[f"{slug(b)}/{last}"]["ifeval"]["prompt_strict_pass"])
+        out.append({"a": a, "b": b, "difference": d["difference"], "se": d["se"], "a_only": d["a_only"],
+                    "b_only": d["b_only"], "p_exact": d["p_exact"]})
+    return out
+
+
+def _f(v, spec):
+    return "-" if v is None or math.isnan(v) else format(v, spec)  # None / NaN: e.g. no decided pair, no judge vote
 
 
 def markdown(result) -> str:
-    lines = ["| variant | iter | length (tokens) | capped | IFEval strict (±se) | on-policy log-prob | "
-             "judge acc (votes) | SPPL acc | reward acc |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | iter | length (tokens) | EOS rate | signal acc [95% CI] (decided) | on-policy y+ / y- | "
+             "held-out acc [95% CI] | IFEval prompt strict ± se (vs start, p) | IFEval instr strict ± se | "
+             "judge acc (votes) | SPPL acc |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        votes = "" if r["judge_votes"] is None else f" ({r['judge_votes']})"
-        lines.append(f"| {r['variant']} | {r['iteration']} | {_fmt(r['length'], '.0f')} | {_fmt(r['capped'], '.2f')} | "
-                     f"{100 * r['ifeval_strict']:.1f} ± {100 * r['ifeval_se']:.1f} | {_fmt(r['onpolicy'], '.3f')} | "
-                     f"{_fmt(r['judge_acc'], '.2f')}{votes} | {_fmt(r['sppl_acc'], '.2f')} | "
-                     f"{_fmt(r['reward_acc'], '.2f')} |")
-    s = result["settings"]
-    lines.append(f"\nSettings: {json.dumps(s)}")
+        signal = "-" if "signal_acc" not in r else (
+            f"{_f(r['signal_acc'], '.2f')} [{r['signal_interval'][0]:.2f}, {r['signal_interval'][1]:.2f}] "
+            f"({r['signal_decided']})")
+        onpolicy = "-" if "onpolicy_y_pos" not in r else f"{r['onpolicy_y_pos']:.3f} / {r['onpolicy_y_neg']:.3f}"
+        held = "-" if "heldout_acc" not in r else (
+            f"{r['heldout_acc']:.2f} [{r['heldout_interval'][0]:.2f}, {r['heldout_interval'][1]:.2f}]")
+        vs = "" if r["variant"] == "start" else f" ({100 * r['ifeval_vs_start']:+.1f}, p {r['ifeval_vs_start_p']:.2f})"
+        votes = "" if r.get("judge_votes") is None else f" ({r['judge_votes']})"
+        lines.append(
+            f"| {r['variant']} | {r['iteration']} | {r['length']:.1f} | {r['eos_rate']:.2f} | {signal} | {onpolicy} | "
+            f"{held} | {100 * r['ifeval_prompt_strict']:.1f} ± {100 * r['ifeval_prompt_strict_se']:.1f}{vs} | "
+            f"{100 * r['ifeval_instruction_strict']:.1f} ± {100 * r['ifeval_instruction_strict_se']:.1f} | "
+            f"{_f(r.get('judge_acc'), '.2f')}{votes} | {_f(r.get('sppl_acc'), '.2f')} |")
+    lines += ["", "IFEval prompt strict, last iteration, A - B on the same prompts (McNemar, exact):", "",
+              "| A | B | A - B (points) ± se | A only / B only | p |", "|---|---|---|---|---|"]
+    for c in result["comparisons"]:
+        lines.append(f"| {c['a']} | {c['b']} | {100 * c['difference']:+.1f} ± {100 * c['se']:.1f} | "
+                     f"{c['a_only']} / {c['b_only']} | {c['p_exact']:.2f} |")
+    lines.append(f"\nSettings: {json.dumps(result['settings'])}")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, png: Path):
+def plot(rows, out: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     start = rows[0]
-    for name in VARIANTS:
-        rs = [start] + [r for r in rows if r["variant"] == name]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig_len, axes_len = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["variant"] for r in rows[1:]):
+        rs = [r for r in rows if r["variant"] == name]
         x = [r["iteration"] for r in rs]
-        axes[0].plot(x, [r["length"] for r in rs], marker="o", label=name)
-        axes[1].plot(x, [100 * r["ifeval_strict"] for r in rs], marker="o", label=name)
-        axes[2].plot(x[1:], [r["onpolicy"] for r in rs[1:]], marker="o", label=name)
-    for ax, title in zip(axes, ("MT-Bench response length (tokens)", "IFEval prompt strict (%)",
-                                "on-policy: mean log-prob of the pairs")):
-        ax.set_title(title)
+        acc = [r["signal_acc"] for r in rs]
+        err = [[0 if a is None else a - r["signal_interval"][0] for a, r in zip(acc, rs)],
+               [0 if a is None else r["signal_interval"][1] - a for a, r in zip(acc, rs)]]
+        line = axes[0].errorbar(x, [float("nan") if a is None else a for a in acc], yerr=err, marker="o",
+                                capsize=3, label=name)
+        color = line[0].get_color()
+        axes[1].plot(x, [r["onpolicy_y_pos"] for r in rs], "o-", color=color, label=f"{name} y+")
+        axes[1].plot(x, [r["onpolicy_y_neg"] for r in rs], "s--", color=color, label=f"{name} y-")
+        axes_len[0].plot([0] + x, [start["length"]] + [r["length"] for r in rs], "o-", label=name)
+        axes_len[1].plot([0] + x, [start["eos_rate"]] + [r["eos_rate"] for r in rs], "o-", label=name)
+    axes[0].set(title="signal accuracy: y+ passes, y- fails (rule-decided pairs, 95% CI)", ylim=(0, 1))
+    axes[1].set(title="on-policy: mean token log-prob under x, sampling policy")
+    axes_len[0].set(title="held-out plain answers y^o: mean length (tokens)")
+    axes_len[1].set(title="held-out plain answers y^o: EOS rate", ylim=(0, 1))
+    for ax in (*axes, *axes_len):
         ax.set_xlabel("iteration")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+        ax.legend(fontsize="small")
+    for f, name in ((fig, "ablation_signals.png"), (fig_len, "ablation_length.png")):
+        f.tight_layout()
+        f.savefig(out / name)
+        plt.close(f)

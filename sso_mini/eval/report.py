@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from ..assets import write_atomic, write_json
 from ..batches import record_sequences
 from ..distributed import barrier, is_main, on_main
-from ..losses import sso_loss
+from ..losses import CHOSEN, REJECTED, sso_loss
 from ..records import DROP_REASONS, RESPONSES, generation_stats, read_jsonl, sample_plain, write_jsonl
 from ..tokenizer import end_of_turn_id
 from ..trainer import TrainConfig, loss_settings, score_records
+from . import ifeval
 
 
 @contextlib.contextmanager
@@ -68,6 +69,40 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def signal_accuracy(records, margins=None) -> dict:
+    """How often y+ really is better than y-, judged by a rule, over the records that carry checks.
+
+    A record's y+ and y- each pass (every instruction, strict) or fail. Pairs where both pass or
+    both fail say nothing; of the rest (`decided`), accuracy = P(y+ passes | exactly one passes),
+    with its 95% Wilson interval. `margins` ([R] reward margins of y+ over y-, e.g. a trained
+    policy's on held-out records) adds `reward_agrees`: the share of decided pairs where the
+    margin's sign agrees with the rule.
+    """
+    cases, agree = dict.fromkeys(("both_pass", "pos_only", "neg_only", "both_fail"), 0), 0
+    for i, r in enumerate(records):
+        if not r.get("checks"):
+            continue
+        check = {**r["checks"], "prompt": r["prompt"]}
+        pos, neg = (all(ifeval.check(check, r[k])[0]) for k in ("chosen", "rejected"))
+        cases["both_pass" if pos and neg else "pos_only" if pos else "neg_only" if neg else "both_fail"] += 1
+        if margins is not None and pos != neg:
+            agree += (margins[i] > 0) == pos
+    decided = cases["pos_only"] + cases["neg_only"]
+    out = {"checked": sum(cases.values()), "decided": decided, **cases,
+           "accuracy": cases["pos_only"] / decided if decided else None,
+           "interval": wilson_interval(cases["pos_only"], decided)}
+    if margins is not None:
+        out |= {"reward_agrees": agree / decided if decided else None, "reward_interval": wilson_interval(agree, decided)}
+    return out
+
+
+def mean_token_logps(tokenizer, records, logps, cutoff: int) -> dict:
+    """Mean per-token log-prob of y+ and y- under the plain prompt x (columns chosen, rejected): with the
+    logps of the policy that sampled them (its reference pass), how on-policy the pairs are."""
+    per_token = logps / record_lengths(tokenizer, records, cutoff).clamp(min=1)
+    return {"y_pos": per_token[:, CHOSEN].mean().item(), "y_neg": per_token[:, REJECTED].mean().item()}
 
 
 def score_held_out(it: Path, cfg, load_policy, progress: bool):
@@ -123,14 +158,21 @@ def summarize(t, it, history, tokenizer, cfg, sampled: bool) -> dict:
         "loss": mean(history, "loss"), "W": mean(history, "W"), "acc": mean(moved, "rewards/accuracies"),
         "p_acc": mean(moved, "p_rewards/accuracies"), "n_acc": mean(moved, "n_rewards/accuracies"),
         "steps_at_reference": len(history) - len(moved), "eval": None, "generation": None,
+        "signal": signal_accuracy(records), "onpolicy": None,
         "seconds": {**seconds, "total": round(sum(seconds.values()), 1)},
     }
     if (it / "eval_pairs.jsonl").exists():
         held_out = read_jsonl(it / "eval_pairs.jsonl")
         ref, policy = (load_file(it / f"eval_{name}.safetensors")["logps"] for name in ("ref_logps", "logps"))
         summary["eval"] = held_out_metrics(tokenizer, held_out, policy, ref, cfg)
+        lengths = record_lengths(tokenizer, held_out, cfg.cutoff).clamp(min=1)
+        reward = (policy - ref) / lengths  # change in mean token log-prob: the implicit reward, up to beta
+        summary["eval"]["signal"] = signal_accuracy(held_out, reward[:, CHOSEN] - reward[:, REJECTED])
         if sampled:
             summary["generation"] = generation_stats(tokenizer, held_out)
+    if sampled:  # the reference pass is the policy that sampled these records
+        summary["onpolicy"] = mean_token_logps(tokenizer, records, load_file(it / "ref_logps.safetensors")["logps"],
+                                               cfg.cutoff)
     return summary
 
 

@@ -13,6 +13,7 @@ is honest. The generators never produce the 541 IFEval evaluation prompts: the b
 are ours and the instruction arguments are random draws, seeded per prompt.
 """
 
+import math
 import random
 
 from ..generate import generate_batched
@@ -85,6 +86,23 @@ def draw_prompts(n_prompts: int, seed: int, max_instructions: int) -> tuple[list
         else:
             records.append(r)
     return records, dropped
+
+
+def mix_in_checkable(prompts: list[str], share: float, seed: int) -> tuple[list[str], dict[str, dict]]:
+    """Replace a `share` of the prompts, spread evenly through the list, by prompts a rule can check
+    (one of our base tasks + one IFEval instruction, as draw_prompt draws them).
+
+    Returns the new list and {prompt: its checks} for records to carry ("checks": key,
+    instruction_id_list, kwargs), so that any later step can verify y+ and y- (report.signal_accuracy).
+    One instruction per prompt: a single rule decides each pair.
+    """
+    slots = [j for j in range(len(prompts)) if math.floor((j + 1) * share) > math.floor(j * share)]
+    drawn, _ = draw_prompts(len(slots), f"{seed}-mix", max_instructions=1)
+    out, checks = list(prompts), {}
+    for j, r in zip(slots, drawn):
+        out[j] = r["prompt"]
+        checks[r["prompt"]] = {k: r[k] for k in ("key", "instruction_id_list", "kwargs")}
+    return out, checks
 
 
 def sample_answers(model, tokenizer, records, *, samples, temperature, top_p, max_new_tokens, seed, batch_size,

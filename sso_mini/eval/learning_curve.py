@@ -1,0 +1,170 @@
+"""How many records and which learning rate one SSO iteration needs before held-out numbers move.
+
+    python -m sso_mini.eval.learning_curve [--out runs/curve] [--records 32,64,128]
+        [--lrs 5e-6,2e-5,5e-5] [--losses ipo] [--eval-prompts 64] [any other flag of train.py]
+
+One pool of records is sampled once from the start model: the largest --records training
+records plus --eval-prompts held-out ones. Every grid point (records N, lr, loss) is one
+train.py iteration from the same start on the first N records of that pool, scored on the
+same held-out records against the same reference log-probs, so only N, lr and the loss
+differ. The numbers are train.py's own (iter_0/summary.json, final/summary.json):
+
+    held-out eval_rewards/accuracies on x, x+, x- with 95% Wilson intervals
+    `reward_agrees`: on held-out records a rule decides (eval/verified_pairs.py), the share
+        where the trained policy's implicit reward prefers the response that passes
+    the trained policy's plain answers (y^o) on the held-out prompts: mean length, EOS rate
+
+Several invocations may share --out (e.g. `--losses dpo --records 128` after the IPO grid);
+curve.json, curve.md and curve.png gather every point found there.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ..assets import write_atomic, write_json
+from ..records import read_jsonl, write_jsonl
+from .report import wilson_interval
+
+
+def point_name(n: int, lr: float, loss: str) -> str:
+    return f"{loss}_lr{lr:g}_n{n}"
+
+
+def seed_point(source: Path, run: Path, n: int, settings: dict):
+    """Start a grid point's run folder from the pool: the first n records, the held-out records and the
+    reference log-probs of both (sliced: one row per record). The folder appears whole or not at all."""
+    tmp = run.with_name(run.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "iter_0").mkdir(parents=True)
+    src, dst = source / "iter_0", tmp / "iter_0"
+    write_jsonl(dst / "pairs.jsonl", read_jsonl(src / "pairs.jsonl")[:n])
+    write_json(dst / "data_stats.json", {"prompts": n, "records": n, "pool": str(source)})
+    save_file({"logps": load_file(src / "ref_logps.safetensors")["logps"][:n].contiguous()},
+              dst / "ref_logps.safetensors")
+    for name in ("eval_pairs.jsonl", "eval_data_stats.json", "eval_ref_logps.safetensors"):
+        shutil.copy2(src / name, dst / name)
+    write_json(tmp / "run.json", settings)  # what train.py --resume checks
+    shutil.rmtree(run, ignore_errors=True)
+    tmp.rename(run)
+
+
+def point_row(run: Path) -> dict:
+    """One grid point's numbers, from the summaries train.py wrote."""
+    settings = json.loads((run / "run.json").read_text())
+    s = json.loads((run / "iter_0" / "summary.json").read_text())
+    final = json.loads((run / "final" / "summary.json").read_text())
+    ev, n = s["eval"], s["eval"]["n"]
+    row = {"records": s["kept"], "lr": settings["lr"], "loss": settings["loss"], "n_eval": n,
+           "train_acc": s["acc"], "eval_loss": ev["eval_loss"],
+           "y_raw_length": final["generation"]["mean_length"], "y_raw_eos_rate": final["generation"]["eos_rate"],
+           "reward_agrees": ev["signal"].get("reward_agrees"), "decided": ev["signal"]["decided"],
+           "reward_agrees_interval": ev["signal"].get("reward_interval"), "minutes": s["seconds"]["total"] / 60}
+    for p in ("", "p_", "n_"):
+        acc = ev[f"eval_{p}rewards/accuracies"]
+        row[f"eval_{p}acc"] = acc
+        row[f"eval_{p}acc_interval"] = wilson_interval(round(acc * n), n)
+        row[f"eval_{p}margin"] = ev[f"eval_{p}rewards/margins"]
+    return row
+
+
+def markdown(rows, start: dict) -> str:
+    lines = ["| loss | lr | records | held-out acc x [95% CI] | x+ | x- | margin x | verifier agrees (decided) | "
+             "y^o length / EOS | train acc | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| start | - | - | - | - | - | - | - | {start['mean_length']:.1f} / {start['eos_rate']:.2f} | - | - |"]
+    for r in rows:
+        lo, hi = r["eval_acc_interval"]
+        agree = "-" if r["reward_agrees"] is None else f"{r['reward_agrees']:.2f} ({r['decided']})"
+        lines.append(f"| {r['loss']} | {r['lr']:g} | {r['records']} | {r['eval_acc']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                     f"{r['eval_p_acc']:.2f} | {r['eval_n_acc']:.2f} | {r['eval_margin']:.5f} | {agree} | "
+                     f"{r['y_raw_length']:.1f} / {r['y_raw_eos_rate']:.2f} | {r['train_acc']:.2f} | "
+                     f"{r['minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, png: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for loss, lr in sorted({(r["loss"], r["lr"]) for r in rows}):
+        rs = sorted((r for r in rows if (r["loss"], r["lr"]) == (loss, lr)), key=lambda r: r["records"])
+        x = [r["records"] for r in rs]
+        y = [r["eval_acc"] for r in rs]
+        err = [[a - r["eval_acc_interval"][0] for a, r in zip(y, rs)], [r["eval_acc_interval"][1] - a
+                                                                       for a, r in zip(y, rs)]]
+        axes[0].errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{loss} lr {lr:g}")
+        axes[1].plot(x, [r["eval_margin"] for r in rs], marker="o", label=f"{loss} lr {lr:g}")
+    axes[0].axhline(0.5, color="grey", lw=0.5)
+    axes[0].set(title="held-out reward accuracy x: y+ > y- (95% CI)", xlabel="training records", xscale="log",
+                ylim=(0, 1))
+    axes[1].axhline(0, color="grey", lw=0.5)
+    axes[1].set(title="held-out reward margin x (beta * mean token log-prob)", xlabel="training records",
+                xscale="log")
+    for ax in axes:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def gather(out: Path, source: Path) -> dict:
+    rows = [point_row(p) for p in sorted(out.iterdir())
+            if p.is_dir() and (p / "final" / "summary.json").exists()]
+    rows.sort(key=lambda r: (r["loss"], r["lr"], r["records"]))
+    start = json.loads((source / "iter_0" / "summary.json").read_text())["generation"]
+    result = {"pool": str(source), "start_generation": start, "points": rows}
+    write_atomic(out / "curve.json", json.dumps(result, indent=2))
+    write_atomic(out / "curve.md", markdown(rows, start))
+    plot(rows, out / "curve.png")
+    return result
+
+
+def main(argv=None):
+    import train  # the repository's recipe (run from the repository root)
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
+    ap.add_argument("--out", default="runs/curve")
+    ap.add_argument("--records", default="32,64,128")
+    ap.add_argument("--lrs", default="5e-6,2e-5,5e-5")
+    ap.add_argument("--losses", default="ipo")
+    ap.add_argument("--eval-prompts", type=int, default=64)
+    ours, rest = ap.parse_known_args(argv)
+    sizes = sorted(int(v) for v in ours.records.split(","))
+    lrs, losses, out = [float(v) for v in ours.lrs.split(",")], ours.losses.split(","), Path(ours.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "pool"
+
+    def point_args(n, lr, loss, folder, resume):
+        argv = [*rest, "--iterations", "1", "--prompts-per-iteration", str(n), "--eval-prompts",
+                str(ours.eval_prompts), "--lr", str(lr), "--loss", loss, "--out", str(folder)]
+        return train.parse_args(argv + (["--resume"] if resume else []))
+
+    if not (source / "final" / "summary.json").exists():  # the pool: sampled once, trained as the first point
+        train.run(point_args(max(sizes), lrs[0], losses[0], source, resume=source.exists()))
+    pool_settings = json.loads((source / "run.json").read_text())
+    for loss in losses:
+        for lr in lrs:
+            for n in sizes:
+                run = out / point_name(n, lr, loss)
+                if (run / "final" / "summary.json").exists():
+                    continue
+                args = point_args(n, lr, loss, run, resume=True)
+                if not (run / "run.json").exists():
+                    train.choose_lora_and_dtype(args)
+                    seed_point(source, run, n, {**pool_settings, **{k: v for k, v in vars(args).items()
+                                                                   if k in pool_settings}})
+                train.run(args)
+    result = gather(out, source)
+    print((out / "curve.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
