@@ -13,6 +13,7 @@ once, before the first update, means no second copy of the model is ever held.
 Everything on disk is safetensors or JSON (no pickle), written atomically.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -137,8 +138,8 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     """
     if cache is not None and cache.exists():
         try:
-            saved = load_file(cache)["logps"]
-        except (SafetensorError, KeyError):  # truncated or damaged: scored again, never used
+            saved = load_tensors(cache)["logps"]
+        except (SafetensorError, KeyError, ValueError):  # truncated or damaged: scored again, never used
             saved = None
         if saved is not None and saved.shape == (len(records), 6):
             return saved
@@ -158,16 +159,37 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     rows = {i: logp for part in gather_objects(out) for i, logp in part.items()}
     logps = torch.stack([rows[i] for i in range(len(records))])  # [R, 6]
     if cache is not None and is_main():
-        _atomic_save({"logps": logps}, cache)
+        save_tensors({"logps": logps}, cache)
     return logps
 
 
-def _atomic_save(tensors: dict, path: Path):
+def digest(tensors: dict) -> str:
+    """sha256 over the names and raw bytes of a dict of tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_tensors(tensors: dict, path: Path):
+    """A safetensors file with the digest of its content in its metadata, written atomically: every
+    cache and resume file sso-mini reads back is written here and read by load_tensors."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
     os.close(fd)
     with undo_on_failure(path, lambda: os.unlink(tmp)):  # a full disk: no partial file, one line naming it
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata={"sha256": digest(tensors)})
         os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> dict:
+    """The tensors of a save_tensors file; ValueError if they are not what was written (e.g. a flipped bit)."""
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        recorded = (f.metadata() or {}).get("sha256")
+    if recorded != digest(tensors):
+        raise ValueError(f"{path}: its content does not match the hash recorded when it was written")
+    return tensors
 
 
 # --- the resume state: weights, optimizer, schedule position, RNG ---------------------------
@@ -185,7 +207,7 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list):
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
     with undo_on_failure(path, lambda: shutil.rmtree(tmp)):  # a full disk: the last good state stays
         for name, t in (("optimizer", tensors), ("weights", weights), ("rng", {"torch": torch.get_rng_state()})):
-            save_file(t, str(tmp / f"{name}.safetensors"))
+            save_file(t, str(tmp / f"{name}.safetensors"), metadata={"sha256": digest(t)})
         (tmp / "state.json").write_text(json.dumps({"step": step}))
     if path.exists():
         shutil.rmtree(path)
@@ -194,8 +216,8 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list):
 
 def load_resume_state(path: Path, model, optimizer, params: list) -> int:
     """Read every file first: an unreadable one (a truncated write) raises before anything changes."""
-    weights, saved = load_file(path / "weights.safetensors"), load_file(path / "optimizer.safetensors")
-    rng, state = load_file(path / "rng.safetensors")["torch"], json.loads((path / "state.json").read_text())
+    weights, saved = load_tensors(path / "weights.safetensors"), load_tensors(path / "optimizer.safetensors")
+    rng, state = load_tensors(path / "rng.safetensors")["torch"], json.loads((path / "state.json").read_text())
     with torch.no_grad():
         for name, t in _trainable_state(model).items():
             t.copy_(like(weights[name], t))  # this rank's shard when sharded

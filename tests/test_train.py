@@ -522,11 +522,16 @@ def test_a_full_disk_names_the_file_keeps_the_state_and_resume_ends_equal(tiny_m
     assert_same_weights(tmp_path, uninterrupted)
 
 
+@pytest.mark.parametrize("how", ["truncated", "one bit flipped"])
 @pytest.mark.parametrize("damaged", ["iter_0/ref_logps.safetensors", "iter_0/resume/weights.safetensors"])
-def test_a_truncated_cache_is_never_used_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted, damaged):
+def test_a_damaged_cache_is_never_used_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted, damaged, how):
     assert fault_run(tiny_model_dir, tmp_path, KILLED_AFTER_STEP_5).returncode == -9
     path = tmp_path / "cut" / damaged
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # a write cut short
+    data = path.read_bytes()
+    if how == "truncated":  # a write cut short
+        path.write_bytes(data[:len(data) // 2])
+    else:  # a well-formed file whose last tensor byte changed: only the recorded hash can tell
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     resumed = fault_run(tiny_model_dir, tmp_path, resume=True)
     assert resumed.returncode == 0, resumed.stderr
     if "resume" in damaged:

@@ -24,10 +24,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from ..assets import write_atomic, write_json
 from ..records import read_jsonl, write_jsonl
+from ..trainer import load_tensors, save_tensors
 from .report import wilson_interval
 
 
@@ -44,8 +43,8 @@ def seed_point(source: Path, run: Path, n: int, settings: dict):
     src, dst = source / "iter_0", tmp / "iter_0"
     write_jsonl(dst / "pairs.jsonl", read_jsonl(src / "pairs.jsonl")[:n])
     write_json(dst / "data_stats.json", {"prompts": n, "records": n, "pool": str(source)})
-    save_file({"logps": load_file(src / "ref_logps.safetensors")["logps"][:n].contiguous()},
-              dst / "ref_logps.safetensors")
+    save_tensors({"logps": load_tensors(src / "ref_logps.safetensors")["logps"][:n].contiguous()},
+                 dst / "ref_logps.safetensors")
     for name in ("eval_pairs.jsonl", "eval_data_stats.json", "eval_ref_logps.safetensors"):
         shutil.copy2(src / name, dst / name)
     write_json(tmp / "run.json", settings)  # what train.py --resume checks

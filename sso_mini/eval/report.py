@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..assets import write_atomic, write_json
 from ..batches import record_sequences
@@ -20,7 +19,7 @@ from ..distributed import barrier, is_main, on_main
 from ..losses import CHOSEN, REJECTED, sso_loss
 from ..records import DROP_REASONS, RESPONSES, generation_stats, read_jsonl, sample_plain, write_jsonl
 from ..tokenizer import end_of_turn_id
-from ..trainer import TrainConfig, loss_settings, score_records
+from ..trainer import TrainConfig, load_tensors, loss_settings, score_records
 from . import ifeval
 
 
@@ -94,7 +93,8 @@ def signal_accuracy(records, margins=None) -> dict:
            "accuracy": cases["pos_only"] / decided if decided else None,
            "interval": wilson_interval(cases["pos_only"], decided)}
     if margins is not None:
-        out |= {"reward_agrees": agree / decided if decided else None, "reward_interval": wilson_interval(agree, decided)}
+        out |= {"reward_agrees": agree / decided if decided else None,
+                "reward_interval": wilson_interval(agree, decided)}
     return out
 
 
@@ -163,7 +163,7 @@ def summarize(t, it, history, tokenizer, cfg, sampled: bool) -> dict:
     }
     if (it / "eval_pairs.jsonl").exists():
         held_out = read_jsonl(it / "eval_pairs.jsonl")
-        ref, policy = (load_file(it / f"eval_{name}.safetensors")["logps"] for name in ("ref_logps", "logps"))
+        ref, policy = (load_tensors(it / f"eval_{name}.safetensors")["logps"] for name in ("ref_logps", "logps"))
         summary["eval"] = held_out_metrics(tokenizer, held_out, policy, ref, cfg)
         lengths = record_lengths(tokenizer, held_out, cfg.cutoff).clamp(min=1)
         reward = (policy - ref) / lengths  # change in mean token log-prob: the implicit reward, up to beta
@@ -171,7 +171,7 @@ def summarize(t, it, history, tokenizer, cfg, sampled: bool) -> dict:
         if sampled:
             summary["generation"] = generation_stats(tokenizer, held_out)
     if sampled:  # the reference pass is the policy that sampled these records
-        summary["onpolicy"] = mean_token_logps(tokenizer, records, load_file(it / "ref_logps.safetensors")["logps"],
+        summary["onpolicy"] = mean_token_logps(tokenizer, records, load_tensors(it / "ref_logps.safetensors")["logps"],
                                                cfg.cutoff)
     return summary
 
