@@ -452,21 +452,23 @@ def test_cli_defaults_are_the_train_config_defaults():
 # --- faults survived: each ends in weights equal to an uninterrupted run's ----------------------
 
 
-FAULT_ARGS = ["--prompts-per-iteration", "6", "--iterations", "1", "--batch-size", "1", "--save-every", "2"]
+FAULT_ARGS = ["--prompts-per-iteration", "6", "--iterations", "1", "--batch-size", "1", "--save-every", "2",
+              "--eval-prompts", "2"]
+FAULT_PROMPTS = PROMPTS + ["Say goodbye.", "Name a bird."]  # 6 to train on, 2 held out
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
     """The run every fault test must end equal to: its final weights."""
     tmp = tmp_path_factory.mktemp("whole")
-    (tmp / "prompts.txt").write_text("\n".join(PROMPTS))
+    (tmp / "prompts.txt").write_text("\n".join(FAULT_PROMPTS))
     r = run_train(*loop_args(tiny_model_dir, tmp / "prompts.txt", tmp / "run", *FAULT_ARGS), cwd=tmp)
     assert r.returncode == 0, r.stderr
     return load_file(tmp / "run" / "iter_0" / "model" / "model.safetensors")
 
 
 def fault_run(tiny_model_dir, tmp_path, patch=None, resume=False):
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    (tmp_path / "prompts.txt").write_text("\n".join(FAULT_PROMPTS))
     args = loop_args(tiny_model_dir, tmp_path / "prompts.txt", tmp_path / "cut", *FAULT_ARGS,
                      *(["--resume"] if resume else []))
     return run_killed(tmp_path, patch, *args) if patch else run_train(*args, cwd=tmp_path)
@@ -478,10 +480,25 @@ def assert_same_weights(tmp_path, expected):
 
 
 SIGTERM_AFTER_STEP_5 = KILLED_AFTER_STEP_5.replace("die()", "os.kill(os.getpid(), signal.SIGTERM)")
+SIGTERM_IN = """
+    import {module} as where
+    real = where.{function}
+    def patched(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the stage runs
+        return real(*a, **k)
+    where.{function} = patched
+"""
+STAGES = {"sampling": ("sso_mini.records", "generate_batched"), "reference pass": ("train", "score_records"),
+          "training": None, "saving the model": ("train", "save_model"),
+          "held-out scoring": ("sso_mini.eval.report", "score_records"),
+          "final sampling": ("sso_mini.eval.report", "sample_plain")}
 
 
-def test_sigterm_stops_with_one_line_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted):
-    stopped = fault_run(tiny_model_dir, tmp_path, SIGTERM_AFTER_STEP_5)
+@pytest.mark.parametrize("stage", STAGES)
+def test_sigterm_stops_with_one_line_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted, stage):
+    patch = SIGTERM_IN.format(module=STAGES[stage][0], function=STAGES[stage][1]) if STAGES[stage] \
+        else SIGTERM_AFTER_STEP_5
+    stopped = fault_run(tiny_model_dir, tmp_path, patch)
     assert stopped.returncode == 130
     assert stopped.stderr.strip().splitlines()[-1] == \
         "error: interrupted; the same command with --resume continues from the last saved step"
