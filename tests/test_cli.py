@@ -31,6 +31,7 @@ CASES = [  # (flags, what the error line must say)
     (["--batch-size", "2", "--micro-batch-size", "3"],
      "--micro-batch-size 3 is out of range (allowed: 1 to --batch-size)"),
     (["--alpha", "2"], "--alpha 2.0 is out of range (allowed: 0 to 1)"),
+    (["--verifier-share", "2"], "--verifier-share 2.0 is out of range (allowed: 0 to 1)"),
     (["--theta", "-1"], "--theta -1.0 is out of range (allowed: >= 0)"),
     (["--beta", "0"], "--beta 0.0 is out of range (allowed: > 0)"),
     (["--iterations", "0"], "--iterations 0 is out of range (allowed: >= 1)"),
