@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sso_mini.eval import ifeval
-from sso_mini.eval.report import mean_token_logps, record_lengths, signal_accuracy, wilson_interval
+from sso_mini.eval.report import mean_token_logps, pooled_signal, record_lengths, signal_accuracy, wilson_interval
 from sso_mini.eval.verified_pairs import mix_in_checkable
 
 NO_COMMA = {"key": "t", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
@@ -34,6 +34,9 @@ def test_signal_accuracy_counts_every_case_of_the_conditional():
     assert signal_accuracy(records, margins)["reward_agrees"] == 3 / 4
     none = signal_accuracy([record("Hi friend.", "Hello friend.")])
     assert none["decided"] == 0 and none["accuracy"] is None and none["interval"] == (0.0, 1.0)
+    pooled = pooled_signal(s, signal_accuracy([record("Hi friend.", "Hi, you.")]), none)  # 3 + 1 right of 4 + 1
+    assert (pooled["accuracy"], pooled["decided"], pooled["checked"]) == (4 / 5, 5, 8)
+    assert pooled["interval"] == wilson_interval(4, 5)
 
 
 @pytest.mark.parametrize("share,expected", [(0.0, 0), (0.25, 10), (0.5, 20), (1.0, 40)])

@@ -37,7 +37,7 @@ from ..records import read_jsonl
 from .evaluate import ifeval_eval
 from .ifeval import paired_difference
 from .judge import judge_pairs
-from .report import wilson_interval
+from .report import pooled_signal
 
 VARIANTS = {"SSO": {"no_w": False, "no_g": False}, "w/o W": {"no_w": True, "no_g": False},
             "w/o G": {"no_w": False, "no_g": True}, "PBAA (w/o W, G)": {"no_w": True, "no_g": True}}
@@ -121,13 +121,6 @@ def run_ablation(train_run, args: argparse.Namespace, out: Path, **overrides) ->
     write_atomic(out / "ablation.md", markdown(result))
     plot(result["rows"], out)
     return result
-
-
-def pooled_signal(*signals) -> dict:
-    """Signal accuracy over several record sets of one iteration (training and held out)."""
-    right, decided = sum(g["pos_only"] for g in signals), sum(g["decided"] for g in signals)
-    return {"accuracy": right / decided if decided else None, "interval": wilson_interval(right, decided),
-            "decided": decided, "checked": sum(g["checked"] for g in signals)}
 
 
 def ifeval_columns(ev: dict, start: dict) -> dict:

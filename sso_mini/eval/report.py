@@ -98,6 +98,13 @@ def signal_accuracy(records, margins=None) -> dict:
     return out
 
 
+def pooled_signal(*signals) -> dict:
+    """signal_accuracy over several record sets of one iteration (its training and held-out records)."""
+    right, decided = sum(g["pos_only"] for g in signals), sum(g["decided"] for g in signals)
+    return {"accuracy": right / decided if decided else None, "interval": wilson_interval(right, decided),
+            "decided": decided, "checked": sum(g["checked"] for g in signals)}
+
+
 def mean_token_logps(tokenizer, records, logps, cutoff: int) -> dict:
     """Mean per-token log-prob of y+ and y- under the plain prompt x (columns chosen, rejected): with the
     logps of the policy that sampled them (its reference pass), how on-policy the pairs are."""
@@ -193,8 +200,9 @@ def fmt(x, spec=".2f"):
 def print_table(rows, final=None):
     """The end-of-run table: training (steps where the policy moved), held-out, the policy's own answers."""
     print("\n| iter | kept/prompts | len y+ / y- / y^o | loss | W | train acc x / x+ / x- "
-          "| held-out acc x [95% CI] / x+ / x- (n) | y^o length / eos rate (held out) | minutes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| held-out acc x [95% CI] / x+ / x- (n) | signal acc (decided) | on-policy y+ / y- "
+          "| y^o length / eos rate (held out) | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows + ([final] if final else []):
         ev, gen = r.get("eval"), r.get("generation")
         if "kept" in r:
@@ -209,7 +217,10 @@ def print_table(rows, final=None):
             f"{ev['intervals']['eval_rewards/accuracies'][1]:.2f}] / {ev['eval_p_rewards/accuracies']:.2f} / "
             f"{ev['eval_n_rewards/accuracies']:.2f} ({ev['n']})")
         behaviour = "-" if not gen else f"{gen['mean_length']:.1f} / {gen['eos_rate']:.2f}"
-        print(f"{train}| {held} | {behaviour} | {r['seconds']['total'] / 60:.1f} |")
+        signal = pooled_signal(*(x for x in (r.get("signal"), (ev or {}).get("signal")) if x))
+        signal = f"{signal['accuracy']:.2f} ({signal['decided']})" if signal["decided"] else "-"
+        onpolicy = f"{r['onpolicy']['y_pos']:.3f} / {r['onpolicy']['y_neg']:.3f}" if r.get("onpolicy") else "-"
+        print(f"{train}| {held} | {signal} | {onpolicy} | {behaviour} | {r['seconds']['total'] / 60:.1f} |")
 
 
 def plot_metrics(out: Path, summaries: list[dict]):
