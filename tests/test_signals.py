@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sso_mini.eval import ifeval
-from sso_mini.eval.report import mean_token_logps, pooled_signal, record_lengths, signal_accuracy, wilson_interval
+from sso_mini.eval.report import (mean_token_logps, pooled_signal, print_table, record_lengths, signal_accuracy,
+                                  wilson_interval)
 from sso_mini.eval.verified_pairs import mix_in_checkable
 
 NO_COMMA = {"key": "t", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
@@ -71,3 +72,16 @@ def test_mean_token_logps_reads_the_plain_prompt_columns(smollm2):
     got = mean_token_logps(tok, records, logps, cutoff=2048)
     assert math.isclose(got["y_pos"], ((-1 / lengths[0, 0]) + (-7 / lengths[1, 0])).item() / 2, rel_tol=1e-6)
     assert math.isclose(got["y_neg"], ((-2 / lengths[0, 1]) + (-8 / lengths[1, 1])).item() / 2, rel_tol=1e-6)
+
+
+def test_end_of_run_table_pools_the_signal_and_shows_on_policy(capsys):
+    signal = lambda right, wrong: {"pos_only": right, "neg_only": wrong, "decided": right + wrong,  # noqa: E731
+                                   "checked": right + wrong + 1}
+    row = {"iteration": 0, "kept": 8, "prompts": 8, "len_chosen": 10, "len_rejected": 11, "len_raw": 12, "loss": 1.0,
+           "W": 0.7, "acc": 0.5, "p_acc": 0.5, "n_acc": 0.5, "generation": None, "seconds": {"total": 60},
+           "signal": signal(2, 1), "onpolicy": {"y_pos": -1.25, "y_neg": -1.5},
+           "eval": {"signal": signal(1, 0), "n": 4, "eval_rewards/accuracies": 0.5, "eval_p_rewards/accuracies": 0.5,
+                    "eval_n_rewards/accuracies": 0.5, "intervals": {"eval_rewards/accuracies": [0.1, 0.9]}}}
+    print_table([row])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "| 0.75 (4) | -1.250 / -1.500 |" in line  # 2 + 1 right of 3 + 1 decided
