@@ -1,5 +1,6 @@
 """The paper's measures at small scale: checkable prompts mixed in, signal accuracy by a rule, on-policy-ness."""
 
+import json
 import math
 
 import pytest
@@ -32,7 +33,9 @@ def test_signal_accuracy_counts_every_case_of_the_conditional():
                                                                                                          1, 1)
     assert s["accuracy"] == 3 / 4 and s["interval"] == wilson_interval(3, 4)
     margins = torch.tensor([0.5, -0.1, 0.2, -0.3, 9.0, -9.0, 9.0])  # decided: right, wrong, right, right
-    assert signal_accuracy(records, margins)["reward_agrees"] == 3 / 4
+    with_margins = signal_accuracy(records, margins)
+    assert with_margins["reward_agrees"] == 3 / 4 and with_margins["reward_interval"] == wilson_interval(3, 4)
+    assert json.loads(json.dumps(with_margins))["reward_agrees"] == 3 / 4  # plain numbers, as summary.json holds
     none = signal_accuracy([record("Hi friend.", "Hello friend.")])
     assert none["decided"] == 0 and none["accuracy"] is None and none["interval"] == (0.0, 1.0)
     pooled = pooled_signal(s, signal_accuracy([record("Hi friend.", "Hi, you.")]), none)  # 3 + 1 right of 4 + 1

@@ -148,17 +148,19 @@ def main(argv=None):
     if not (source / "final" / "summary.json").exists():  # the pool: sampled once, trained as the first point
         train.run(point_args(max(sizes), lrs[0], losses[0], source, resume=source.exists()))
     pool_settings = json.loads((source / "run.json").read_text())
+    pool_size = len(read_jsonl(source / "iter_0" / "pairs.jsonl"))
     for loss in losses:
         for lr in lrs:
             for n in sizes:
-                run = out / point_name(n, lr, loss)
-                if (run / "final" / "summary.json").exists():
+                run = out / point_name(min(n, pool_size), lr, loss)
+                is_pool = (min(n, pool_size), lr, loss) == (pool_size, pool_settings["lr"], pool_settings["loss"])
+                if is_pool or (run / "final" / "summary.json").exists():
                     continue
                 args = point_args(n, lr, loss, run, resume=True)
                 if not (run / "run.json").exists():
                     train.choose_lora_and_dtype(args)
-                    seed_point(source, run, n, {**pool_settings, **{k: v for k, v in vars(args).items()
-                                                                   if k in pool_settings}})
+                    changed = {k: v for k, v in vars(args).items() if k in pool_settings}
+                    seed_point(source, run, min(n, pool_size), {**pool_settings, **changed})
                 train.run(args)
     result = gather(out, source)
     print((out / "curve.md").read_text())

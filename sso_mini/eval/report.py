@@ -87,7 +87,7 @@ def signal_accuracy(records, margins=None) -> dict:
         pos, neg = (all(ifeval.check(check, r[k])[0]) for k in ("chosen", "rejected"))
         cases["both_pass" if pos and neg else "pos_only" if pos else "neg_only" if neg else "both_fail"] += 1
         if margins is not None and pos != neg:
-            agree += (margins[i] > 0) == pos
+            agree += int(bool(margins[i] > 0) == pos)
     decided = cases["pos_only"] + cases["neg_only"]
     out = {"checked": sum(cases.values()), "decided": decided, **cases,
            "accuracy": cases["pos_only"] / decided if decided else None,
@@ -188,7 +188,8 @@ def log_eval_row(metrics_path: Path, summary: dict, steps: int):
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()] if metrics_path.exists() else []
     rows = [r for r in rows if not (r.get("split") == "eval" and r["iteration"] == summary["iteration"])]
     generation = {f"generation/{k}": v for k, v in (summary["generation"] or {}).items() if k != "n"}
-    metrics = {k: v for k, v in summary["eval"].items() if k != "intervals"}
+    signal = {f"eval_signal/{k}": summary["eval"]["signal"][k] for k in ("accuracy", "decided", "reward_agrees")}
+    metrics = {**{k: v for k, v in summary["eval"].items() if not isinstance(v, dict)}, **signal}
     rows.append({"iteration": summary["iteration"], "split": "eval", "step": steps, **metrics, **generation})
     write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
