@@ -306,7 +306,7 @@ def main(argv=None):
     out = Path("runs/ablation" if args.out == "runs/sso" else args.out)
     result = run_ablation(run, args, out)
     print((out / "ablation.md").read_text())
-    print(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, plot {out / 'ablation.png'}")
+    print(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, figures {out}/ablation_{{signals,length}}.png")
     return result
 
 
