@@ -14,6 +14,7 @@ cached HF folder; after that it is loaded like any other folder.
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from .model import Transformer
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-# Names that resolve to $SSO_MINI_MODELS/<name> (a HF folder the user downloaded).
+# Names the error message suggests; any name resolves to $SSO_MINI_MODELS/<name> or the Hugging Face cache.
 KNOWN_MODELS = (
     "Qwen2-7B", "Qwen2-7B-Instruct", "Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct", "Qwen2.5-7B-Instruct",
     "Llama-3.1-8B", "Llama-3.1-8B-Instruct", "Llama-3.2-1B-Instruct", "Llama-3.2-3B-Instruct",
@@ -48,27 +49,53 @@ def models_dir() -> Path:
     return Path(os.environ.get("SSO_MINI_MODELS", Path.home() / "models"))
 
 
+def hub_cache() -> Path:
+    """Where Hugging Face keeps downloaded models: $HF_HUB_CACHE, else $HF_HOME/hub (~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def cached_snapshot(name: str) -> tuple[Path | None, list[Path]]:
+    """The local Hugging Face cache's snapshot of hub model `name` ("Org/Name", or "Name" under any org):
+    models--Org--Name/snapshots/<rev>/, <rev> from refs/main, else the newest snapshot. Nothing is
+    downloaded. Returns (the folder or None, the repository folders looked for)."""
+    hub = hub_cache()
+    repos = [hub / f"models--{name.replace('/', '--')}"] if "/" in name else \
+        sorted(hub.glob(f"models--*--{name}")) or [hub / f"models--<org>--{name}"]
+    for repo in repos:
+        ref = repo / "refs" / "main"
+        snapshots = [repo / "snapshots" / ref.read_text().strip()] if ref.is_file() else \
+            sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for snapshot in snapshots:
+            if (snapshot / "config.json").is_file():
+                return snapshot, repos
+    return None, repos
+
+
 def resolve(path_or_name: str | Path) -> Path:
-    """A model folder for a path, the default model's name, or a known model name."""
+    """A model folder for a path, the default model's name, or a model name: "Name" or a hub id "Org/Name",
+    found in $SSO_MINI_MODELS/Name or in the local Hugging Face cache."""
     p = Path(path_or_name)
     if p.is_dir():
         return p
     name = str(path_or_name)
     if name == DEFAULT_MODEL:
         return fetch_default_model()
-    if name in KNOWN_MODELS:
-        folder = models_dir() / name
-        if folder.is_dir():
-            return folder
-        raise CheckpointError(
-            f"model {name!r} not found: put its Hugging Face folder at {folder} (or set SSO_MINI_MODELS)"
-        )
-    if os.sep in name or name.startswith("."):
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith("."):
         raise CheckpointError(f"{name}: no such model folder")
-    raise CheckpointError(
-        f"unknown model name {name!r}: give a Hugging Face model folder or one of "
-        f"{', '.join((DEFAULT_MODEL,) + KNOWN_MODELS)}"
-    )
+    folder = models_dir() / name.split("/")[-1]
+    if folder.is_dir():
+        return folder
+    snapshot, looked = cached_snapshot(name)
+    if snapshot is not None:
+        return snapshot
+    places = ", ".join(map(str, [folder, *looked]))
+    if "/" in name or name in KNOWN_MODELS:
+        raise CheckpointError(f"model {name!r} not found (looked in {places}): put its Hugging Face folder at "
+                              f"{folder} (or set SSO_MINI_MODELS), or download it into the Hugging Face cache")
+    raise CheckpointError(f"unknown model name {name!r} (looked in {places}): give a Hugging Face model folder, "
+                          f"a hub id Org/Name in that cache, or one of {', '.join((DEFAULT_MODEL,) + KNOWN_MODELS)}")
 
 
 def _safetensors_files(folder: Path) -> dict[str, Path]:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from sso_mini import checkpoint
-from sso_mini.checkpoint import CheckpointError, fetch_default_model, load_model, save_model
+from sso_mini.checkpoint import CheckpointError, fetch_default_model, load_model, resolve, save_model
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -71,8 +71,8 @@ def test_real_model_round_trip_through_transformers(smollm2, tmp_path):
 # --- bad input: one clear line, non-zero exit, nothing half-written --------------------
 
 
-def run_cli(*args):
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+def run_cli(*args, env=None):
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "sso_mini.checkpoint", *args], capture_output=True, text=True, env=env)
 
 
@@ -173,3 +173,47 @@ def test_resolve_errors_are_checkpoint_errors(tmp_path):
                                                            "num_hidden_layers": 1, "num_attention_heads": 2}))
         load_model(tmp_path)
     shutil.rmtree(tmp_path)
+
+
+def hub_layout(hub, repo_id, model_dir, revision="0123abcd", ref=True):
+    """A Hugging Face cache entry laid out by hand: blobs, symlinked snapshot files, refs/main."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy2(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    if ref:
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_a_hub_id_or_bare_name_finds_the_hugging_face_cache(tiny_model_dir, tmp_path, monkeypatch, variable):
+    hub = tmp_path / "hf" / ("hub" if variable == "HF_HOME" else "")
+    monkeypatch.setenv(variable, str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE" if variable == "HF_HOME" else "HF_HOME", raising=False)
+    monkeypatch.setenv("SSO_MINI_MODELS", str(tmp_path / "models"))  # empty: the cache must be found
+    old = hub_layout(hub, "Org/Tiny-Model", tiny_model_dir, revision="old", ref=False)
+    snapshot = hub_layout(hub, "Org/Tiny-Model-2", tiny_model_dir)
+    assert resolve("Org/Tiny-Model-2") == snapshot and resolve("Tiny-Model-2") == snapshot
+    assert resolve("Org/Tiny-Model") == old  # no refs/main: the newest snapshot
+    model, _ = load_model("Org/Tiny-Model-2")  # through the symlinks, like a real cache
+    expected, _ = load_model(tiny_model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+
+
+def test_a_missing_hub_model_names_every_place_looked_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("SSO_MINI_MODELS", str(tmp_path / "models"))
+    with pytest.raises(CheckpointError) as e:
+        resolve("Qwen/Qwen2-7B")
+    message = str(e.value)
+    assert str(tmp_path / "models" / "Qwen2-7B") in message
+    assert str(tmp_path / "hub" / "models--Qwen--Qwen2-7B") in message
+    assert_one_line_error(run_cli("Qwen/Qwen2-7B", env={"HF_HUB_CACHE": str(tmp_path / "hub"),
+                                                         "SSO_MINI_MODELS": str(tmp_path / "models")}),
+                          "model 'Qwen/Qwen2-7B' not found (looked in")

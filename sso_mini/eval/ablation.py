@@ -91,7 +91,7 @@ def evaluate(model_dir: Path, pairs_file: Path | None, judge, s: dict, memo: dic
 
 
 def run_ablation(train_run, args: argparse.Namespace, out: Path, **overrides) -> dict:
-    """Train the four variants with train.run on the settings in `args` (train.py's flags; the
+    """Train the variants with train.run on the settings in `args` (train.py's flags; the
     ablation's own sizes replace theirs), then evaluate every iteration's model."""
     s = {**settings(args.scale), **overrides}
     progress = not args.no_progress
