@@ -12,144 +12,50 @@
         6. evaluate  the trained policy scores the held-out records    -> eval_* metrics, iter_t/summary.json
     after the last iteration the final policy samples the held-out prompts once more -> final/summary.json
 
+--recipe v2 (the paper's second version) puts a data generator in front of the policy in each iteration:
+    G. generator = a copy of the policy, trained through steps 1-6 with L+ + L- instead of the loss in 4
+                                                                    -> iter_t/generator/ (model/, summary.json)
+    P. the generator samples y+ ~ G(.|x+), y- ~ G(.|x-) for the iteration's prompts; the policy trains
+       the base loss L(x: y+ > y-) on them (reference: the policy itself) -> iter_t/
+The flags and their checks are in sso_mini/flags.py.
+
 `python train.py` runs it on SmolLM2-135M-Instruct on a CPU; `--model Qwen2-7B` on a GPU;
 `torchrun --nproc_per_node=N train.py ...` on N GPUs (FSDP2, see sso_mini/distributed.py).
 Every stage writes its output atomically and is skipped when done: an interrupted run continues with `--resume`.
 """
 
-import argparse
 import contextlib
 import json
-import math
 import random
 import shutil
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from sso_mini.assets import lock_folder, write_json
-from sso_mini.checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
+from sso_mini.assets import open_run, write_json
+from sso_mini.checkpoint import CheckpointError, load_model, resolve, save_model
 from sso_mini.config import ModelConfig
 from sso_mini.eval.report import (final_generation, log_eval_row, plot_metrics, print_table, score_held_out,
                                   summarize, timed)
 from sso_mini.eval.verified_pairs import mix_in_checkable
-from sso_mini.distributed import (barrier, check_device, deal, full_state_dict, gather_objects, is_main, merge_shares,
+from sso_mini.flags import LORA_THRESHOLD, OPERATIONAL, parse_args
+from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, merge_shares,
                                   on_main, setup, shard, teardown)
-from sso_mini.lora import TARGETS, adapters_disabled, apply_lora, merge_lora
-from sso_mini.losses import FORMS, LOSS_TYPES
+from sso_mini.lora import adapters_disabled, apply_lora, merge_lora
 from sso_mini.model import Transformer
 from sso_mini.records import (build_records, check_cutoff, default_prompts, load_prompts, logprob_filter, read_jsonl,
                               write_jsonl)
 from sso_mini.tokenizer import Tokenizer
 from sso_mini.trainer import TrainConfig, TrainingError, bf16_is_native, score_records, train_iteration, write_config
 
-# Flags that say how to run, not what: a resume may change them. Every other flag defines the
-# run (resuming with a different value would mix two experiments), so a new flag is checked too.
-OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_size", "sample_batch_size",
-               "gradient_checkpointing", "save_every", "no_progress", "ablation", "scale")
-LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
-EVAL_PROMPTS = 16  # held out by default: sampled and scored twice, ~15% of a default iteration's time
 EVAL_SEED = 1_000_003  # offsets the held-out sampling seeds from the training ones
 
 
 class UsageError(ValueError):
     """A bad argument or input file, found before any model is loaded or file written (exit 2)."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other failure of train.py
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(description="Self-Steering Optimization (arXiv 2410.17131)")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or known name (default: %(default)s)")
-    ap.add_argument("--prompts", help=".txt (one per line) or .jsonl (prompt/instruction); default: AlpacaEval")
-    ap.add_argument("--pairs", help="train on this pairs.jsonl (one iteration, no sampling)")
-    ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--prompts-per-iteration", type=int, default=64)
-    ap.add_argument("--eval-prompts", type=int, default=None,
-                    help=f"prompts held out of training and evaluated every iteration (default {EVAL_PROMPTS}; "
-                         "0: off); with --pairs, records of the file held out (default 0)")
-    ap.add_argument("--verifier-share", type=float, default=0.25, help="share of prompts with a checkable instruction")
-    ap.add_argument("--loss", default=TrainConfig.loss_type, help=f"base preference loss: {' | '.join(LOSS_TYPES)}")
-    ap.add_argument("--form", default=TrainConfig.form, help=f"SSO objective: {' | '.join(FORMS)} (docs/algorithm.md)")
-    ap.add_argument("--no-w", action="store_true", help="ablation: drop the weight W")
-    ap.add_argument("--no-g", action="store_true", help="ablation: drop the self-steering term G")
-    ap.add_argument("--theta", type=float, default=TrainConfig.theta, help="weight of G")
-    ap.add_argument("--alpha", type=float, default=TrainConfig.alpha, help="weight of y+ in W")
-    ap.add_argument("--beta", type=float, default=None, help="loss beta (default: 0.2 IPO, 0.1 DPO)")
-    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="records per optimizer step")
-    ap.add_argument("--micro-batch-size", type=int, default=TrainConfig.micro_batch_size,
-                    help="records per forward (6 sequences, 3 prompts, packed in one row)")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="response length cap when sampling")
-    ap.add_argument("--sample-batch-size", type=int, default=48, help="rows per sampler batch")
-    ap.add_argument("--cutoff", type=int, default=TrainConfig.cutoff, help="max tokens of a training sequence")
-    ap.add_argument("--logprob-filter", action="store_true",
-                    help="keep only pairs whose log-probs move the right way with the principles")
-    ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
-                    help=f"train low-rank adapters (default: on for CUDA models above {LORA_THRESHOLD / 1e9:.0f}B)")
-    ap.add_argument("--lora-rank", type=int, default=16)
-    ap.add_argument("--lora-alpha", type=float, default=32.0)
-    ap.add_argument("--lora-dropout", type=float, default=0.0)
-    ap.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated projection names")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="steps between resume points")
-    ap.add_argument("--out", default="runs/sso", help="run folder")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
-    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weight dtype (default float32)")
-    ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
-                    help="bf16 autocast for scoring and training, fp32 master weights (default: on where bf16 "
-                         "matmuls are native: a GPU, or a CPU with AVX512-BF16 or AMX; --no-autocast: plain fp32)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ap.add_argument("--ablation", action="store_true",
-                    help="SSO, w/o W, w/o G and PBAA from the same start, compared (sso_mini/eval/ablation.py)")
-    ap.add_argument("--scale", type=int, default=1, help="--ablation: multiply its small default sizes")
-    return ap
-
-
-def parse_args(argv=None):
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    if args.loss not in LOSS_TYPES:
-        ap.error(f"unknown --loss {args.loss!r} (choose from {', '.join(LOSS_TYPES)})")
-    if args.form not in FORMS:
-        ap.error(f"unknown --form {args.form!r} (choose from {', '.join(FORMS)})")
-    unknown = [t for t in args.lora_targets.split(",") if t not in TARGETS]
-    if unknown:
-        ap.error(f"unknown --lora-targets {', '.join(unknown)} (valid: {', '.join(TARGETS)})")
-    if args.eval_prompts is None:
-        args.eval_prompts = 0 if args.pairs else EVAL_PROMPTS
-    for flag, ok, allowed in RANGES:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and (not math.isfinite(value) or not ok(value, args)):
-            ap.error(f"{flag} {value} is out of range (allowed: {allowed})")
-    device_error = check_device(args.device)
-    if device_error:
-        ap.error(device_error)
-    args.iterations = 1 if args.pairs else args.iterations  # --pairs: one iteration on the file
-    return args
-
-
-# Every numeric flag's range, checked before anything is loaded: (flag, test, what is allowed).
-RANGES = (
-    ("--iterations", lambda v, a: v >= 1, ">= 1"), ("--prompts-per-iteration", lambda v, a: v >= 1, ">= 1"),
-    ("--eval-prompts", lambda v, a: v >= 0, ">= 0; 0 turns the held-out evaluation off"),
-    ("--verifier-share", lambda v, a: 0 <= v <= 1, "0 to 1"), ("--alpha", lambda v, a: 0 <= v <= 1, "0 to 1"),
-    ("--theta", lambda v, a: v >= 0, ">= 0"), ("--beta", lambda v, a: v > 0, "> 0"),
-    ("--batch-size", lambda v, a: v >= 1, ">= 1"), ("--lr", lambda v, a: v >= 0, ">= 0; 0 keeps the policy as is"),
-    ("--micro-batch-size", lambda v, a: 1 <= v <= a.batch_size, "1 to --batch-size"),
-    ("--max-new-tokens", lambda v, a: v >= 1, ">= 1"), ("--sample-batch-size", lambda v, a: v >= 1, ">= 1"),
-    ("--cutoff", lambda v, a: v >= 2, ">= 2 tokens"), ("--save-every", lambda v, a: v >= 1, ">= 1 steps"),
-    ("--lora-rank", lambda v, a: v >= 1, ">= 1"), ("--lora-alpha", lambda v, a: v > 0, "> 0"),
-    ("--lora-dropout", lambda v, a: 0 <= v < 1, "0 to below 1"), ("--scale", lambda v, a: v >= 1, ">= 1"),
-)
 
 
 def choose_lora_and_dtype(args):
@@ -162,28 +68,6 @@ def choose_lora_and_dtype(args):
         args.lora = args.device.startswith("cuda") and size > LORA_THRESHOLD
     if args.dtype is None:
         args.dtype = "bfloat16" if args.lora and args.device.startswith("cuda") else "float32"
-
-
-def start_run(args) -> Path:
-    """Create --out, or check that it holds this same run when resuming."""
-    out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in OPERATIONAL}
-    run_file = out / "run.json"
-    if out.is_dir():
-        lock_folder(out)  # a second process on the same --out stops here
-    if run_file.exists():
-        if not args.resume:
-            raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-        saved = json.loads(run_file.read_text())
-        changed = [k for k in settings if saved.get(k) != settings[k]]
-        if changed:
-            raise ValueError(f"{out} holds a run with different settings ({', '.join(changed)}); use another --out")
-    elif out.exists() and any(p.name != "lock.json" for p in out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no run.json; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out)
-    write_json(run_file, settings)
-    return out
 
 
 def load_inputs(args) -> tuple[list, list, dict]:
@@ -206,9 +90,11 @@ def load_inputs(args) -> tuple[list, list, dict]:
     return [x for x in pool[n:] if x not in held], held_out, checks  # a duplicated prompt stays held out
 
 
-def make_records(args, model, tokenizer, t, it, inputs, checks, progress, rank, n_ranks, held_out=False) -> list[dict]:
-    """it/pairs.jsonl (or it/eval_pairs.jsonl): the policy's records for these prompts (with their checks), built
-    once. With --pairs the inputs are records already; under torchrun each rank samples its share, rank 0 writes."""
+def make_records(args, model, tokenizer, t, it, inputs, checks, progress, rank, n_ranks, held_out=False,
+                 eq3=False) -> list[dict]:
+    """it/pairs.jsonl (or it/eval_pairs.jsonl): the model's records for these prompts (with their checks), built
+    once. With --pairs the inputs are records already; under torchrun each rank samples its share, rank 0 writes.
+    eq3: y- takes y^o's place ("raw"), so that L- prefers y- over y+ under x- (v2 Eq. 3)."""
     prefix = "eval_" if held_out else ""
     pairs, stats_file = it / f"{prefix}pairs.jsonl", it / f"{prefix}data_stats.json"
     if not on_main(pairs.exists):  # decided once: rank 0 may write the file before another rank looks
@@ -229,6 +115,9 @@ def make_records(args, model, tokenizer, t, it, inputs, checks, progress, rank, 
                     stats.update(filter_stats)
                 records, stats = merge_shares(gather_objects((records, dict(stats))))
                 records = [r | {"checks": checks[r["prompt"]]} if r["prompt"] in checks else r for r in records]
+        if eq3:
+            records = [r | {"raw": r["rejected"], "capped": {**r["capped"], "raw": r["capped"]["rejected"]}}
+                       for r in records]
         if not records:
             raise ValueError(f"iteration {t}: every {prefix}pair was filtered out ({dict(stats)})")
         if is_main():
@@ -243,9 +132,10 @@ def make_records(args, model, tokenizer, t, it, inputs, checks, progress, rank, 
     return records
 
 
-def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank=0, n_ranks=1):
-    """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it. Returns the
-    trained (model, tokenizer) for the held-out pass; None under torchrun (every rank loads the folder)."""
+def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank=0, n_ranks=1, sampler=None):
+    """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it. `sampler`: a model
+    folder that samples the training records instead of the policy (v2's generator). Returns the trained
+    (model, tokenizer) for the held-out pass; None under torchrun (every rank loads the folder)."""
     with timed(it, "load"):
         model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
     torch.manual_seed(args.seed + t)
@@ -257,9 +147,13 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
     train_inputs, held_out, checks = inputs
     k, pool = args.prompts_per_iteration, train_inputs  # iteration t trains on the t-th slice, wrapping round
     prompts = pool if args.pairs else [pool[(t * k + i) % len(pool)] for i in range(min(k, len(pool)))]
-    records = make_records(args, model, tokenizer, t, it, prompts, checks, progress, rank, n_ranks)
+    sampled = (it / "pairs.jsonl").exists()  # v2: the generator samples the training records, loaded only to do so
+    sampling = load_model(sampler, dtype=dtype, device=args.device)[0] if sampler and not sampled else model
+    eq3 = cfg.form == "generator" and args.neg_pair == "eq3"
+    records = make_records(args, sampling, tokenizer, t, it, prompts, checks, progress, rank, n_ranks, eq3=eq3)
     eval_records = make_records(args, model, tokenizer, t, it, held_out, checks, progress, rank, n_ranks,
-                                held_out=True) if held_out else []
+                                held_out=True, eq3=eq3) if held_out else []
+    del sampling
     if n_ranks > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
         shard(model)
 
@@ -297,6 +191,32 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
     return (trained, tokenizer) if n_ranks == 1 else None
 
 
+def run_stage(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank, n_ranks, sampler=None):
+    """Train `policy` into it/model with `cfg` unless that is done, then the held-out pass and it/summary.json
+    (returned; None on ranks other than 0). Every step is skipped when an earlier attempt finished it."""
+    if (it / "summary.json").exists():  # finished before an interruption
+        return json.loads((it / "summary.json").read_text())
+    it.mkdir(parents=True, exist_ok=True)
+    trained = None
+    if not (it / "model" / "model.safetensors").exists():
+        trained = run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress and is_main(), rank,
+                                n_ranks, sampler)
+    score_held_out(it, cfg, lambda: trained or load_model(it / "model", dtype=dtype, device=args.device),
+                   progress and is_main())
+    if not is_main():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    history = [r for r in rows if r["iteration"] == t and r.get("split", "train") == "train"]
+    summary = summarize(t, it, history, Tokenizer.from_folder(it / "model"), cfg,
+                        sampled=not args.pairs and cfg.form != "generator")  # v2: the policy stage reports it
+    summary["recipe"] = {"recipe": args.recipe, "form": cfg.form, "use_w": cfg.use_w, "use_g": cfg.use_g,
+                         **({"terms": list(cfg.terms), "neg_pair": args.neg_pair} if cfg.form == "generator" else {})}
+    if summary["eval"]:
+        log_eval_row(metrics_path, summary, len(history))
+    write_json(it / "summary.json", summary)
+    return summary
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not args.ablation:
@@ -324,7 +244,8 @@ def run(args):
                          args.max_new_tokens)
         if n_ranks > 1 and args.lora:
             raise ValueError("--lora is single-GPU only; under torchrun FSDP2 shards a full fine-tune (--no-lora)")
-        out = on_main(lambda: start_run(args))
+        out = on_main(lambda: open_run(Path(args.out), {k: v for k, v in vars(args).items() if k not in OPERATIONAL},
+                                       args.resume))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
@@ -337,36 +258,27 @@ def run(args):
         print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}; "
               f"{len(inputs[1])} held-out {'records' if args.pairs else 'prompts'}", file=sys.stderr)
     dtype = getattr(torch, args.dtype)
-    load = lambda path: load_model(path, dtype=dtype, device=args.device)  # noqa: E731
     metrics_path, summaries = out / "metrics.jsonl", []
+    gen_cfg = replace(cfg, form="generator", terms=tuple(args.generator_terms.split(",")))  # v2's data generator
+    cfg = replace(cfg, use_w=False, use_g=False) if args.recipe == "v2" else cfg  # v2: the base pair only
     for t in range(args.iterations):
-        it = out / f"iter_{t}"
-        if (it / "summary.json").exists():  # finished before an interruption
-            summaries.append(json.loads((it / "summary.json").read_text()))
-            continue
-        it.mkdir(exist_ok=True)
-        trained = None
-        if not (it / "model" / "model.safetensors").exists():
-            policy = args.model if t == 0 else out / f"iter_{t - 1}" / "model"
-            trained = run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress and is_main(),
-                                    rank, n_ranks)
-        score_held_out(it, cfg, lambda: trained or load(it / "model"), progress and is_main())
-        if not is_main():
-            continue
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        history = [r for r in rows if r["iteration"] == t and r.get("split", "train") == "train"]
-        summary = summarize(t, it, history, Tokenizer.from_folder(it / "model"), cfg, sampled=not args.pairs)
-        if summary["eval"]:
-            log_eval_row(metrics_path, summary, len(history))
-        write_json(it / "summary.json", summary)
-        summaries.append(summary)
-        plot_metrics(out, summaries)
+        it, policy = out / f"iter_{t}", args.model if t == 0 else out / f"iter_{t - 1}" / "model"
+        sampler = None
+        if args.recipe == "v2":  # the generator starts as the policy and learns L+ + L- on the policy's records
+            run_stage(args, gen_cfg, t, it / "generator", policy, dtype, inputs, it / "generator" / "metrics.jsonl",
+                      progress, rank, n_ranks)
+            sampler = it / "generator" / "model"  # it samples the policy's pairs (x: y+ > y-)
+        summary = run_stage(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank, n_ranks, sampler)
+        if is_main():
+            summaries.append(summary)
+            plot_metrics(out, summaries)
 
     if not is_main():
         return
     final = None
     if inputs[1] and not args.pairs:  # the last policy answers the held-out prompts once more
-        final = final_generation(out / "final", lambda: load(out / f"iter_{args.iterations - 1}" / "model"),
+        last = out / f"iter_{args.iterations - 1}" / "model"
+        final = final_generation(out / "final", lambda: load_model(last, dtype=dtype, device=args.device),
                                  inputs[1], args.iterations, seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
                                  max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
                                  compile=args.device.startswith("cuda"), progress=progress)

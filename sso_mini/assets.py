@@ -85,6 +85,27 @@ def lock_folder(folder: Path):
     atexit.register(lambda: lock.exists() and json.loads(lock.read_text()).get("pid") == os.getpid() and lock.unlink())
 
 
+def open_run(out: Path, settings: dict, resume: bool) -> Path:
+    """Create the run folder `out` holding settings (run.json), or check that it holds this same run when
+    resuming; lock it for this process."""
+    run_file = out / "run.json"
+    if out.is_dir():
+        lock_folder(out)  # a second process on the same folder stops here
+    if run_file.exists():
+        if not resume:
+            raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        saved = json.loads(run_file.read_text())
+        changed = [k for k in settings if saved.get(k) != settings[k]]
+        if changed:
+            raise ValueError(f"{out} holds a run with different settings ({', '.join(changed)}); use another --out")
+    elif out.exists() and any(p.name != "lock.json" for p in out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no run.json; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out)
+    write_json(run_file, settings)
+    return out
+
+
 def cache_dir() -> Path:
     """Where fetched and converted assets live (override with SSO_MINI_CACHE)."""
     return Path(os.environ.get("SSO_MINI_CACHE", Path.home() / ".cache" / "sso-mini"))

@@ -23,7 +23,8 @@ CHOSEN, REJECTED, P_CHOSEN, P_REJECTED, N_CHOSEN, N_REJECTED = map(COLUMNS.index
 PAIRS = (("", CHOSEN, REJECTED), ("p_", P_CHOSEN, P_REJECTED), ("n_", N_CHOSEN, N_REJECTED))
 
 LOSS_TYPES = ("ipo", "dpo")
-FORMS = ("v1", "head", "v2")
+FORMS = ("v1", "head", "generator")  # generator: v2's data generator (train.py --recipe v2)
+TERMS = ("pos", "neg")  # the generator's L+ and L-
 DEFAULT_BETA = {"ipo": 0.2, "dpo": 0.1}  # IPO: HEAD train.sh; DPO: v2 §5.1
 
 
@@ -46,13 +47,13 @@ def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.2):
     return (_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2
 
 
-def _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta, theta, alpha):
+def _check(policy_logps, ref_logps, lengths, loss_type, form, terms, beta, theta, alpha):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; expected one of {FORMS}")
-    if form == "v2" and not use_g:
-        raise ValueError("form 'v2' is made of the G pairs only; use_g=False would leave no loss")
+    if form == "generator" and (not terms or set(terms) - set(TERMS)):
+        raise ValueError(f"the generator's terms must be a non-empty subset of {TERMS}, got {terms!r}")
     if beta is not None and beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if theta < 0 or not 0 <= alpha <= 1:
@@ -66,7 +67,7 @@ def _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta, theta
 
 
 def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", use_w=True,
-             use_g=True, theta=0.1, alpha=0.66, beta=None, gamma=0.1):
+             use_g=True, theta=0.1, alpha=0.66, beta=None, gamma=0.1, terms=TERMS):
     """The SSO objective on one batch of records.
 
     policy_logps: [B, 6] summed response log-probs under the policy (differentiable).
@@ -80,9 +81,11 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
     the per-example loss is
         v1   (paper v1 / INIT code, default):  W * (L(x, y+, y-) + theta * G)
         head (HEAD code):                      L(x, y+, y-) + W * theta * G
-        v2   (data generator):  L(x+,y+,y-) + gamma*SFT(x+,y+) + L(x-,y^o,y+) + gamma*SFT(x-,y^o)
-    with SFT = -mean_logp of the chosen side. v2 has no W and no base term,
-    so use_w does not change it (W is still reported).
+        generator (v2's data generator):       L+ + L-, with
+            L+ = L(x+, y+, y-) + gamma * SFT(x+, y+)     (v2 Eq. 2)
+            L- = L(x-, y^o, y+) + gamma * SFT(x-, y^o)   (v2 Eq. 4; Eq. 3 puts y- in y^o's place)
+    with SFT = -mean_logp of the chosen side; `terms` keeps L+ ("pos"), L- ("neg") or both (v2
+    Table 3). The generator has no W and no base term, so use_w / use_g do not change it.
 
     W is NOT detached: its gradient pushes log pi(y+|x), log pi(y-|x) up, which
     keeps the pair on-policy. It always uses per-token means, computed per
@@ -99,7 +102,7 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
         logps/{chosen,rejected} = the policy's SUMMED log-probs (as TRL logs).
         For "n_", chosen is y^o and rejected is y+ (both under x-).
     """
-    _check(policy_logps, ref_logps, lengths, loss_type, form, use_g, beta, theta, alpha)
+    _check(policy_logps, ref_logps, lengths, loss_type, form, terms, beta, theta, alpha)
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
     lengths = lengths.to(policy_logps.dtype)
     mean_logps = policy_logps / lengths  # [B, 6] pi~(y|x), used by W and SFT whatever the loss
@@ -117,8 +120,10 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
     G = L_pos + L_neg  # [B]
     W = torch.sigmoid(-(alpha * mean_logps[:, CHOSEN] + (1 - alpha) * mean_logps[:, REJECTED]))  # [B]
 
-    if form == "v2":
-        raw = (L_pos - gamma * mean_logps[:, P_CHOSEN]) + (L_neg - gamma * mean_logps[:, N_CHOSEN])
+    if form == "generator":
+        L_plus = L_pos - gamma * mean_logps[:, P_CHOSEN]  # [B]
+        L_minus = L_neg - gamma * mean_logps[:, N_CHOSEN]  # [B]
+        raw = sum(term for name, term in (("pos", L_plus), ("neg", L_minus)) if name in terms)
         loss = raw
     elif form == "head" and use_w and use_g:
         raw = L_base + theta * G

@@ -20,6 +20,7 @@ train the model to stop wherever the cap happened to fall. Files without `capped
 import json
 import random
 import re
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +32,7 @@ from .batches import collate, is_capped, response_ids, truncate
 from .generate import generate_batched
 from .logprobs import sequence_logprobs
 from .principles import FEATURES, STOP, feature_selection_prompt, parse_features, select_principles, system_prompts
-from .tokenizer import end_of_turn_id, prompt_ids
+from .tokenizer import chat, end_of_turn_id, prompt_ids
 
 REQUIRED_FIELDS = ("prompt", "p_system", "n_system", "chosen", "rejected", "raw")
 DROP_REASONS = ("empty_prompt", "too_long", "identical_pair", "chosen_equals_raw", "rejected_equals_raw",
@@ -233,6 +234,38 @@ def read_jsonl(path, required=REQUIRED_FIELDS) -> list[dict]:
     return records
 
 
+def trl_record(record: dict) -> dict:
+    """One base pair (x: y+ > y-) in the conversational form TRL's DPO trainer reads as it is: `prompt` a
+    list of messages (no system message, as sso-mini samples x), `chosen` / `rejected` one assistant
+    message each, so that TRL applies the model's own chat template; the principle fields ride along."""
+    return {"prompt": chat(record.get("system", ""), record["prompt"]),
+            "chosen": [{"role": "assistant", "content": record["chosen"]}],
+            "rejected": [{"role": "assistant", "content": record["rejected"]}],
+            **{k: record[k] for k in ("p_system", "n_system", "features") if k in record}}
+
+
+def export_trl(pairs_path, out_path) -> dict:
+    """pairs.jsonl -> TRL's conversational JSONL. A pair with a capped response is left out: the chat
+    template would close it with the end-of-turn token, a finished answer where sso-mini trains a prefix."""
+    records = read_jsonl(pairs_path, required=("prompt", "chosen", "rejected"))
+    kept = [r for r in records if not (is_capped(r, "chosen") or is_capped(r, "rejected"))]
+    write_jsonl(out_path, [trl_record(r) for r in kept])
+    return {"pairs": len(records), "exported": len(kept), "left_out_capped": len(records) - len(kept)}
+
+
+def main(argv=None):
+    """`python -m sso_mini.records PAIRS OUT`: export PAIRS (a pairs.jsonl) for TRL's DPOTrainer."""
+    if len(argv) != 2:
+        print("usage: python -m sso_mini.records PAIRS.jsonl OUT.jsonl  (TRL's conversational form)", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(export_trl(Path(argv[0]), Path(argv[1]))))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # --- optional log-prob preference filter (the released code's preference_filter.py) -----------
 
 
@@ -269,3 +302,7 @@ def logprob_filter(model, tokenizer, records, batch_size=12, cutoff=2048) -> tup
             keep = keep & cond(keep)
         stats[step] = int(keep.sum())
     return [r for r, k in zip(records, keep.tolist()) if k], stats
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

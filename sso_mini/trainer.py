@@ -52,6 +52,7 @@ class TrainConfig:
     alpha: float = 0.66
     beta: float | None = None  # None: 0.2 for IPO, 0.1 for DPO
     gamma: float = 0.1
+    terms: tuple = ("pos", "neg")  # form "generator": L+, L- or both (v2 Table 3)
     lr: float = 5e-6
     batch_size: int = 8  # records per optimizer step
     micro_batch_size: int = 1  # records per forward (6 sequences, 3 prompts, packed in one row)
@@ -124,7 +125,7 @@ def score(model, groups, device, mixed: bool | None = None):
 def loss_settings(cfg: TrainConfig) -> dict:
     """The sso_loss keywords of a TrainConfig (the same for training steps and held-out metrics)."""
     return dict(loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,
-                alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
+                alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, terms=tuple(cfg.terms))
 
 
 @torch.no_grad()

@@ -46,7 +46,11 @@ CASES = [  # (flags, what the error line must say)
     (["--lora-dropout", "1"], "--lora-dropout 1.0 is out of range (allowed: 0 to below 1)"),
     (["--device", NO_CUDA], f"--device {NO_CUDA}:"),
     (["--device", "tpu"], "--device 'tpu' is not a device (allowed: cpu, cuda, cuda:N)"),
-    (["--form", "v3"], "unknown --form 'v3' (choose from v1, head, v2)"),
+    (["--form", "v3"], "unknown --form 'v3' (choose from v1, head)"),
+    (["--form", "generator"], "unknown --form 'generator' (choose from v1, head)"),  # --recipe v2 trains it
+    (["--recipe", "v3"], "argument --recipe: invalid choice: 'v3'"),
+    (["--generator-terms", "pos,base"], "--generator-terms 'pos,base': give pos, neg or pos,neg"),
+    (["--recipe", "v2", "--pairs", "{tmp}/pairs.jsonl"], "--recipe v2 samples the policy's pairs with its generator"),
     (["--loss", "kto"], "unknown --loss 'kto' (choose from ipo, dpo)"),
     (["--lora-targets", "q_proj,qkv"], "unknown --lora-targets qkv"),
     (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),

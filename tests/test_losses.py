@@ -96,16 +96,29 @@ def test_sso_forms_and_ablations(loss_type, form, use_w, use_g):
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "dpo"])
+@pytest.mark.parametrize("terms", [("pos", "neg"), ("pos",), ("neg",)])
+@pytest.mark.parametrize("gamma", [0.1, 0.0])
 @pytest.mark.parametrize("use_w", [True, False])
-def test_sso_v2_generator_form(loss_type, use_w):
+def test_the_v2_generator_loss(loss_type, terms, gamma, use_w):
+    """L+ = L(x+, y+, y-) + gamma SFT(x+, y+), L- = L(x-, y^o, y+) + gamma SFT(x-, y^o); no W, no base term."""
     expected = 0.0
     for i in range(2):
         L, Lp, Ln, W, mean = naive_terms(i, loss_type)
-        # L(x+,y+,y-) + gamma*SFT(x+,y+) + L(x-,y^o,y+) + gamma*SFT(x-,y^o); no W, no base term
-        expected += (Lp + GAMMA * -mean[2] + Ln + GAMMA * -mean[4]) / 2
-    loss, metrics = sso_loss(*tensors(), loss_type=loss_type, form="v2", use_w=use_w)
+        L_plus, L_minus = Lp + gamma * -mean[2], Ln + gamma * -mean[4]
+        expected += ((L_plus if "pos" in terms else 0.0) + (L_minus if "neg" in terms else 0.0)) / 2
+    loss, metrics = sso_loss(*tensors(), loss_type=loss_type, form="generator", use_w=use_w, gamma=gamma, terms=terms)
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     assert metrics["raw_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_generator_terms_change_exactly_the_pairs_they_name():
+    policy, ref, lengths = tensors()
+    policy.requires_grad_(True)
+    for terms, used in ((("pos",), {2, 3}), (("neg",), {4, 5}), (("pos", "neg"), {2, 3, 4, 5})):
+        policy.grad = None
+        sso_loss(policy, ref, lengths, form="generator", terms=terms)[0].backward()
+        touched = {c for c in range(6) if policy.grad[:, c].abs().sum() > 0}
+        assert touched == used, terms  # the base pair (columns 0, 1) never enters the generator's loss
 
 
 def test_w_mean_is_sum_over_len_per_example():
@@ -251,8 +264,9 @@ def test_explicit_beta_and_hyperparameters():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"loss_type": "sigmoid"}, r"'sigmoid'.*'ipo', 'dpo'"),
-    ({"form": "init"}, r"'init'.*'v1', 'head', 'v2'"),
-    ({"form": "v2", "use_g": False}, "v2"),
+    ({"form": "init"}, r"'init'.*'v1', 'head', 'generator'"),
+    ({"form": "generator", "terms": ()}, "non-empty subset"),
+    ({"form": "generator", "terms": ("base",)}, "non-empty subset"),
     ({"beta": 0.0}, "beta"),
     ({"theta": -1.0}, "theta must be >= 0"),
     ({"alpha": 2.0}, r"alpha in \[0, 1\]"),

@@ -262,3 +262,35 @@ def test_logprob_filter_steps(smollm2, monkeypatch):
     kept, stats = records.logprob_filter(model, tok, [record(prompt=str(i)) for i in range(4)], batch_size=5)
     assert [r["prompt"] for r in kept] == ["0"]
     assert stats["filter_order"] == 3 and stats["filter_onpolicy"] == 2 and stats["filter_gap"] == 1
+
+
+def test_trl_export_round_trips_and_renders_to_our_token_ids(smollm2, tmp_path):
+    from sso_mini.batches import response_ids
+    from sso_mini.records import export_trl
+
+    _, tok = smollm2
+    eot = end_of_turn_id(tok)
+    base = {"system": "", "p_system": "Be precise.", "n_system": "Be vague.", "raw": "Hm.", "features": ["Accuracy"]}
+    records = [{**base, "prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "No idea.",
+                "capped": {"chosen": False, "rejected": False, "raw": False}},
+               {**base, "prompt": "Say hello.", "chosen": "Hello there, how", "rejected": "Hi.",
+                "capped": {"chosen": True, "rejected": False, "raw": False}}]
+    write_jsonl(tmp_path / "pairs.jsonl", records)
+    assert export_trl(tmp_path / "pairs.jsonl", tmp_path / "trl.jsonl") == {"pairs": 2, "exported": 1,
+                                                                            "left_out_capped": 1}
+    (row,) = [json.loads(x) for x in (tmp_path / "trl.jsonl").read_text().splitlines()]
+    r = records[0]
+    assert row["prompt"] == [{"role": "user", "content": r["prompt"]}]
+    assert (row["chosen"][0]["content"], row["rejected"][0]["content"]) == (r["chosen"], r["rejected"])
+    assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+    assert (row["p_system"], row["n_system"], row["features"]) == (r["p_system"], r["n_system"], r["features"])
+    # what TRL's DPO trainer does with a conversational row: render the prompt with the generation prompt,
+    # and each answer as the rest of the rendered whole conversation
+    prompt_text = tok.apply_chat_template(row["prompt"], add_generation_prompt=True)
+    assert tok.encode(prompt_text) == prompt_ids(tok, "", r["prompt"])
+    for side in ("chosen", "rejected"):
+        whole = tok.apply_chat_template(row["prompt"] + row[side], add_generation_prompt=False)
+        assert whole.startswith(prompt_text)
+        ids = tok.encode(prompt_text) + tok.encode(whole[len(prompt_text):])
+        ours = prompt_ids(tok, "", r["prompt"]) + response_ids(tok, r, side, eot)  # ends with the end-of-turn
+        assert ids[:len(ours)] == ours and tok.decode(ids[len(ours):]).strip() == ""  # then only a newline

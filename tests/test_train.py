@@ -15,6 +15,7 @@ import train
 from sso_mini import trainer
 from sso_mini.batches import record_groups
 from sso_mini.checkpoint import load_model
+from sso_mini.flags import build_parser
 from sso_mini.records import read_jsonl
 from sso_mini.tokenizer import end_of_turn_id
 from sso_mini.trainer import TrainConfig, TrainingError, score_records, train_iteration
@@ -434,7 +435,7 @@ def test_too_many_eval_prompts_fail_before_anything_is_loaded_or_written(tiny_mo
 def test_every_flag_is_in_the_readme_cli_table():
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## CLI reference"):readme.index("Other entry points")]
-    flags = [o for a in train.build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    flags = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     missing = [f for f in flags if f"`{f}`" not in table and f"`{f} " not in table]  # `--prompts FILE`
     assert not missing, missing
 

@@ -28,7 +28,7 @@ def timed(it: Path, stage: str, what: str = ""):
     """Say what runs (and what the same stage took last iteration); add its wall time to it/timing.json
     (a stage finished over two attempts, or run in several parts, adds up)."""
     if is_main() and what:
-        t = None if it.name == "final" else int(it.name.split("_")[1])
+        t = int(it.name.split("_")[1]) if it.name.startswith("iter_") else None  # final/, iter_t/generator/
         last = it.with_name(f"iter_{t - 1}") / "timing.json" if t else None
         before = json.loads(last.read_text()).get(stage) if last and last.exists() else None
         print(f"[{it.name}] {stage}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""),
