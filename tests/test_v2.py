@@ -1,4 +1,4 @@
-"""--recipe v2: the generator learns L+ + L- from the policy, samples the policy's pairs, the policy learns DPO on them."""
+"""--recipe v2: a generator learns L+ + L- from the policy and samples its pairs; the policy learns DPO on them."""
 
 import json
 import math
