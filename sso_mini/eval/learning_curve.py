@@ -158,9 +158,9 @@ def main(argv=None):
                     continue
                 args = point_args(n, lr, loss, run, resume=True)
                 if not (run / "run.json").exists():
-                    train.choose_lora_and_dtype(args)
-                    changed = {k: v for k, v in vars(args).items() if k in pool_settings}
-                    seed_point(source, run, min(n, pool_size), {**pool_settings, **changed})
+                    train.choose_lora_and_dtype(args)  # the settings train.py writes to run.json, then checks
+                    seed_point(source, run, min(n, pool_size),
+                               {k: v for k, v in vars(args).items() if k not in train.OPERATIONAL})
                 train.run(args)
     result = gather(out, source)
     print((out / "curve.md").read_text())
