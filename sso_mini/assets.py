@@ -91,14 +91,16 @@ def open_run(out: Path, settings: dict, resume: bool) -> Path:
     run_file = out / "run.json"
     if out.is_dir():
         lock_folder(out)  # a second process on the same folder stops here
-    if run_file.exists():
+    started = out.is_dir() and any(p.name not in ("lock.json", "run.json", "train_config.json")
+                                   and not (p.is_dir() and not any(p.iterdir())) for p in out.iterdir())
+    if run_file.exists() and started:
         if not resume:
             raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
         saved = json.loads(run_file.read_text())
         changed = [k for k in settings if saved.get(k) != settings[k]]
         if changed:
             raise ValueError(f"{out} holds a run with different settings ({', '.join(changed)}); use another --out")
-    elif out.exists() and any(p.name != "lock.json" for p in out.iterdir()):
+    elif started:  # (run.json with nothing else: a start that failed before any stage wrote output)
         raise ValueError(f"{out} is not empty and holds no run.json; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     lock_folder(out)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .assets import cache_dir, fetch_wheel_member, undo_on_failure
@@ -114,22 +114,8 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
-def load_model(path_or_name, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
-    """Load a HF folder (or a known name) as (Transformer, Tokenizer) in eval mode.
-
-    dtype defaults to float32 on CPU and bfloat16 on CUDA.
-    """
-    folder = resolve(path_or_name)
-    device = torch.device(device or "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:
-        config = ModelConfig.from_json(folder / "config.json")
-    except (FileNotFoundError, ValueError) as e:
-        raise CheckpointError(str(e)) from None
-    files = _safetensors_files(folder)
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = model.state_dict()
+def _read_weights(folder, files: dict, expected: dict, device, dtype) -> dict:
+    """The tensors the model expects, checked against its config's shapes, on device in dtype."""
     state, handles = {}, {}
     for name, param in expected.items():
         key = "lm_head.weight" if name == "lm_head.weight" else "model." + name
@@ -142,6 +128,28 @@ def load_model(path_or_name, dtype=None, device=None) -> tuple[Transformer, Toke
                 f"{folder}: tensor {key} has shape {tuple(t.shape)}, the config implies {tuple(param.shape)}"
             )
         state[name] = t.to(device=device, dtype=dtype)
+    return state
+
+
+def load_model(path_or_name, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
+    """Load a HF folder (or a known name) as (Transformer, Tokenizer) in eval mode.
+
+    dtype defaults to float32 on CPU and bfloat16 on CUDA.
+    """
+    folder = resolve(path_or_name)
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        config = ModelConfig.from_json(folder / "config.json")
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:  # a cut or damaged file: one error naming the folder, not a traceback
+        files = _safetensors_files(folder)
+        state = _read_weights(folder, files, model.state_dict(), device, dtype)
+    except SafetensorError as e:
+        raise CheckpointError(f"{folder}: unreadable weights ({e})") from None
     model.load_state_dict(state, assign=True)
     model.reset_rope()
     model.eval()

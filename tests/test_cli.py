@@ -94,3 +94,24 @@ def test_a_failed_start_leaves_no_run_behind(inputs, capsys):
     capsys.readouterr()
     assert train.cli([*common, "--prompts", str(tmp / "prompts.txt")]) == 2  # a finished run is not overwritten
     assert "already holds a run: pass --resume" in capsys.readouterr().err
+
+
+def test_a_start_that_fails_reading_the_weights_can_be_retried_as_is(inputs, tmp_path, capsys):
+    """run.json is written before the weights are read; until a stage writes output the run has not started."""
+    import shutil
+
+    tmp, model = inputs
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model, broken)
+    (broken / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])  # cut short
+    out = tmp / "run"
+    common = ["--out", str(out), "--prompts", str(tmp / "prompts.txt"), "--max-new-tokens", "4", "--batch-size", "2",
+              "--eval-prompts", "0", "--iterations", "1", "--no-progress"]
+    assert train.cli(["--model", str(broken), *common]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {broken}: unreadable weights (")  # one line, no traceback
+    assert (out / "run.json").exists() and not any((out / "iter_0").iterdir())  # nothing of the run was written
+    shutil.rmtree(broken)
+    shutil.copytree(model, broken)  # the user repairs the folder and runs the same command again
+    assert train.cli(["--model", str(broken), *common]) == 0, capsys.readouterr().err
+    assert (out / "iter_0" / "model" / "model.safetensors").exists()
