@@ -253,14 +253,14 @@ def run(args):
                       micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
                       gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
                       autocast=args.autocast)  # the flags above take their defaults from TrainConfig
+    gen_cfg = replace(cfg, form="generator", terms=tuple(args.generator_terms.split(",")))  # v2's data generator
+    cfg = replace(cfg, use_w=False, use_g=False) if args.recipe == "v2" else cfg  # v2: the base pair only
     if is_main():
         write_config(out / "train_config.json", cfg)
         print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}; "
               f"{len(inputs[1])} held-out {'records' if args.pairs else 'prompts'}", file=sys.stderr)
     dtype = getattr(torch, args.dtype)
     metrics_path, summaries = out / "metrics.jsonl", []
-    gen_cfg = replace(cfg, form="generator", terms=tuple(args.generator_terms.split(",")))  # v2's data generator
-    cfg = replace(cfg, use_w=False, use_g=False) if args.recipe == "v2" else cfg  # v2: the base pair only
     for t in range(args.iterations):
         it, policy = out / f"iter_{t}", args.model if t == 0 else out / f"iter_{t - 1}" / "model"
         sampler = None

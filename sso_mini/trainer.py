@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .assets import undo_on_failure, write_atomic
@@ -179,15 +179,19 @@ def save_tensors(tensors: dict, path: Path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
     os.close(fd)
     with undo_on_failure(path, lambda: os.unlink(tmp)):  # a full disk: no partial file, one line naming it
-        save_file(tensors, tmp, metadata={"sha256": digest(tensors)})
+        save_hashed(tensors, tmp)
         os.replace(tmp, path)
+
+
+def save_hashed(tensors: dict, path):
+    save_file(tensors, str(path), metadata={"sha256": digest(tensors)})
 
 
 def load_tensors(path: Path) -> dict:
     """The tensors of a save_tensors file; ValueError if they are not what was written (e.g. a flipped bit)."""
-    tensors = load_file(path)
-    with safe_open(path, "pt") as f:
+    with safe_open(path, "pt") as f:  # one read: the metadata and the tensors
         recorded = (f.metadata() or {}).get("sha256")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
     if recorded != digest(tensors):
         raise ValueError(f"{path}: its content does not match the hash recorded when it was written")
     return tensors
@@ -208,7 +212,7 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list):
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
     with undo_on_failure(path, lambda: shutil.rmtree(tmp)):  # a full disk: the last good state stays
         for name, t in (("optimizer", tensors), ("weights", weights), ("rng", {"torch": torch.get_rng_state()})):
-            save_file(t, str(tmp / f"{name}.safetensors"), metadata={"sha256": digest(t)})
+            save_hashed(t, tmp / f"{name}.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
     if path.exists():
         shutil.rmtree(path)

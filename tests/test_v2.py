@@ -82,6 +82,8 @@ def test_v2_trains_a_generator_then_the_policy_on_its_samples(tiny_model_dir, wh
     assert g_summary["recipe"] == {"recipe": "v2", "form": "generator", "use_w": True, "use_g": True,
                                    "terms": ["pos", "neg"], "neg_pair": "eq4"}
     assert summary["eval"]["n"] == 2 and g_summary["eval"]["n"] == 2  # both stages evaluated on held-out records
+    config = json.loads((run / "train_config.json").read_text())  # the policy's loss, as trained
+    assert (config["use_w"], config["use_g"], config["form"]) == (False, False, "v1")
     run_json = json.loads((run / "run.json").read_text())
     assert (run_json["recipe"], run_json["generator_terms"], run_json["neg_pair"], run_json["loss"]) == \
         ("v2", "pos,neg", "eq4", "dpo")
