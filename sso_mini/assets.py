@@ -108,6 +108,18 @@ def open_run(out: Path, settings: dict, resume: bool) -> Path:
     return out
 
 
+def seed_run(run: Path, settings: dict, fill_first_iteration):
+    """Start a run folder that train.py --resume continues: run.json holds `settings` and
+    fill_first_iteration(folder) writes iter_0's files into `folder`. The run appears whole or not at all."""
+    tmp = run.with_name(run.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "iter_0").mkdir(parents=True)
+    fill_first_iteration(tmp / "iter_0")
+    write_json(tmp / "run.json", settings)
+    shutil.rmtree(run, ignore_errors=True)
+    os.replace(tmp, run)
+
+
 def cache_dir() -> Path:
     """Where fetched and converted assets live (override with SSO_MINI_CACHE)."""
     return Path(os.environ.get("SSO_MINI_CACHE", Path.home() / ".cache" / "sso-mini"))

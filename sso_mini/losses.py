@@ -33,6 +33,16 @@ def _margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected):
     return (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)  # [B]
 
 
+def implicit_rewards(policy_logps, ref_logps, lengths, loss_type="ipo", beta=None):
+    """[B, 6] reward = beta * (l_pi - l_ref) of every sequence, with l the log-prob as the loss
+    reads it (IPO: per-token mean; DPO: sum). TRL's rewards/* and the held-out signal use it."""
+    beta = DEFAULT_BETA[loss_type] if beta is None else beta
+    if loss_type == "ipo":
+        lengths = lengths.to(policy_logps.dtype)
+        return beta * (policy_logps / lengths - ref_logps / lengths)
+    return beta * (policy_logps - ref_logps)
+
+
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1):
     """DPO: -log sigmoid(beta * h) per example [B]. Pass SUMMED log-probs."""
     return -F.logsigmoid(beta * _margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected))
@@ -133,9 +143,9 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
         loss = W * raw if use_w else raw
 
     stats = {"loss": loss.mean(), "raw_loss": raw.mean(), "W": W.mean()}
+    rewards = implicit_rewards(policy_logps.detach(), ref_logps, lengths, loss_type, beta)  # [B, 6]
     for prefix, c, r in PAIRS:
-        chosen = beta * (l_pi[:, c] - l_ref[:, c])  # [B]
-        rejected = beta * (l_pi[:, r] - l_ref[:, r])  # [B]
+        chosen, rejected = rewards[:, c], rewards[:, r]  # [B]
         stats[f"{prefix}rewards/chosen"] = chosen.mean()
         stats[f"{prefix}rewards/rejected"] = rejected.mean()
         stats[f"{prefix}rewards/accuracies"] = (chosen > rejected).float().mean()

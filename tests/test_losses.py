@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sso_mini.losses import dpo_loss, ipo_loss, sso_loss
+from sso_mini.losses import dpo_loss, implicit_rewards, ipo_loss, sso_loss
 
 # Two records, six sequences each: chosen, rejected, p_chosen, p_rejected, n_chosen, n_rejected.
 POLICY = [[-20.0, -30.0, -18.0, -33.0, -25.0, -21.0],
@@ -284,3 +284,20 @@ def test_bad_shapes_and_lengths():
         sso_loss(policy[:, :3], ref[:, :3], lengths[:, :3])
     with pytest.raises(ValueError, match="lengths"):
         sso_loss(policy, ref, torch.zeros_like(lengths))
+
+
+def test_implicit_rewards_read_the_log_probs_as_each_loss_does():
+    # y+: 10 tokens, pi -10 vs ref -12; y-: 2 tokens, pi -3 vs ref -4. Summed, y+ gained more (2 > 1);
+    # per token, y- did (0.5 > 0.2): DPO and IPO disagree on the sign of the margin.
+    pi = torch.tensor([[-10.0, -3.0, -1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-12.0, -4.0, -1.0, -1.0, -1.0, -1.0]])
+    lengths = torch.tensor([[10, 2, 1, 1, 1, 1]])
+    dpo = implicit_rewards(pi, ref, lengths, "dpo")
+    ipo = implicit_rewards(pi, ref, lengths, "ipo", beta=0.5)
+    assert dpo[0, :2].tolist() == pytest.approx([0.1 * 2, 0.1 * 1])
+    assert ipo[0, :2].tolist() == pytest.approx([0.5 * 0.2, 0.5 * 0.5])
+    assert (dpo[0, 0] - dpo[0, 1]) > 0 > (ipo[0, 0] - ipo[0, 1])
+    for loss_type, rewards in (("dpo", dpo), ("ipo", ipo)):  # sso_loss's rewards/* are these
+        beta = 0.5 if loss_type == "ipo" else None
+        _, m = sso_loss(pi, ref, lengths, loss_type=loss_type, beta=beta)
+        assert m["rewards/margins"] == pytest.approx((rewards[0, 0] - rewards[0, 1]).item())

@@ -27,11 +27,10 @@ import argparse
 import itertools
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
-from ..assets import write_atomic, write_json
+from ..assets import seed_run, write_atomic
 from ..checkpoint import load_model
 from ..records import read_jsonl
 from .evaluate import ifeval_eval
@@ -65,17 +64,14 @@ def share_first_iteration(sso: Path, run: Path, switches: dict):
     """Start a variant's run folder with SSO's iteration-0 records and reference log-probs.
 
     Iteration 0 samples from the start model with the same prompts and seed in every variant,
-    so its data are identical; only the training differs. The folder appears whole or not at all.
+    so its data are identical; only the training differs.
     """
-    settings = json.loads((sso / "run.json").read_text()) | switches
-    tmp = run.with_name(run.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "iter_0").mkdir(parents=True)
-    for name in SHARED:
-        if (sso / "iter_0" / name).exists():
-            shutil.copy2(sso / "iter_0" / name, tmp / "iter_0" / name)
-    write_json(tmp / "run.json", settings)  # what train.py --resume checks
-    os.replace(tmp, run)
+    def fill(dst: Path):
+        for name in SHARED:
+            if (sso / "iter_0" / name).exists():
+                shutil.copy2(sso / "iter_0" / name, dst / name)
+
+    seed_run(run, json.loads((sso / "run.json").read_text()) | switches, fill)
 
 
 def evaluate(model_dir: Path, pairs_file: Path | None, judge, s: dict, memo: dict, progress: bool) -> dict:

@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..assets import write_atomic, write_json
+from ..assets import seed_run, write_atomic, write_json
 from ..records import read_jsonl, write_jsonl
 from ..trainer import load_tensors, save_tensors
 from .report import wilson_interval
@@ -36,20 +36,18 @@ def point_name(n: int, lr: float, loss: str) -> str:
 
 def seed_point(source: Path, run: Path, n: int, settings: dict):
     """Start a grid point's run folder from the pool: the first n records, the held-out records and the
-    reference log-probs of both (sliced: one row per record). The folder appears whole or not at all."""
-    tmp = run.with_name(run.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "iter_0").mkdir(parents=True)
-    src, dst = source / "iter_0", tmp / "iter_0"
-    write_jsonl(dst / "pairs.jsonl", read_jsonl(src / "pairs.jsonl")[:n])
-    write_json(dst / "data_stats.json", {"prompts": n, "records": n, "pool": str(source)})
-    save_tensors({"logps": load_tensors(src / "ref_logps.safetensors")["logps"][:n].contiguous()},
-                 dst / "ref_logps.safetensors")
-    for name in ("eval_pairs.jsonl", "eval_data_stats.json", "eval_ref_logps.safetensors"):
-        shutil.copy2(src / name, dst / name)
-    write_json(tmp / "run.json", settings)  # what train.py --resume checks
-    shutil.rmtree(run, ignore_errors=True)
-    tmp.rename(run)
+    reference log-probs of both (sliced: one row per record)."""
+    src = source / "iter_0"
+
+    def fill(dst: Path):
+        write_jsonl(dst / "pairs.jsonl", read_jsonl(src / "pairs.jsonl")[:n])
+        write_json(dst / "data_stats.json", {"prompts": n, "records": n, "pool": str(source)})
+        save_tensors({"logps": load_tensors(src / "ref_logps.safetensors")["logps"][:n].contiguous()},
+                     dst / "ref_logps.safetensors")
+        for name in ("eval_pairs.jsonl", "eval_data_stats.json", "eval_ref_logps.safetensors"):
+            shutil.copy2(src / name, dst / name)
+
+    seed_run(run, settings, fill)
 
 
 def point_row(run: Path) -> dict:

@@ -16,7 +16,7 @@ import torch
 from ..assets import write_atomic, write_json
 from ..batches import record_sequences
 from ..distributed import barrier, is_main, on_main
-from ..losses import CHOSEN, REJECTED, sso_loss
+from ..losses import CHOSEN, REJECTED, implicit_rewards, sso_loss
 from ..records import DROP_REASONS, RESPONSES, generation_stats, read_jsonl, sample_plain, write_jsonl
 from ..tokenizer import end_of_turn_id
 from ..trainer import TrainConfig, load_tensors, loss_settings, score_records
@@ -172,8 +172,8 @@ def summarize(t, it, history, tokenizer, cfg, sampled: bool) -> dict:
         held_out = read_jsonl(it / "eval_pairs.jsonl")
         ref, policy = (load_tensors(it / f"eval_{name}.safetensors")["logps"] for name in ("ref_logps", "logps"))
         summary["eval"] = held_out_metrics(tokenizer, held_out, policy, ref, cfg)
-        lengths = record_lengths(tokenizer, held_out, cfg.cutoff).clamp(min=1)
-        reward = (policy - ref) / lengths  # change in mean token log-prob: the implicit reward, up to beta
+        reward = implicit_rewards(policy, ref, record_lengths(tokenizer, held_out, cfg.cutoff), cfg.loss_type,
+                                  cfg.beta)  # [R, 6], as the loss reads it
         summary["eval"]["signal"] = signal_accuracy(held_out, reward[:, CHOSEN] - reward[:, REJECTED])
         if sampled:
             summary["generation"] = generation_stats(tokenizer, held_out)
