@@ -251,6 +251,7 @@ def run(args):
     cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
                       theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
                       micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
+                      tokens_per_micro_batch=args.tokens_per_micro_batch or None,
                       gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
                       autocast=args.autocast)  # the flags above take their defaults from TrainConfig
     gen_cfg = replace(cfg, form="generator", terms=tuple(args.generator_terms.split(",")))  # v2's data generator

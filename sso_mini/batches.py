@@ -12,8 +12,9 @@ column order of every [B, 6] tensor (SEQUENCES below, defined once):
     5    n_rejected  G-                    y_pos | x-
 
 Each pair shares its prompt, so a record runs as three prompt-sharing groups packed into one
-row (collate_groups). A response the sampler cut at its token cap is scored as the prefix it
-is, without the end-of-turn token (response_ids).
+row (collate_groups), and several records can share a row up to a token budget (micro_batches).
+A response the sampler cut at its token cap is scored as the prefix it is, without the
+end-of-turn token (response_ids).
 """
 
 import torch
@@ -78,33 +79,38 @@ def record_groups(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[i
     return groups
 
 
+def row_length(groups) -> int:
+    """Tokens the groups take in a packed row: each prompt once, then its responses."""
+    return sum(len(prompt) + sum(map(len, responses)) for prompt, responses in groups)
+
+
 def collate_groups(groups, device=None) -> dict:
     """All groups packed into ONE row, no padding: each group's prompt once, then its responses.
 
     A response token attends to its group's prompt and to the earlier tokens of its own
-    response only, and its positions continue the prompt's, so every response is scored exactly
-    as if it followed the prompt alone, while the prompt (four of the six carry a ~300-token
-    principle) runs once instead of twice: ~40% fewer tokens per record. Packing the groups
-    end to end rather than padding them into rows saves another ~20% (the plain x prompt is
-    ~270 tokens shorter than the principled ones).
+    response only (model.may_attend), and its positions continue the prompt's, so every response is
+    scored exactly as if it followed the prompt alone, while the prompt (four of the six carry a
+    ~300-token principle) runs once instead of twice: ~40% fewer tokens per record. Packing the
+    groups end to end rather than padding them into rows saves another ~20% (the plain x prompt
+    is ~270 tokens shorter than the principled ones).
 
-    The row = [prompt 0 | y 0 | y 1 | prompt 1 | y 2 | y 3 | ...]:
-      input_ids, position_ids [1, N]
-      attention_mask: one [1, 1, Tg, Tg] bool mask per group (True = may attend), see
-        model.hidden_states: groups never see each other
-      parent [1, N]: the position whose hidden state predicts this token (-1: not scored);
+    The row = [prompt 0 | y 0 | y 1 | prompt 1 | y 2 | y 3 | ...], every tensor [1, N]:
+      input_ids, position_ids
+      document: which group the token belongs to; branch: 0 in a prompt, k in its k-th response
+        (model.packed_attention_mask turns the two into the attention pattern)
+      parent: the position whose hidden state predicts this token (-1: not scored);
         a response's first token is predicted from its prompt's last one
-      segment [1, N]: which response of the batch (numbered in order) the token belongs to
+      segment: which response of the batch (numbered in order) the token belongs to
     """
-    ids, positions, parent, segment, masks = [], [], [], [], []
+    ids, positions, parent, segment, document, branch = [], [], [], [], [], []
     n = 0
-    for prompt, responses in groups:
+    for g, (prompt, responses) in enumerate(groups):
         base, P = len(ids), len(prompt)
         ids += prompt
         positions += range(P)
         parent += [-1] * P
         segment += [-1] * P
-        branch = [0] * P  # 0 prompt, k response k
+        branch += [0] * P
         for k, y in enumerate(responses, start=1):
             start = len(ids)
             ids += y
@@ -113,12 +119,24 @@ def collate_groups(groups, device=None) -> dict:
             segment += [n] * len(y)
             branch += [k] * len(y)
             n += 1
-        b = torch.tensor(branch, device=device)
-        causal = torch.ones(len(b), len(b), dtype=torch.bool, device=device).tril()
-        masks.append((causal & ((b[None, :] == 0) | (b[None, :] == b[:, None])))[None, None])  # [1, 1, Tg, Tg]
-    ids, positions, parent, segment = (torch.tensor([x], dtype=torch.long, device=device)
-                                       for x in (ids, positions, parent, segment))
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": masks, "parent": parent, "segment": segment}
+        document += [g] * (len(ids) - base)
+    return {name: torch.tensor([x], dtype=torch.long, device=device) for name, x in (
+        ("input_ids", ids), ("position_ids", positions), ("document", document), ("branch", branch),
+        ("parent", parent), ("segment", segment))}
+
+
+def micro_batches(ids, tokens: dict, max_records: int, max_tokens: int | None = None) -> list[list]:
+    """Split record ids (in order) into micro-batches: at most `max_records` records each, or, with a
+    token budget, as many as fit in `max_tokens` tokens of packed row (tokens[i]: record i's row_length).
+    A record is never split; one longer than the budget runs alone."""
+    out, size = [], 0
+    for i in ids:
+        if not out or (size + tokens[i] > max_tokens if max_tokens else len(out[-1]) >= max_records):
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += tokens[i]
+    return out
 
 
 def collate(sequences, pad_id) -> dict[str, torch.Tensor]:

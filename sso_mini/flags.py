@@ -15,10 +15,12 @@ from .trainer import TrainConfig
 
 # Flags that say how to run, not what: a resume may change them. Every other flag defines the
 # run (resuming with a different value would mix two experiments), so a new flag is checked too.
-OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_size", "sample_batch_size",
+OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_size", "tokens_per_micro_batch",
+               "sample_batch_size",
                "gradient_checkpointing", "save_every", "no_progress", "ablation", "scale")
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
 EVAL_PROMPTS = 16  # held out by default: sampled and scored twice, ~15% of a default iteration's time
+GPU_TOKENS_PER_MICRO_BATCH = 16384  # enough work per forward for a 7B model on one GPU, and fits its memory
 POLICY_FORMS = tuple(f for f in FORMS if f != "generator")  # --recipe v2 trains the generator's form itself
 
 
@@ -55,8 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="records per optimizer step")
     ap.add_argument("--micro-batch-size", type=int, default=TrainConfig.micro_batch_size,
                     help="records per forward (6 sequences, 3 prompts, packed in one row)")
+    ap.add_argument("--tokens-per-micro-batch", type=int, default=None,
+                    help="instead: as many records per forward as fit in this many tokens (default: "
+                         f"{GPU_TOKENS_PER_MICRO_BATCH} on CUDA, 0 = off on the CPU)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="response length cap when sampling")
-    ap.add_argument("--sample-batch-size", type=int, default=48, help="rows per sampler batch")
+    ap.add_argument("--sample-batch-size", type=int, default=None,
+                    help="rows per sampler batch (default: 48 on the CPU; on CUDA, what half the free memory holds, "
+                         "up to 512)")
     ap.add_argument("--cutoff", type=int, default=TrainConfig.cutoff, help="max tokens of a training sequence")
     ap.add_argument("--logprob-filter", action="store_true",
                     help="keep only pairs whose log-probs move the right way with the principles")
@@ -107,6 +114,8 @@ def parse_args(argv=None):
     device_error = check_device(args.device)
     if device_error:
         ap.error(device_error)
+    if args.tokens_per_micro_batch is None:
+        args.tokens_per_micro_batch = GPU_TOKENS_PER_MICRO_BATCH if args.device.startswith("cuda") else 0
     args.iterations = 1 if args.pairs else args.iterations  # --pairs: one iteration on the file
     return args
 
@@ -119,6 +128,7 @@ RANGES = (
     ("--theta", lambda v, a: v >= 0, ">= 0"), ("--beta", lambda v, a: v > 0, "> 0"),
     ("--batch-size", lambda v, a: v >= 1, ">= 1"), ("--lr", lambda v, a: v >= 0, ">= 0; 0 keeps the policy as is"),
     ("--micro-batch-size", lambda v, a: 1 <= v <= a.batch_size, "1 to --batch-size"),
+    ("--tokens-per-micro-batch", lambda v, a: v >= 0, ">= 0; 0 is off"),
     ("--max-new-tokens", lambda v, a: v >= 1, ">= 1"), ("--sample-batch-size", lambda v, a: v >= 1, ">= 1"),
     ("--cutoff", lambda v, a: v >= 2, ">= 2 tokens"), ("--save-every", lambda v, a: v >= 1, ">= 1 steps"),
     ("--lora-rank", lambda v, a: v >= 1, ">= 1"), ("--lora-alpha", lambda v, a: v > 0, "> 0"),

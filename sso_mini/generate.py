@@ -135,6 +135,21 @@ def shared_prefix_length(prompts) -> int:
     return P
 
 
+def next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+CACHE_BUCKET = 128  # compiled decode: cache lengths are rounded up to this, so batches share one graph
+
+
+def compact(model, keep, *rows):
+    """Keep only rows `keep` of the KV cache and of each [rows, ...] tensor in `rows`."""
+    for layer in model.layers:
+        cache = layer.self_attn.kv_cache
+        cache.k, cache.v = cache.k[keep], cache.v[keep]
+    return [r[keep] for r in rows]
+
+
 @torch.inference_mode()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), n=1,
              seed=None, progress=True, compile=False, desc="sampling") -> list[list[int]]:
@@ -145,6 +160,12 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     id, which is not included. The same seed gives the same output for the same batch.
     compile=True compiles the decode step (CUDA graphs on a GPU; the first call per shape
     pays the compile). desc labels the progress bar.
+
+    Finished rows are not paid for to the end: once half the rows have stopped, the batch
+    shrinks to the next power of two above the rows still going (their cache rows move, the
+    others are dropped), so a batch decodes at most log2(B) shapes. Compiled, the batch and the
+    cache length are rounded up too (rows to a power of two, slots to CACHE_BUCKET), so batches
+    of different sizes and prompt lengths reuse the same few graphs.
     """
     check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
     device = model.embed_tokens.weight.device
@@ -152,6 +173,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     P = shared_prefix_length(prompts) if B > 1 else 0
     T = P + max(len(p) - P for p in prompts)  # slots: shared prefix, then the longest suffix
     Tmax = T + max_new_tokens
+    if compile:
+        Tmax = -(-Tmax // CACHE_BUCKET) * CACHE_BUCKET
     ids = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, Tmax, dtype=torch.bool)  # which cache slots hold real tokens
     ids[:, :P], valid[:, :P] = torch.tensor(prompts[0][:P]), True
@@ -205,41 +228,72 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
         rows = B * n
         position = valid.sum(-1, keepdim=True)  # [rows, 1]: next position = real tokens so far
         input_pos = torch.tensor([T], device=device)
-        out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
         done = torch.zeros(rows, dtype=torch.bool, device=device)
-        length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens before the stop
-
         tok = sample(logits, noise(rows), temperature, top_k, top_p)  # [rows]
+        if compile and next_power_of_two(rows) > rows:  # spare rows (copies of row 0), finished from the start
+            extra = next_power_of_two(rows) - rows
+            tok, valid, position = (torch.cat([x, x[:1].expand(extra, *x.shape[1:])]) for x in (tok, valid, position))
+            done = torch.cat([done, torch.ones(extra, dtype=torch.bool, device=device)])
+            for layer in model.layers:
+                cache = layer.self_attn.kv_cache
+                cache.k, cache.v = (torch.cat([c, c[:1].expand(extra, *c.shape[1:])]) for c in (cache.k, cache.v))
+        out = torch.zeros(len(done), max_new_tokens, dtype=torch.long, device=device)  # spare rows: dropped
+        length = torch.zeros(len(done), dtype=torch.long, device=device)  # tokens before the stop
+        row_of = torch.arange(len(done), device=device)  # [b] the output row each batch row decodes
         bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
         for t in range(max_new_tokens):
             tok = tok.masked_fill(done, 0)  # finished rows keep decoding pad; it is never returned
-            out[:, t] = tok
+            out[row_of, t] = tok
             done = done | torch.isin(tok, stops)
-            length += ~done
+            length[row_of] += ~done
             bar.update(1)
             if t == max_new_tokens - 1 or (len(stops) and done.all()):
                 break
+            alive = int((~done).sum())
+            if alive <= len(done) // 2:  # shrink to the next power of two above the rows still going
+                keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
+                row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
             valid.index_fill_(1, input_pos, True)  # the slot this token is written to
             # the mask's length is the number of cache slots attended: all Tmax when compiled (fixed
             # shapes), else only the filled ones (eager on CPU: less cache to read)
             keys = valid if compile else valid[:, :T + t + 1]
-            tok = step(model, tok[:, None], input_pos, position, keys[:, None, None, :], noise(rows),
+            tok = step(model, tok[:, None], input_pos, position, keys[:, None, None, :], noise(len(done)),
                        temperature, top_k, top_p).clone()
             input_pos += 1
             position += 1
         bar.close()
     finally:
         model.clear_cache()
-    return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
+    return [row[:k] for row, k in zip(out[:rows].tolist(), length[:rows].tolist())]
 
 
-def generate_batched(model, prompts, *, batch_size, seed=None, n=1, desc="sampling", progress=True,
+CPU_BATCH_ROWS = 48  # more rows per batch buy a CPU little: its matmuls are already large enough
+GPU_BATCH_ROWS = (8, 512)  # a GPU's decode step is bound by reading the weights until well past 128 rows
+
+
+def default_batch_rows(model, max_len: int) -> int:
+    """Rows per sampling batch: CPU_BATCH_ROWS on the CPU; on a GPU as many as half its free memory holds
+    (KV cache of max_len slots, and the step's fp32 logits and noise, per row), a power of two in GPU_BATCH_ROWS."""
+    weight = model.embed_tokens.weight
+    if weight.device.type != "cuda":
+        return CPU_BATCH_ROWS
+    c = model.config
+    per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * weight.element_size()
+    per_row += 4 * 4 * c.vocab_size  # logits, probabilities, noise, filtered logits
+    rows = torch.cuda.mem_get_info(weight.device)[0] // 2 // per_row
+    return max(GPU_BATCH_ROWS[0], min(GPU_BATCH_ROWS[1], 1 << max(int(rows).bit_length() - 1, 0)))
+
+
+def generate_batched(model, prompts, *, batch_size=None, seed=None, n=1, desc="sampling", progress=True,
                      **kw) -> list[list[int]]:
     """generate() over any number of prompts, in prompt order (n per prompt, prompt-major).
 
     Longest first, in batches of similar length: few pad slots in the KV cache. Batch b is
     seeded with seed + b, so a run is reproducible whatever the batch it lands in holds.
+    batch_size: prompts per batch (default: default_batch_rows / n).
     """
+    if batch_size is None:
+        batch_size = max(1, default_batch_rows(model, max(map(len, prompts)) + kw["max_new_tokens"]) // n)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     starts = range(0, len(order), batch_size)

@@ -10,7 +10,7 @@ the per-token logsumexp, and recomputes each chunk's logits in the backward.
 
 import torch
 
-from sso_mini.model import position_ids_from_mask
+from sso_mini.model import packed_attention_mask, position_ids_from_mask
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 32 * 2**20  # budget of one fp32 [N, chunk] logits block
@@ -164,14 +164,16 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask):
     return logp_sum, scored.sum(dim=1)
 
 
-def packed_logprobs(model, input_ids, position_ids, attention_mask, parent, segment):
-    """Summed log-prob and token count of each response in prompt-sharing rows (batches.collate_groups).
+def packed_logprobs(model, input_ids, position_ids, document, branch, parent, segment, flex=None):
+    """Summed log-prob and token count of each response in a prompt-sharing row (batches.collate_groups).
 
     The same numbers as sequence_logprobs on the unpacked sequences: a token's log-prob is
     read from its parent's hidden state (the token before it in its own sequence).
+    flex: attention through a flex_attention block mask (default on CUDA; model.packed_attention_mask).
     Returns (logp_sum [S] float32, n_tokens [S] int64), S = responses in the batch, in order.
     """
-    hidden = model.hidden_states(input_ids, position_ids=position_ids, attention_mask=attention_mask)  # [G, T, H]
+    mask = packed_attention_mask(document, branch, flex)
+    hidden = model.hidden_states(input_ids, position_ids=position_ids, attention_mask=mask)  # [1, N, H]
     scored = parent >= 0  # [G, T] the targets
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(parent)
     predictors = hidden[rows[scored], parent[scored]]  # [n, H]

@@ -15,11 +15,13 @@ Two callers shape the interface:
   the prefill, a packed row whose piece i fills cache row i).
 """
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
@@ -165,14 +167,17 @@ class Attention(nn.Module):
             S = mask.size(-1)
             y = cached_attention(q, k[:, :, :S], v[:, :, :S], mask)  # [B, Hq, T, D]
         else:
-            rep = self.n_heads // self.n_kv  # grouped-query: each kv head serves `rep` query heads
-            k = k.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
-            v = v.repeat_interleave(rep, dim=1)
+            if isinstance(mask, BlockMask):  # a packed row on a GPU: one fused kernel skips the empty blocks
+                y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)  # [B, Hq, T, D]
+            else:
+                rep = self.n_heads // self.n_kv  # grouped-query: each kv head serves `rep` query heads
+                k = k.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
+                v = v.repeat_interleave(rep, dim=1)
             if isinstance(mask, list):  # a packed row: each piece attends within itself only
                 pieces = [m.size(-2) for m in mask]
                 y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi, attn_mask=m) for qi, ki, vi, m in
                                zip(q.split(pieces, 2), k.split(pieces, 2), v.split(pieces, 2), mask)], dim=2)
-            else:
+            elif not isinstance(mask, BlockMask):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, Hq, T, D]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
@@ -215,6 +220,43 @@ def padding_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
     diag = torch.eye(T, dtype=torch.bool, device=device)
     return (causal & keys) | diag  # [B, 1, T, T]
+
+
+def may_attend(document, branch, q, kv):
+    """The packed row's attention rule, for token indices q (queries) and kv (keys) of one row:
+    same group (document), not in the future, and the key is the group's prompt (branch 0) or
+    the query's own response. Both attention paths read it (packed_attention_mask)."""
+    return (document[q] == document[kv]) & (kv <= q) & ((branch[kv] == 0) | (branch[kv] == branch[q]))
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process: uncompiled it runs a dense reference implementation."""
+    return torch.compile(flex_attention)
+
+
+def packed_attention_mask(document, branch, flex: bool | None = None):
+    """The attention of a packed row (batches.collate_groups: document, branch [1, N]) in the form
+    hidden_states takes, with batches.may_attend as the one rule.
+
+    flex (default: on CUDA): a BlockMask for flex_attention. It records which 128 x 128 tiles are
+    empty, full or partial, so one kernel runs the whole row at flash-attention speed, skipping the
+    empty tiles, with no [N, N] tensor anywhere. Otherwise one dense [1, 1, Tg, Tg] mask per group:
+    sum(Tg^2) booleans, one SDPA call per group. flex_attention has no backward on the CPU, so
+    training there takes this path.
+    """
+    doc, br = document[0], branch[0]  # [N]
+    if flex if flex is not None else doc.is_cuda:
+        def mask_mod(b, h, q, kv):
+            return may_attend(doc, br, q, kv)
+
+        N = doc.numel()
+        return create_block_mask(mask_mod, None, None, N, N, device=doc.device, _compile=doc.is_cuda)
+    sizes = torch.unique_consecutive(doc, return_counts=True)[1].tolist()
+    masks = []
+    for idx in torch.arange(doc.numel(), device=doc.device).split(sizes):  # [Tg] token indices of a group
+        masks.append(may_attend(doc, br, idx[:, None], idx[None, :])[None, None])  # [1, 1, Tg, Tg]
+    return masks
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -260,10 +302,11 @@ class Transformer(nn.Module):
         """Final-norm hidden states [B, T, H].
 
         attention_mask: None (all real, causal), a [B, T] 1/0 padding mask, a ready
-        [B, 1, T, S] boolean mask (sampling with a KV cache, S = cache length), or a list of
-        [1, 1, Tg, Tg] boolean masks for a packed row (B = 1): consecutive pieces of Tg tokens,
-        each attending within itself only, so sequences of different lengths share a forward
-        with no padding (the matmuls see real tokens only; attention costs sum(Tg^2)).
+        [B, 1, T, S] boolean mask (sampling with a KV cache, S = cache length), or a packed row
+        (B = 1, packed_attention_mask): a list of [1, 1, Tg, Tg] boolean masks, consecutive
+        pieces of Tg tokens each attending within itself only, so sequences of different lengths
+        share a forward with no padding (the matmuls see real tokens only; attention costs
+        sum(Tg^2)), or the same pattern as a flex_attention BlockMask.
         With a KV cache, a packed row is a prefill: piece i writes cache row i at the slots
         `input_pos` names, and its [1, 1, Tg, S] mask reads that row's first S slots.
         """
@@ -272,6 +315,11 @@ class Transformer(nn.Module):
             mask = None  # plain causal: SDPA's is_causal path
             if position_ids is None:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        elif isinstance(attention_mask, BlockMask):
+            mask = attention_mask
+            if B != 1 or mask.seq_lengths != (T, T) or position_ids is None or self.layers[0].self_attn.kv_cache:
+                raise ValueError("a block mask needs one packed row (B = 1) of its length, explicit position_ids "
+                                 "and no KV cache")
         elif isinstance(attention_mask, list):
             mask = attention_mask
             if B != 1 or sum(m.size(-2) for m in mask) != T or position_ids is None:

@@ -131,7 +131,7 @@ def drop_reason(chosen: str, rejected: str, raw: str, first_feature: str) -> str
     return None
 
 
-def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tokens=128, batch_size=48,
+def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tokens=128, batch_size=None,
                   compile=False, progress=True, desc="prompts") -> tuple[list[dict], Counter]:
     """Sample y_pos / y_neg / y_raw for every prompt with the current policy; clean and filter.
 
@@ -189,7 +189,7 @@ def check_cutoff(tokenizer, prompts, cutoff: int, max_new_tokens: int):
                          f"and a {max_new_tokens}-token response (allowed: >= {longest + max_new_tokens + 1})")
 
 
-def sample_plain(model, tokenizer, prompts, *, seed, max_new_tokens, batch_size=48, compile=False,
+def sample_plain(model, tokenizer, prompts, *, seed, max_new_tokens, batch_size=None, compile=False,
                  progress=True) -> list[dict]:
     """y_raw alone for each prompt, as build_records samples it: [{"prompt", "raw", "capped": {"raw"}}].
 

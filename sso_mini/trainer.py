@@ -2,7 +2,8 @@
 
     records (pairs.jsonl) -> six sequences each, as 3 prompt-sharing groups
       -> reference log-probs (cached, no grad)
-      -> for each step: micro-batches of 3*b groups packed in one row -> ONE forward -> fused log-probs
+      -> for each step: micro-batches (b records, or up to a token budget), their groups packed in one row
+         -> ONE forward -> fused log-probs
          -> sso_loss -> backward (accumulate) -> clip -> AdamW -> cosine lr
       -> metrics.jsonl per step; the resume state every k steps (iter_t/resume/)
     held-out records -> scored by the reference before, and by the trained policy after, the epoch
@@ -31,7 +32,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .assets import undo_on_failure, write_atomic
-from .batches import collate_groups, record_groups
+from .batches import collate_groups, micro_batches, record_groups, row_length
 from .distributed import all_sum, deal, full_tensor, gather_objects, is_main, like, rank, world_size
 from .logprobs import packed_logprobs
 from .losses import sso_loss
@@ -56,6 +57,7 @@ class TrainConfig:
     lr: float = 5e-6
     batch_size: int = 8  # records per optimizer step
     micro_batch_size: int = 1  # records per forward (6 sequences, 3 prompts, packed in one row)
+    tokens_per_micro_batch: int | None = None  # instead: as many records per forward as fit in this many tokens
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     warmup_ratio: float = 0.1
@@ -122,6 +124,17 @@ def score(model, groups, device, mixed: bool | None = None):
     return logp, n, batch["input_ids"].numel()
 
 
+def packed_micro_batches(ids, groups: dict, cfg: TrainConfig) -> tuple[list[list], int]:
+    """This rank's share of record ids `ids` as micro-batches (batches.micro_batches), and how many
+    rounds every rank runs: the busiest rank's count (the others add spare rounds). groups[i]:
+    record i's prompt-sharing groups. Every rank packs every rank's share, so all agree on it."""
+    tokens = {i: row_length(groups[i]) for i in ids}
+    n = world_size()
+    shares = [micro_batches(deal(ids, n, r), tokens, cfg.micro_batch_size, cfg.tokens_per_micro_batch)
+              for r in range(n)]
+    return shares[rank()], max(map(len, shares))
+
+
 def loss_settings(cfg: TrainConfig) -> dict:
     """The sso_loss keywords of a TrainConfig (the same for training steps and held-out metrics)."""
     return dict(loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,
@@ -148,14 +161,14 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     eot = end_of_turn_id(tokenizer)
     was_training = model.training
     model.eval()
-    mine = deal(range(len(records)), world_size(), rank())
-    rounds = math.ceil(len(records) / world_size())  # the busiest rank's count; the others add a spare pass
+    groups = {i: record_groups(tokenizer, r, cfg.cutoff, eot) for i, r in enumerate(records)}
+    micro, rounds = packed_micro_batches(list(groups), groups, cfg)
     out = {}
     for k in tqdm(range(rounds), desc=desc, disable=not progress):
-        i = mine[k] if k < len(mine) else 0
-        logp, _, _ = score(model, record_groups(tokenizer, records[i], cfg.cutoff, eot), device, cfg.autocast)
-        if k < len(mine):
-            out[i] = logp.float().cpu()
+        mb = micro[k] if k < len(micro) else [0]  # a spare pass, thrown away
+        logp, _, _ = score(model, [g for i in mb for g in groups[i]], device, cfg.autocast)
+        if k < len(micro):
+            out |= dict(zip(mb, logp.float().cpu().view(len(mb), 6)))
     model.train(was_training)
     rows = {i: logp for part in gather_objects(out) for i, logp in part.items()}
     logps = torch.stack([rows[i] for i in range(len(records))])  # [R, 6]
@@ -277,14 +290,12 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
     for step in bar:
         t0 = time.perf_counter()
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        b, mine = cfg.micro_batch_size, deal(idx, n_ranks, rank())
-        micro = [mine[m:m + b] for m in range(0, len(mine), b)]
-        rounds = math.ceil(math.ceil(len(idx) / n_ranks) / b)  # the busiest rank's micro-batches
+        groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot) for i in idx}
+        micro, rounds = packed_micro_batches(idx, groups, cfg)
         sums, tokens = {}, 0
         for k in range(rounds):
             mb, weight = (micro[k], 1.0) if k < len(micro) else ([idx[0]], 0.0)  # weight 0: a spare round
-            groups = [g for i in mb for g in record_groups(tokenizer, records[i], cfg.cutoff, eot)]
-            logp, n, ntok = score(model, groups, device, cfg.autocast)
+            logp, n, ntok = score(model, [g for i in mb for g in groups[i]], device, cfg.autocast)
             loss, metrics = sso_loss(logp.float().view(len(mb), 6), ref_logps[mb].to(device), n.view(len(mb), 6),
                                      **loss_settings(cfg))
             share = weight * len(mb) / len(idx)  # of the step's records

@@ -51,6 +51,18 @@ def test_two_ranks_match_one_process(tiny_model_dir, tmp_path):
     ref = {k: load_file(tmp_path / k / "iter_0" / "ref_logps.safetensors")["logps"] for k in ("one", "two")}
     assert torch.allclose(ref["one"], ref["two"], atol=1e-5)
 
+    # each rank packs all its records of a step into one forward (the packed rows of a GPU run): the first
+    # step (before any update, whose float rounding AdamW magnifies) has the same loss and gradient norm
+    packed = run(*common, "--out", str(tmp_path / "packed"), "--tokens-per-micro-batch", "100000", nproc=2,
+                 cwd=tmp_path)
+    assert packed.returncode == 0, packed.stderr
+    first = json.loads((tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss", "W", "p_rewards/margins", "n_logps/chosen", "grad_norm"):  # (accuracies of ~0 rewards: noise)
+        # fp32 sums in another order (longer rows); attention leaking across records would be far off
+        assert abs(first[key] - rows["one"][0][key]) <= 1e-4 * abs(rows["one"][0][key]) + 1e-6, key
+    assert torch.allclose(load_file(tmp_path / "packed" / "iter_0" / "ref_logps.safetensors")["logps"], ref["one"],
+                          atol=1e-5)
+
     start = load_file(tiny_model_dir / "model.safetensors")
     w1 = load_file(tmp_path / "one" / "iter_0" / "model" / "model.safetensors")
     w2 = load_file(tmp_path / "two" / "iter_0" / "model" / "model.safetensors")

@@ -279,3 +279,28 @@ def test_compiled_decode_on_cpu_equals_eager(tiny_transformer):
     eager = generate(model, prompts, max_new_tokens=6, temperature=0, progress=False)
     compiled = generate(model, prompts, max_new_tokens=6, temperature=0, progress=False, compile=True)
     assert compiled == eager and all(len(o) == 6 for o in eager)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_shrinking_batches_give_each_prompt_its_own_greedy_tokens(tiny_transformer, monkeypatch, compile):
+    """Rows that stop early are dropped from the batch (and, compiled, the batch is padded to a power of
+    two and the cache to CACHE_BUCKET slots): every row still gets exactly the greedy tokens it gets alone."""
+    from sso_mini import generate as gen
+
+    model = tiny_transformer(std=0.3)
+    prompts = [[1 + i, 5, 9 + 2 * i, 2][: 2 + i % 3] + [7] * (i % 4) for i in range(7)]  # lengths 2-7
+    alone = [generate(model, [p], max_new_tokens=12, temperature=0, progress=False)[0] for p in prompts]
+    stops = {alone[i][1 + i % 3] for i in range(5)}  # five rows meet a stop within 4 tokens
+    expected = [next((a[:j] for j, x in enumerate(a) if x in stops), a) for a in alone]
+    assert sum(len(e) < 4 for e in expected) >= 4 and any(len(e) == 12 for e in expected)
+    shapes, original = [], gen.compact
+
+    def spy(model, keep, *rows):
+        shapes.append(len(keep))
+        return original(model, keep, *rows)
+
+    monkeypatch.setattr(gen, "compact", spy)
+    got = generate(model, prompts, max_new_tokens=12, temperature=0, stop_ids=stops, progress=False,
+                   compile=compile)
+    assert got == expected
+    assert shapes and all(b & (b - 1) == 0 and b < 7 for b in shapes)  # it shrank, to powers of two

@@ -52,17 +52,20 @@ def test_overfit_two_records_drives_all_three_accuracies_to_one(smollm2, tmp_pat
 def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir, tmp_path):
     records = records_for_overfit()
     weights, history = [], []
-    for micro in (1, 2):
+    # one record per forward, both in one, both by a token budget that holds them, each alone by one too small
+    for k, (micro, budget) in enumerate(((1, None), (2, None), (1, 10_000), (2, 8))):
         model, tok = load_model(tiny_model_dir)
-        cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, save_every=1000, autocast=False)
+        cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, tokens_per_micro_batch=budget,
+                          save_every=1000, autocast=False)
         ref = score_records(model, tok, records, cfg, progress=False)
-        history.append(train_iteration(model, tok, records, ref, cfg, tmp_path / f"m{micro}", progress=False)[0])
+        history.append(train_iteration(model, tok, records, ref, cfg, tmp_path / f"m{k}", progress=False)[0])
         weights.append(model.state_dict())
-    # Adam ignores the gradient's scale, so the accumulated gradient is checked through its norm
-    for key in ("loss", "grad_norm", "W", "rewards/margins", "n_rewards/margins"):
-        assert history[0][key] == pytest.approx(history[1][key], rel=1e-5), key
-    for k in weights[0]:
-        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=1e-5)
+    for h, w in zip(history[1:], weights[1:]):
+        # Adam ignores the gradient's scale, so the accumulated gradient is checked through its norm
+        for key in ("loss", "grad_norm", "W", "rewards/margins", "n_rewards/margins"):
+            assert h[key] == pytest.approx(history[0][key], rel=1e-5), key
+        for name in weights[0]:
+            torch.testing.assert_close(w[name], weights[0][name], rtol=0, atol=1e-5)
 
 
 def test_bf16_autocast_scores_close_to_fp32(smollm2):
