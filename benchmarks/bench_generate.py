@@ -6,10 +6,12 @@
 
 Both samplers produce exactly --new-tokens tokens per row (stopping disabled) from the same
 weights and left-padded prompts; tokens/s = rows x new tokens / wall time, prefill included,
-the best of --repeats runs of each.
-With --preset the weights are random (shapes from sso_mini.config.PRESETS) and the batch-1
-line also reports the fraction of the memory-bandwidth roofline: every decoded token reads all
-weights once, so the ceiling is bandwidth / weight bytes tokens/s.
+the best of --repeats runs of each, after a warm-up call (with --compile it compiles the decode
+step; its wall time is printed apart).
+With --preset the weights are random (shapes from sso_mini.config.PRESETS). The batch-1 lines
+also report the fraction of the memory-bandwidth roofline: every decoded token reads all weights
+once, so the ceiling is bandwidth / weight bytes tokens/s, with the bandwidth measured here (the
+best of three sums over a 1 GiB tensor, with the same threads) unless --bandwidth-gbs gives it.
 """
 
 import argparse
@@ -106,6 +108,18 @@ def tokens_per_s(fn, rows, new_tokens, device):
     return rows * new_tokens / (time.perf_counter() - t)
 
 
+def read_bandwidth(device) -> float:
+    """GB/s that a sum over a 1 GiB fp32 tensor reads, best of three."""
+    x = torch.ones(2**28, device=device)
+    best = 0.0
+    for _ in range(3):
+        sync(device)
+        t = time.perf_counter()
+        x.sum().item()
+        best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -117,7 +131,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each sampler, interleaved; the fastest counts")
     ap.add_argument("--compile", action="store_true", help="compile our decode step (CUDA graphs on GPU)")
-    ap.add_argument("--bandwidth-gbs", type=float, default=3350.0, help="memory bandwidth (H100 SXM: 3350)")
+    ap.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the roofline (default: measured)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -140,22 +154,29 @@ def main():
             ours = lambda: run_ours(model, prompts, args.new_tokens, mode, args.compile)  # noqa: E731
             theirs = lambda: run_hf(hf, prompts, args.new_tokens, mode, device)  # noqa: E731
             # warm up: compile (same shapes as the timed run) or just touch every code path
+            sync(device)
+            first = time.perf_counter()
             run_ours(model, prompts, args.new_tokens if args.compile else 2, mode, args.compile)
+            sync(device)
+            first = time.perf_counter() - first
             run_hf(hf, prompts, 2, mode, device)
             runs = [(tokens_per_s(ours, B, args.new_tokens, device), tokens_per_s(theirs, B, args.new_tokens, device))
                     for _ in range(args.repeats)]  # interleaved, so a noisy spell hits both alike
             a, b = max(r[0] for r in runs), max(r[1] for r in runs)
-            print(f"| {B} | {mode} | {a:.1f} | {b:.1f} | {a / b:.2f} |", flush=True)
+            compiled = f" (first call, compiling: {first:.1f} s)" if args.compile else ""
+            print(f"| {B} | {mode} | {a:.1f}{compiled} | {b:.1f} | {a / b:.2f} |", flush=True)
             if B == 1:
                 roofline.append((mode, a))
-    if args.preset:
-        ceiling = args.bandwidth_gbs * 1e9 / weight_bytes
+    if roofline:
+        bandwidth = args.bandwidth_gbs or read_bandwidth(device)
+        ceiling = bandwidth * 1e9 / weight_bytes
         # a decode step reads one row of an untied input embedding, so count those bytes out as well
         read = weight_bytes - (0 if model.config.tie_word_embeddings else model.embed_tokens.weight.nbytes)
-        print(f"\nweights {weight_bytes / 1e9:.2f} GB; roofline at {args.bandwidth_gbs:.0f} GB/s = {ceiling:.1f} tok/s")
+        print(f"\nweights {weight_bytes / 1e9:.2f} GB; roofline at {bandwidth:.1f} GB/s "
+              f"({'given' if args.bandwidth_gbs else 'measured'}) = {ceiling:.1f} tok/s")
         for mode, a in roofline:
-            print(f"batch 1 {mode}: {a:.1f} tok/s = {a / ceiling:.0%} of the roofline, {a * read / 1e9 / args.bandwidth_gbs:.0%}"
-                  f" counting only the {read / 1e9:.2f} GB a step reads (prefill included)")
+            print(f"batch 1 {mode}: {a:.1f} tok/s = {a / ceiling:.0%} of the roofline, {a * read / 1e9 / bandwidth:.0%} "
+                  f"counting only the {read / 1e9:.2f} GB a step reads (prefill included)")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     step = compiled_decode_step(device.type == "cuda") if compile else decode_step
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     try:
+        model.fuse_projections()
         if P:  # the shared prefix runs once, at batch 1
             model.setup_cache(1, P)
             model.hidden_states(ids[:1, :P], position_ids[:1, :P], mask[:1, :, :P, :P], slots[:P])
@@ -264,6 +265,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
         bar.close()
     finally:
         model.clear_cache()
+        model.unfuse_projections()
     return [row[:k] for row, k in zip(out[:rows].tolist(), length[:rows].tolist())]
 
 

@@ -9,7 +9,8 @@ names are HF's minus the leading "model." so checkpoints load without a mapping 
 
 Two callers shape the interface:
 - training/scoring calls `hidden_states(...)` on padded batches, or on one packed row of
-  sequences with a mask per piece, and never asks for full logits (see logprobs.py);
+  sequences (a dense mask per piece, or one flex_attention block mask on a GPU:
+  packed_attention_mask), and never asks for full logits (see logprobs.py);
 - sampling (generate.py) attaches a static KVCache to each attention layer and feeds
   `input_pos`, the cache slots being written, plus a ready-made 4-D boolean mask (or, for
   the prefill, a packed row whose piece i fills cache row i).
@@ -147,12 +148,19 @@ class Attention(nn.Module):
         self.v_proj = Projection(H, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = Projection(self.n_heads * self.head_dim, H, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
+        self.qkv: tuple | None = None  # (weight, bias) of q, k, v in one, while sampling on the CPU (fused)
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        if self.qkv is not None:  # one matmul instead of three
+            weight, bias = self.qkv
+            qkv = project(x, weight) if bias is None else project(x, weight) + bias
+            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = k.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.kv_cache is not None and isinstance(mask, list):  # packed prefill: piece i fills cache row i
@@ -168,6 +176,9 @@ class Attention(nn.Module):
             y = cached_attention(q, k[:, :, :S], v[:, :, :S], mask)  # [B, Hq, T, D]
         else:
             if isinstance(mask, BlockMask):  # a packed row on a GPU: one fused kernel skips the empty blocks
+                # (under autocast RoPE's fp32 tables promote q and k; flex_attention, unlike SDPA, is no
+                # autocast op and wants one dtype)
+                q, k = q.to(v.dtype), k.to(v.dtype)
                 y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)  # [B, Hq, T, D]
             else:
                 rep = self.n_heads // self.n_kv  # grouped-query: each kv head serves `rep` query heads
@@ -190,9 +201,14 @@ class MLP(nn.Module):
         self.gate_proj = Projection(H, I, bias=False)
         self.up_proj = Projection(H, I, bias=False)
         self.down_proj = Projection(I, H, bias=False)
+        self.gate_up: torch.Tensor | None = None  # gate and up weights in one, while sampling on the CPU (fused)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if self.gate_up is not None:
+            gate, up = project(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -358,3 +374,26 @@ class Transformer(nn.Module):
     def clear_cache(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
+
+    def fuse_projections(self):
+        """While sampling on the CPU: q, k, v and gate, up each run as one matmul over concatenated weights.
+
+        Why: at a few rows per step a matmul only streams its weights, and the CPU kernels stream
+        small matrices well below the memory's rate; fewer, larger ones read faster (benchmarks/
+        README.md). Every output is the same dot product, so the tokens do not change. The copies
+        (about 70% of the weights) live until unfuse_projections. Not for LoRA layers (their
+        update is separate) nor on a GPU (the compiled step fuses on its own).
+        """
+        if self.embed_tokens.weight.device.type != "cpu":
+            return
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            if type(a.q_proj) is not Projection or type(m.gate_proj) is not Projection:
+                continue
+            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            a.qkv = (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias)
+            m.gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+
+    def unfuse_projections(self):
+        for layer in self.layers:
+            layer.self_attn.qkv, layer.mlp.gate_up = None, None

@@ -114,13 +114,14 @@ def autocast(device, enabled: bool | None = None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def score(model, groups, device, mixed: bool | None = None):
+def score(model, groups, device, mixed: bool | None = None, flex: bool | None = None):
     """Summed log-probs and token counts of every response in prompt-sharing groups
-    (batches.record_groups), plus the number of tokens the model ran. `mixed`: bf16 autocast
-    (TrainConfig.autocast); the reference and the training forward must use the same."""
+    (batches.record_groups), packed in one row, plus the number of tokens the model ran. `mixed`:
+    bf16 autocast (TrainConfig.autocast); the reference and the training forward must use the same.
+    `flex`: attention through a block mask (default: on CUDA; model.packed_attention_mask)."""
     batch = collate_groups(groups, device)
     with autocast(device, mixed):
-        logp, n = packed_logprobs(model, **batch)
+        logp, n = packed_logprobs(model, **batch, flex=flex)
     return logp, n, batch["input_ids"].numel()
 
 

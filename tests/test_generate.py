@@ -304,3 +304,31 @@ def test_shrinking_batches_give_each_prompt_its_own_greedy_tokens(tiny_transform
                    compile=compile)
     assert got == expected
     assert shapes and all(b & (b - 1) == 0 and b < 7 for b in shapes)  # it shrank, to powers of two
+
+
+def test_fused_projections_change_no_token_and_are_dropped_after(monkeypatch):
+    """Sampling on the CPU runs q, k, v (with Qwen2's biases) and gate, up as one matmul each: greedy
+    tokens equal a full forward per step through the separate layers, and the fused copies go."""
+    from sso_mini.config import ModelConfig
+    from sso_mini.model import Attention, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, qkv_bias=True)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    used = []
+    forward = Attention.forward
+    monkeypatch.setattr(Attention, "forward", lambda self, *a, **k: used.append(self.qkv is not None) or
+                        forward(self, *a, **k))
+    prompt = [3, 14, 15, 9, 2, 6]
+    got = generate(model, [prompt], max_new_tokens=10, temperature=0, progress=False)[0]
+    assert used and all(used)  # every attention call ran fused
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert got == ids[len(prompt):]
+    assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in model.layers)
