@@ -73,7 +73,7 @@ def test_block_mask_path_equals_dense_path_on_packed_records(tiny_model_dir):
 
     model.train()
     whole = create_mask(block.mask_mod, None, None, *block.seq_lengths, device="cpu")  # [1, 1, N, N]
-    weights = torch.randn(len(dense_n))
+    weights = torch.randn(len(dense_n), generator=torch.Generator().manual_seed(0))
     grads = []
     for mask in (packed_attention_mask(batch["document"], batch["branch"], flex=False), whole):
         model.zero_grad()
@@ -85,8 +85,8 @@ def test_block_mask_path_equals_dense_path_on_packed_records(tiny_model_dir):
         (per_response * weights).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     torch.testing.assert_close(per_response.detach(), dense_logp, rtol=1e-5, atol=1e-5)
-    for dense_grad, block_grad in zip(*grads):
-        torch.testing.assert_close(block_grad, dense_grad, rtol=1e-4, atol=1e-6)
+    for dense_grad, block_grad in zip(*grads):  # fp32 sums in another order: relative to the largest entry
+        assert (block_grad - dense_grad).abs().max() <= 1e-5 * dense_grad.abs().max()
 
 
 def test_may_attend_hides_siblings_and_other_groups():
