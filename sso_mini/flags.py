@@ -16,8 +16,7 @@ from .trainer import TrainConfig
 # Flags that say how to run, not what: a resume may change them. Every other flag defines the
 # run (resuming with a different value would mix two experiments), so a new flag is checked too.
 OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_size", "tokens_per_micro_batch",
-               "sample_batch_size",
-               "gradient_checkpointing", "save_every", "no_progress", "ablation", "scale")
+               "sample_batch_size", "gradient_checkpointing", "save_every", "no_progress", "ablation", "scale")
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
 EVAL_PROMPTS = 16  # held out by default: sampled and scored twice, ~15% of a default iteration's time
 GPU_TOKENS_PER_MICRO_BATCH = 16384  # enough work per forward for a 7B model on one GPU, and fits its memory

@@ -248,12 +248,15 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
             done = done | torch.isin(tok, stops)
             length[row_of] += ~done
             bar.update(1)
-            if t == max_new_tokens - 1 or (len(stops) and done.all()):
+            if t == max_new_tokens - 1:
                 break
-            alive = int((~done).sum())
-            if alive <= len(done) // 2:  # shrink to the next power of two above the rows still going
-                keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
-                row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
+            if len(stops):  # (no stops: no row finishes, and the step needs no look at `done`)
+                alive = int((~done).sum())
+                if alive == 0:
+                    break
+                if alive <= len(done) // 2:  # shrink to the next power of two above the rows still going
+                    keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
+                    row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
             valid.index_fill_(1, input_pos, True)  # the slot this token is written to
             # the mask's length is the number of cache slots attended: all Tmax when compiled (fixed
             # shapes), else only the filled ones (eager on CPU: less cache to read)

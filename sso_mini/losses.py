@@ -33,14 +33,16 @@ def _margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected):
     return (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)  # [B]
 
 
+def as_loss_reads(logps, lengths, loss_type):
+    """Summed log-probs as the base loss takes them: per-token means for IPO, the sums for DPO."""
+    return logps / lengths.to(logps.dtype) if loss_type == "ipo" else logps
+
+
 def implicit_rewards(policy_logps, ref_logps, lengths, loss_type="ipo", beta=None):
-    """[B, 6] reward = beta * (l_pi - l_ref) of every sequence, with l the log-prob as the loss
-    reads it (IPO: per-token mean; DPO: sum). TRL's rewards/* and the held-out signal use it."""
+    """[B, 6] reward = beta * (l_pi - l_ref) of every sequence, with l as the loss reads it
+    (as_loss_reads). TRL's rewards/* and the held-out signal use it."""
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
-    if loss_type == "ipo":
-        lengths = lengths.to(policy_logps.dtype)
-        return beta * (policy_logps / lengths - ref_logps / lengths)
-    return beta * (policy_logps - ref_logps)
+    return beta * (as_loss_reads(policy_logps, lengths, loss_type) - as_loss_reads(ref_logps, lengths, loss_type))
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1):
@@ -116,10 +118,8 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
     lengths = lengths.to(policy_logps.dtype)
     mean_logps = policy_logps / lengths  # [B, 6] pi~(y|x), used by W and SFT whatever the loss
-    if loss_type == "ipo":
-        base_loss, l_pi, l_ref = ipo_loss, mean_logps, ref_logps / lengths  # [B, 6]
-    else:
-        base_loss, l_pi, l_ref = dpo_loss, policy_logps, ref_logps  # [B, 6]
+    base_loss = ipo_loss if loss_type == "ipo" else dpo_loss
+    l_pi, l_ref = as_loss_reads(policy_logps, lengths, loss_type), as_loss_reads(ref_logps, lengths, loss_type)
 
     def L(c, r):  # base loss of the pair (column c chosen, column r rejected), [B]
         return base_loss(l_pi[:, c], l_pi[:, r], l_ref[:, c], l_ref[:, r], beta)

@@ -155,7 +155,8 @@ class Attention(nn.Module):
         if self.qkv is not None:  # one matmul instead of three
             weight, bias = self.qkv
             qkv = project(x, weight) if bias is None else project(x, weight) + bias
-            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+            kv_width = self.n_kv * self.head_dim
+            q, k, v = qkv.split([self.n_heads * self.head_dim, kv_width, kv_width], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
@@ -184,12 +185,12 @@ class Attention(nn.Module):
                 rep = self.n_heads // self.n_kv  # grouped-query: each kv head serves `rep` query heads
                 k = k.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
                 v = v.repeat_interleave(rep, dim=1)
-            if isinstance(mask, list):  # a packed row: each piece attends within itself only
-                pieces = [m.size(-2) for m in mask]
-                y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi, attn_mask=m) for qi, ki, vi, m in
-                               zip(q.split(pieces, 2), k.split(pieces, 2), v.split(pieces, 2), mask)], dim=2)
-            elif not isinstance(mask, BlockMask):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, Hq, T, D]
+                if isinstance(mask, list):  # a packed row: each piece attends within itself only
+                    pieces = [m.size(-2) for m in mask]
+                    y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi, attn_mask=m) for qi, ki, vi, m in
+                                   zip(q.split(pieces, 2), k.split(pieces, 2), v.split(pieces, 2), mask)], dim=2)
+                else:
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, Hq, T, D]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(y)
 
@@ -253,7 +254,7 @@ def compiled_flex_attention():
 
 def packed_attention_mask(document, branch, flex: bool | None = None):
     """The attention of a packed row (batches.collate_groups: document, branch [1, N]) in the form
-    hidden_states takes, with batches.may_attend as the one rule.
+    hidden_states takes, with may_attend as the one rule.
 
     flex (default: on CUDA): a BlockMask for flex_attention. It records which 128 x 128 tiles are
     empty, full or partial, so one kernel runs the whole row at flash-attention speed, skipping the
