@@ -27,6 +27,7 @@ import functools
 import torch
 from tqdm.auto import tqdm
 
+from .batches import micro_batches
 from .model import project
 
 
@@ -42,20 +43,27 @@ def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 256) -> torch
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p.
 
     Sorting the whole vocabulary is the slow part on a CPU (half a decode step at batch 32),
-    so only the `candidates` most likely tokens are sorted, and everything only when some
-    row's nucleus is bigger. Compiled code always sorts everything (no data-dependent branch).
+    so only the `candidates` most likely tokens are sorted, and the whole vocabulary only for
+    the rows whose nucleus is bigger. Compiled code always sorts everything (no data-dependent
+    branch).
     """
     if p >= 1.0:
         return logits
     V = logits.size(-1)
     probs = logits.float().softmax(dim=-1)  # [B, V]
+
+    def dropped(top, order):  # [b, k] probabilities, most likely first, and their ids -> [b, V] True: dropped
+        mass_before = top.cumsum(dim=-1) - top  # probability of the tokens ranked above
+        drop_top = mass_before >= p  # the top token always stays (its mass_before is 0)
+        return torch.ones(len(top), V, dtype=torch.bool, device=top.device).scatter(-1, order, drop_top)
+
     k = V if torch.compiler.is_compiling() else min(candidates, V)
-    top, order = probs.topk(k, dim=-1)  # [B, k], most likely first
-    if k < V and (top.sum(-1) < p).any():  # the top k do not hold some row's whole nucleus
-        top, order = probs.sort(dim=-1, descending=True)
-    mass_before = top.cumsum(dim=-1) - top  # probability of the tokens ranked above
-    drop_top = mass_before >= p  # the top token always stays (its mass_before is 0)
-    drop = torch.ones_like(probs, dtype=torch.bool).scatter(-1, order, drop_top)  # [B, V]; beyond top k: dropped
+    top, order = probs.topk(k, dim=-1)  # [B, k]
+    drop = dropped(top, order)  # [B, V]; beyond the top k: dropped
+    if k < V:
+        short = top.sum(-1) < p  # [B] rows whose nucleus the top k do not hold
+        if short.any():
+            drop[short] = dropped(*probs[short].sort(dim=-1, descending=True))
     return logits.masked_fill(drop, float("-inf"))
 
 
@@ -139,6 +147,9 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+PREFILL_TOKENS = 3072  # prompt tokens per prefill forward: a small model's [tokens, intermediate] activations then
+# fit a CPU's last-level cache, and fresh allocations stay below the size glibc maps anew (and the kernel zeroes) each
+# time; a whole 48-prompt batch at once is slower (benchmarks/README.md)
 CACHE_BUCKET = 128  # compiled decode: cache lengths are rounded up to this, so batches share one graph
 
 
@@ -212,15 +223,20 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
             for layer, (k, v) in zip(model.layers, prefix_kv):
                 layer.self_attn.kv_cache.k[:, :, :P] = k  # [1, Hkv, P, D] -> all B rows
                 layer.self_attn.kv_cache.v[:, :, :P] = v
-        # the rows' own tokens, packed end to end into one row: no compute on left padding
+        # the rows' own tokens, packed end to end: no compute on left padding; a few rows per forward
+        # (PREFILL_TOKENS), so that a CPU's activations stay in its caches
         lengths = [len(p) - P for p in prompts]
-        own = torch.tensor([[t for p in prompts for t in p[P:]]], device=device)  # [1, N]
-        own_pos = torch.cat([position_ids[i, T - L:] for i, L in enumerate(lengths)])[None]  # [1, N]
-        own_slots = torch.cat([slots[T - L:] for L in lengths])  # [N]
-        pieces = [mask[i:i + 1, :, T - L:] for i, L in enumerate(lengths)]  # [1, 1, L, T] each
-        h = model.hidden_states(own, own_pos, pieces, own_slots)  # [1, N, H]
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [B] each row's last prompt token
-        logits = project(h[0, last], model.lm_head_weight)  # [B, V]
+        logits = []
+        for chunk in micro_batches(range(B), dict(enumerate(lengths)), B, PREFILL_TOKENS):
+            own = torch.tensor([[t for i in chunk for t in prompts[i][P:]]], device=device)  # [1, N]
+            own_pos = torch.cat([position_ids[i, T - lengths[i]:] for i in chunk])[None]  # [1, N]
+            own_at = torch.cat([torch.stack([torch.full((lengths[i],), i, device=device), slots[T - lengths[i]:]])
+                                for i in chunk], dim=1)  # [2, N] cache row and slot
+            pieces = [mask[i:i + 1, :, T - lengths[i]:] for i in chunk]  # [1, 1, L, T] each
+            h = model.hidden_states(own, own_pos, pieces, own_at)  # [1, N, H]
+            last = torch.tensor([lengths[i] for i in chunk], device=device).cumsum(0) - 1  # each row's last token
+            logits.append(project(h[0, last], model.lm_head_weight))  # [rows, V]
+        logits = torch.cat(logits)  # [B, V]
         if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
             for layer in model.layers:
                 cache = layer.self_attn.kv_cache

@@ -164,13 +164,13 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.kv_cache is not None and isinstance(mask, list):  # packed prefill: piece i fills cache row i
-            pieces = [m.size(-2) for m in mask]
-            rows = torch.arange(len(pieces), device=x.device).repeat_interleave(torch.tensor(pieces, device=x.device))
-            k, v = self.kv_cache.update(input_pos, k, v, rows)  # [B, Hkv, Tmax, D]
+        if self.kv_cache is not None and isinstance(mask, list):  # packed prefill: piece i fills cache row r0 + i
+            rows, slots = input_pos  # [T] each: the cache row and slot every token is written to
+            pieces, r0 = [m.size(-2) for m in mask], int(rows[0])
+            k, v = self.kv_cache.update(slots, k, v, rows)  # [B, Hkv, Tmax, D]
             S = mask[0].size(-1)
-            y = torch.cat([cached_attention(qi, k[i:i + 1, :, :S], v[i:i + 1, :, :S], m)
-                           for i, (qi, m) in enumerate(zip(q.split(pieces, 2), mask))], dim=2)  # [1, Hq, T, D]
+            y = torch.cat([cached_attention(qi, k[r:r + 1, :, :S], v[r:r + 1, :, :S], m)
+                           for r, qi, m in zip(range(r0, r0 + len(mask)), q.split(pieces, 2), mask)], dim=2)
         elif self.kv_cache is not None:  # sampling: keys are the first S cache slots, S = the mask's length
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, Tmax, D]
             S = mask.size(-1)
@@ -324,8 +324,9 @@ class Transformer(nn.Module):
         pieces of Tg tokens each attending within itself only, so sequences of different lengths
         share a forward with no padding (the matmuls see real tokens only; attention costs
         sum(Tg^2)), or the same pattern as a flex_attention BlockMask.
-        With a KV cache, a packed row is a prefill: piece i writes cache row i at the slots
-        `input_pos` names, and its [1, 1, Tg, S] mask reads that row's first S slots.
+        With a KV cache, a packed row is a prefill: input_pos [2, T] names each token's cache row
+        and slot, the pieces fill consecutive rows (piece i: row r0 + i), and the [1, 1, Tg, S]
+        mask of a piece reads its row's first S slots.
         """
         B, T = input_ids.shape
         if attention_mask is None:

@@ -83,6 +83,27 @@ def test_shared_prefix_runs_once_and_changes_nothing(smollm2, monkeypatch):
     assert shared_prefix_length([[5, 2], [1, 2]]) == 0
 
 
+def test_prefill_in_chunks_changes_no_token(smollm2, chat_prompts, greedy32, monkeypatch):
+    """With a small PREFILL_TOKENS the prompts are prefilled a few rows per forward (into their own cache
+    rows), and every row decodes as it does with the whole batch prefilled at once."""
+    import sso_mini.generate as gen
+
+    model, tok = smollm2
+    budget = 60
+    monkeypatch.setattr(gen, "PREFILL_TOKENS", budget)
+    prefills = []
+    run = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *a, **k: (prefills.append(ids.shape[1]) if ids.shape[1]
+                                                                       > 1 else None) or run(ids, *a, **k))
+    chunked = generate(model, chat_prompts, max_new_tokens=32, temperature=0, stop_ids=tok.stop_ids, progress=False)
+    P = shared_prefix_length(chat_prompts)  # (the chat template's system header, prefilled once first)
+    own = [len(p) - P for p in chat_prompts]
+    assert P > 0 and prefills[0] == P
+    assert len(prefills) >= 4 and sum(prefills[1:]) == sum(own)  # several forwards, every token once
+    assert all(n <= budget or n in own for n in prefills[1:])  # over the budget only a row alone
+    assert chunked == greedy32
+
+
 def test_n_samples_share_their_prompt(smollm2, chat_prompts):
     model, _ = smollm2
     a, b = chat_prompts[2], chat_prompts[5]
