@@ -5,7 +5,7 @@
 Rows M = 1, 8, 32 are decode steps at those batch sizes; M = 1,100 is a prefill. Each timing
 walks through enough distinct weights (~300 MB) that they come from memory, as they do when a
 decode step runs the whole model. The sampler runs q, k, v and gate, up as one matmul each
-(Transformer.fuse_projections), so those are the shapes timed.
+(generate.fused_projections), so those are the shapes timed.
 
 For one row it also times the other one-row products torch ships (oneDNN on a transposed copy of
 the weight, torch.mv) and ends with the batch-1 ceiling: a decode step that read every weight at

@@ -22,13 +22,14 @@ rows: the feature-selection batch (a ~360-token shared preamble) prefills ~12x f
     row 1        shared prefix | suffix 1 (long)  | new tokens ->
 """
 
+import contextlib
 import functools
 
 import torch
 from tqdm.auto import tqdm
 
 from .batches import micro_batches
-from .model import project
+from .model import Projection, project
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,6 +162,34 @@ def compact(model, keep, *rows):
     return [r[keep] for r in rows]
 
 
+@contextlib.contextmanager
+def fused_projections(model):
+    """While sampling on the CPU: q, k, v and gate, up each run as one matmul over concatenated weights.
+
+    Why: at a few rows per step a matmul only streams its weights, and the CPU kernels stream
+    small matrices well below the memory's rate; fewer, larger ones read faster (benchmarks/
+    README.md). Every output is the same dot product, so the tokens do not change. The copies
+    (about 70% of the weights) live until the block ends; inside a block already fused, nothing
+    happens. Not for LoRA layers (their update is separate) nor on a GPU (the compiled step fuses
+    on its own).
+    """
+    a, m = model.layers[0].self_attn, model.layers[0].mlp  # (adapters go on every layer alike)
+    plain = all(type(p) is Projection for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj))
+    if model.embed_tokens.weight.device.type != "cpu" or a.qkv is not None or not plain:
+        yield
+        return
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+        a.qkv = (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias)
+        m.gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    try:
+        yield
+    finally:
+        for layer in model.layers:
+            layer.self_attn.qkv, layer.mlp.gate_up = None, None
+
+
 @torch.inference_mode()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), n=1,
              seed=None, progress=True, compile=False, desc="sampling") -> list[list[int]]:
@@ -212,79 +241,79 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
 
     step = compiled_decode_step(device.type == "cuda") if compile else decode_step
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    try:
-        model.fuse_projections()
-        if P:  # the shared prefix runs once, at batch 1
-            model.setup_cache(1, P)
-            model.hidden_states(ids[:1, :P], position_ids[:1, :P], mask[:1, :, :P, :P], slots[:P])
-            prefix_kv = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in model.layers]
-        model.setup_cache(B, Tmax)
-        if P:  # every row gets the prefix's keys and values, then only the suffixes run
-            for layer, (k, v) in zip(model.layers, prefix_kv):
-                layer.self_attn.kv_cache.k[:, :, :P] = k  # [1, Hkv, P, D] -> all B rows
-                layer.self_attn.kv_cache.v[:, :, :P] = v
-        # the rows' own tokens, packed end to end: no compute on left padding; a few rows per forward
-        # (PREFILL_TOKENS), so that a CPU's activations stay in its caches
-        lengths = [len(p) - P for p in prompts]
-        logits = []
-        for chunk in micro_batches(range(B), dict(enumerate(lengths)), B, PREFILL_TOKENS):
-            own = torch.tensor([[t for i in chunk for t in prompts[i][P:]]], device=device)  # [1, N]
-            own_pos = torch.cat([position_ids[i, T - lengths[i]:] for i in chunk])[None]  # [1, N]
-            own_at = torch.cat([torch.stack([torch.full((lengths[i],), i, device=device), slots[T - lengths[i]:]])
-                                for i in chunk], dim=1)  # [2, N] cache row and slot
-            pieces = [mask[i:i + 1, :, T - lengths[i]:] for i in chunk]  # [1, 1, L, T] each
-            h = model.hidden_states(own, own_pos, pieces, own_at)  # [1, N, H]
-            last = torch.tensor([lengths[i] for i in chunk], device=device).cumsum(0) - 1  # each row's last token
-            logits.append(project(h[0, last], model.lm_head_weight))  # [rows, V]
-        logits = torch.cat(logits)  # [B, V]
-        if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
-            for layer in model.layers:
-                cache = layer.self_attn.kv_cache
-                cache.k, cache.v = cache.k.repeat_interleave(n, 0), cache.v.repeat_interleave(n, 0)
-            logits, valid = logits.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
-        rows = B * n
-        position = valid.sum(-1, keepdim=True)  # [rows, 1]: next position = real tokens so far
-        input_pos = torch.tensor([T], device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        tok = sample(logits, noise(rows), temperature, top_k, top_p)  # [rows]
-        if compile and next_power_of_two(rows) > rows:  # spare rows (copies of row 0), finished from the start
-            extra = next_power_of_two(rows) - rows
-            tok, valid, position = (torch.cat([x, x[:1].expand(extra, *x.shape[1:])]) for x in (tok, valid, position))
-            done = torch.cat([done, torch.ones(extra, dtype=torch.bool, device=device)])
-            for layer in model.layers:
-                cache = layer.self_attn.kv_cache
-                cache.k, cache.v = (torch.cat([c, c[:1].expand(extra, *c.shape[1:])]) for c in (cache.k, cache.v))
-        out = torch.zeros(len(done), max_new_tokens, dtype=torch.long, device=device)  # spare rows: dropped
-        length = torch.zeros(len(done), dtype=torch.long, device=device)  # tokens before the stop
-        row_of = torch.arange(len(done), device=device)  # [b] the output row each batch row decodes
-        bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
-        for t in range(max_new_tokens):
-            tok = tok.masked_fill(done, 0)  # finished rows keep decoding pad; it is never returned
-            out[row_of, t] = tok
-            done = done | torch.isin(tok, stops)
-            length[row_of] += ~done
-            bar.update(1)
-            if t == max_new_tokens - 1:
-                break
-            if len(stops):  # (no stops: no row finishes, and the step needs no look at `done`)
-                alive = int((~done).sum())
-                if alive == 0:
+    with fused_projections(model):  # (a no-op inside generate_batched, which fused them for all its batches)
+        try:
+            if P:  # the shared prefix runs once, at batch 1
+                model.setup_cache(1, P)
+                model.hidden_states(ids[:1, :P], position_ids[:1, :P], mask[:1, :, :P, :P], slots[:P])
+                prefix_kv = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in model.layers]
+            model.setup_cache(B, Tmax)
+            if P:  # every row gets the prefix's keys and values, then only the suffixes run
+                for layer, (k, v) in zip(model.layers, prefix_kv):
+                    layer.self_attn.kv_cache.k[:, :, :P] = k  # [1, Hkv, P, D] -> all B rows
+                    layer.self_attn.kv_cache.v[:, :, :P] = v
+            # the rows' own tokens, packed end to end: no compute on left padding; a few rows per forward
+            # (PREFILL_TOKENS), so that a CPU's activations stay in its caches
+            lengths = [len(p) - P for p in prompts]
+            logits = []
+            for chunk in micro_batches(range(B), dict(enumerate(lengths)), B, PREFILL_TOKENS):
+                own = torch.tensor([[t for i in chunk for t in prompts[i][P:]]], device=device)  # [1, N]
+                own_pos = torch.cat([position_ids[i, T - lengths[i]:] for i in chunk])[None]  # [1, N]
+                own_at = torch.cat([torch.stack([torch.full((lengths[i],), i, device=device), slots[T - lengths[i]:]])
+                                    for i in chunk], dim=1)  # [2, N] cache row and slot
+                pieces = [mask[i:i + 1, :, T - lengths[i]:] for i in chunk]  # [1, 1, L, T] each
+                h = model.hidden_states(own, own_pos, pieces, own_at)  # [1, N, H]
+                last = torch.tensor([lengths[i] for i in chunk], device=device).cumsum(0) - 1  # each row's last token
+                logits.append(project(h[0, last], model.lm_head_weight))  # [rows, V]
+            logits = torch.cat(logits)  # [B, V]
+            if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
+                for layer in model.layers:
+                    cache = layer.self_attn.kv_cache
+                    cache.k, cache.v = cache.k.repeat_interleave(n, 0), cache.v.repeat_interleave(n, 0)
+                logits, valid = logits.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
+            rows = B * n
+            position = valid.sum(-1, keepdim=True)  # [rows, 1]: next position = real tokens so far
+            input_pos = torch.tensor([T], device=device)
+            done = torch.zeros(rows, dtype=torch.bool, device=device)
+            tok = sample(logits, noise(rows), temperature, top_k, top_p)  # [rows]
+            if compile and next_power_of_two(rows) > rows:  # spare rows (copies of row 0), finished from the start
+                extra = next_power_of_two(rows) - rows
+                tok, valid, position = (torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
+                                        for x in (tok, valid, position))
+                done = torch.cat([done, torch.ones(extra, dtype=torch.bool, device=device)])
+                for layer in model.layers:
+                    cache = layer.self_attn.kv_cache
+                    cache.k, cache.v = (torch.cat([c, c[:1].expand(extra, *c.shape[1:])]) for c in (cache.k, cache.v))
+            out = torch.zeros(len(done), max_new_tokens, dtype=torch.long, device=device)  # spare rows: dropped
+            length = torch.zeros(len(done), dtype=torch.long, device=device)  # tokens before the stop
+            row_of = torch.arange(len(done), device=device)  # [b] the output row each batch row decodes
+            bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
+            for t in range(max_new_tokens):
+                tok = tok.masked_fill(done, 0)  # finished rows keep decoding pad; it is never returned
+                out[row_of, t] = tok
+                done = done | torch.isin(tok, stops)
+                length[row_of] += ~done
+                bar.update(1)
+                if t == max_new_tokens - 1:
                     break
-                if alive <= len(done) // 2:  # shrink to the next power of two above the rows still going
-                    keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
-                    row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
-            valid.index_fill_(1, input_pos, True)  # the slot this token is written to
-            # the mask's length is the number of cache slots attended: all Tmax when compiled (fixed
-            # shapes), else only the filled ones (eager on CPU: less cache to read)
-            keys = valid if compile else valid[:, :T + t + 1]
-            tok = step(model, tok[:, None], input_pos, position, keys[:, None, None, :], noise(len(done)),
-                       temperature, top_k, top_p).clone()
-            input_pos += 1
-            position += 1
-        bar.close()
-    finally:
-        model.clear_cache()
-        model.unfuse_projections()
+                if len(stops):  # (no stops: no row finishes, and the step needs no look at `done`)
+                    alive = int((~done).sum())
+                    if alive == 0:
+                        break
+                    if alive <= len(done) // 2:  # shrink to the next power of two above the rows still going
+                        keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
+                        row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
+                valid.index_fill_(1, input_pos, True)  # the slot this token is written to
+                # the mask's length is the number of cache slots attended: all Tmax when compiled (fixed
+                # shapes), else only the filled ones (eager on CPU: less cache to read)
+                keys = valid if compile else valid[:, :T + t + 1]
+                tok = step(model, tok[:, None], input_pos, position, keys[:, None, None, :], noise(len(done)),
+                           temperature, top_k, top_p).clone()
+                input_pos += 1
+                position += 1
+            bar.close()
+        finally:
+            model.clear_cache()
     return [row[:k] for row, k in zip(out[:rows].tolist(), length[:rows].tolist())]
 
 
@@ -318,12 +347,13 @@ def generate_batched(model, prompts, *, batch_size=None, seed=None, n=1, desc="s
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     starts = range(0, len(order), batch_size)
-    for b, start in enumerate(starts):
-        idx = order[start:start + batch_size]
-        done = generate(model, [prompts[i] for i in idx], seed=None if seed is None else seed + b, n=n,
-                        desc=f"{desc} (batch {b + 1}/{len(starts)}, {len(idx)} rows)", progress=progress, **kw)
-        for m, i in enumerate(idx):
-            out[i] = done[m * n:(m + 1) * n]
+    with fused_projections(model):  # once for every batch
+        for b, start in enumerate(starts):
+            idx = order[start:start + batch_size]
+            done = generate(model, [prompts[i] for i in idx], seed=None if seed is None else seed + b, n=n,
+                            desc=f"{desc} (batch {b + 1}/{len(starts)}, {len(idx)} rows)", progress=progress, **kw)
+            for m, i in enumerate(idx):
+                out[i] = done[m * n:(m + 1) * n]
     return [ids for per_prompt in out for ids in per_prompt]
 
 

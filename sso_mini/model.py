@@ -13,7 +13,7 @@ Two callers shape the interface:
   packed_attention_mask), and never asks for full logits (see logprobs.py);
 - sampling (generate.py) attaches a static KVCache to each attention layer and feeds
   `input_pos`, the cache slots being written, plus a ready-made 4-D boolean mask (or, for
-  the prefill, a packed row whose piece i fills cache row i).
+  the prefill, a packed row whose pieces fill consecutive cache rows).
 """
 
 import functools
@@ -148,7 +148,7 @@ class Attention(nn.Module):
         self.v_proj = Projection(H, self.n_kv * self.head_dim, bias=config.qkv_bias)
         self.o_proj = Projection(self.n_heads * self.head_dim, H, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
-        self.qkv: tuple | None = None  # (weight, bias) of q, k, v in one, while sampling on the CPU (fused)
+        self.qkv: tuple | None = None  # (weight, bias) of q, k, v in one (generate.fused_projections)
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
@@ -202,7 +202,7 @@ class MLP(nn.Module):
         self.gate_proj = Projection(H, I, bias=False)
         self.up_proj = Projection(H, I, bias=False)
         self.down_proj = Projection(I, H, bias=False)
-        self.gate_up: torch.Tensor | None = None  # gate and up weights in one, while sampling on the CPU (fused)
+        self.gate_up: torch.Tensor | None = None  # gate and up weights in one (generate.fused_projections)
 
     def forward(self, x):
         if self.gate_up is not None:
@@ -376,26 +376,3 @@ class Transformer(nn.Module):
     def clear_cache(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-
-    def fuse_projections(self):
-        """While sampling on the CPU: q, k, v and gate, up each run as one matmul over concatenated weights.
-
-        Why: at a few rows per step a matmul only streams its weights, and the CPU kernels stream
-        small matrices well below the memory's rate; fewer, larger ones read faster (benchmarks/
-        README.md). Every output is the same dot product, so the tokens do not change. The copies
-        (about 70% of the weights) live until unfuse_projections. Not for LoRA layers (their
-        update is separate) nor on a GPU (the compiled step fuses on its own).
-        """
-        if self.embed_tokens.weight.device.type != "cpu":
-            return
-        for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            if type(a.q_proj) is not Projection or type(m.gate_proj) is not Projection:
-                continue
-            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            a.qkv = (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias)
-            m.gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
-
-    def unfuse_projections(self):
-        for layer in self.layers:
-            layer.self_attn.qkv, layer.mlp.gate_up = None, None

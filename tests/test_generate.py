@@ -353,3 +353,13 @@ def test_fused_projections_change_no_token_and_are_dropped_after(monkeypatch):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert got == ids[len(prompt):]
     assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in model.layers)
+    # generate_batched concatenates the weights once for all its batches, and drops them after
+    seen = []
+    monkeypatch.setattr(Attention, "forward", lambda self, *a, **k: seen.append(self.qkv[0]) or
+                        forward(self, *a, **k))
+    batched = generate_batched(model, [prompt, prompt[:4], prompt[:2]], batch_size=1, max_new_tokens=3,
+                               temperature=0, progress=False)
+    assert batched[0] == got[:3]
+    assert len({id(w) for w in seen}) == len(model.layers)  # one fused copy per layer across the three batches
+    # (the list keeps every copy alive, so a second copy could not reuse a first one's id)
+    assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in model.layers)
