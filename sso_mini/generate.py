@@ -40,32 +40,13 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 256) -> torch.Tensor:
-    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p.
-
-    Sorting the whole vocabulary is the slow part on a CPU (half a decode step at batch 32),
-    so only the `candidates` most likely tokens are sorted, and the whole vocabulary only for
-    the rows whose nucleus is bigger. Compiled code always sorts everything (no data-dependent
-    branch).
-    """
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p, the rest -> -inf."""
     if p >= 1.0:
         return logits
-    V = logits.size(-1)
-    probs = logits.float().softmax(dim=-1)  # [B, V]
-
-    def dropped(top, order):  # [b, k] probabilities, most likely first, and their ids -> [b, V] True: dropped
-        mass_before = top.cumsum(dim=-1) - top  # probability of the tokens ranked above
-        drop_top = mass_before >= p  # the top token always stays (its mass_before is 0)
-        return torch.ones(len(top), V, dtype=torch.bool, device=top.device).scatter(-1, order, drop_top)
-
-    k = V if torch.compiler.is_compiling() else min(candidates, V)
-    top, order = probs.topk(k, dim=-1)  # [B, k]
-    drop = dropped(top, order)  # [B, V]; beyond the top k: dropped
-    if k < V:
-        short = top.sum(-1) < p  # [B] rows whose nucleus the top k do not hold
-        if short.any():
-            drop[short] = dropped(*probs[short].sort(dim=-1, descending=True))
-    return logits.masked_fill(drop, float("-inf"))
+    probs, order = logits.float().softmax(dim=-1).sort(dim=-1, descending=True)  # [B, V]
+    drop = probs.cumsum(dim=-1) - probs >= p  # mass ranked above; the top token always stays
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 def exponential_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -74,17 +55,50 @@ def exponential_noise(shape, generator: torch.Generator, device) -> torch.Tensor
     return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_()
 
 
+NUCLEUS_CANDIDATES = 256  # tokens per row that nucleus_race sorts and draws noise for before it widens
+
+
+def nucleus_race(probs: torch.Tensor, p: float, generator: torch.Generator, candidates: int = NUCLEUS_CANDIDATES):
+    """The exponential race within each row's top-p nucleus: [B, V] probabilities -> [B] ids.
+
+    Only the `candidates` most likely tokens of a row are sorted and get an Exp(1) draw, and
+    the whole vocabulary only in the rows whose nucleus they do not hold. Why: sorting, and
+    drawing noise for, every token of a 49k vocabulary costs as much as a small model's
+    matmuls at a few dozen rows per step on a CPU (benchmarks/README.md); a nucleus seldom
+    holds more than a few dozen tokens. The winner has the same distribution as with
+    top_p_filter and noise for every token, not the same draw.
+    """
+    if p >= 1.0:
+        return (probs / exponential_noise(probs.shape, generator, probs.device)).argmax(dim=-1)
+
+    def race(top, order):  # [b, k] probabilities, most likely first, and their ids -> [b] ids; [b] nucleus held?
+        cum = top.cumsum(dim=-1)
+        kept = cum - top < p  # mass ranked above still short of p (the top token always stays)
+        score = (top / exponential_noise(top.shape, generator, top.device)).masked_fill(~kept, -1.0)
+        return order.gather(-1, score.argmax(dim=-1, keepdim=True))[:, 0], cum[:, -1] >= p
+
+    token, held = race(*probs.topk(min(candidates, probs.size(-1)), dim=-1))
+    if not held.all():
+        token[~held] = race(*probs[~held].sort(dim=-1, descending=True))[0]
+    return token
+
+
 def sample(logits, noise, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
     """Next token per row: [B, V] logits -> [B] ids.
 
-    temperature 0 is greedy (noise unused). Otherwise temperature, then top-k, then top-p,
-    then the exponential race argmax(probs / E), E ~ Exp(1): token i wins with probability
-    probs[i]. Each row uses only its own noise row, so no row depends on another.
+    temperature 0 is greedy (noise unused). Otherwise temperature, then top-k, then the
+    exponential race within the top-p nucleus: argmax(probs / E) over the kept tokens,
+    E ~ Exp(1), so kept token i wins with probability probs[i] / (mass kept).
+    noise: the draws E for every row and token, [B, V] (a compiled step takes them drawn
+    outside its graph), or a torch.Generator to draw them from, then only for the tokens that
+    can win (nucleus_race). Either way each row uses only its own draws.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+    logits = top_k_filter(logits.float() / temperature, top_k)
+    if isinstance(noise, torch.Generator):
+        return nucleus_race(logits.softmax(dim=-1), top_p, noise)
+    return (top_p_filter(logits, top_p).softmax(dim=-1) / noise).argmax(dim=-1)
 
 
 def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature, top_k, top_p):
@@ -236,8 +250,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     else:
         generator.manual_seed(seed)
 
-    def noise(rows):  # fresh Exp(1) draws for every row and vocabulary entry; none when greedy
-        return None if temperature == 0 else exponential_noise((rows, model.config.vocab_size), generator, device)
+    def noise(rows):  # greedy: none; eager: the generator (`sample` draws only for the tokens that can win);
+        # compiled: Exp(1) draws for every row and token, drawn here since a graph cannot hold the generator
+        if temperature == 0:
+            return None
+        return exponential_noise((rows, model.config.vocab_size), generator, device) if compile else generator
 
     step = compiled_decode_step(device.type == "cuda") if compile else decode_step
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)

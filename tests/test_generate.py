@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from sso_mini.generate import (complete, exponential_noise, generate, generate_batched, sample, shared_prefix_length,
-                               top_k_filter, top_p_filter)
+from sso_mini.generate import (complete, exponential_noise, generate, generate_batched, nucleus_race, sample,
+                               shared_prefix_length, top_k_filter, top_p_filter)
 
 QUESTIONS = [
     "Hi!",
@@ -249,14 +249,9 @@ def test_top_p_filter_matches_formula():
     for p in (0.05, 0.3, 0.8, 0.95):
         assert np.array_equal(top_p_filter(logits, p).numpy(), numpy_top_p(logits.numpy(), p))
     assert torch.equal(top_p_filter(logits, 1.0), logits)
-    # a vocabulary larger than the sorted candidates: peaked rows (nucleus inside the first 256)
-    # and flat rows (the search must widen to thousands of tokens)
-    big = torch.cat([torch.randn(3, 5000) * 4, torch.randn(3, 5000) * 0.1])
+    big = torch.cat([torch.randn(3, 5000) * 4, torch.randn(3, 5000) * 0.1])  # peaked rows and flat ones
     for p in (0.5, 0.9):
-        filtered = top_p_filter(big, p).numpy()
-        assert np.array_equal(filtered, numpy_top_p(big.numpy(), p))
-        kept = np.isfinite(filtered).sum(-1)
-        assert kept[:3].max() < 256 < kept[3:].min()
+        assert np.array_equal(top_p_filter(big, p).numpy(), numpy_top_p(big.numpy(), p))
 
 
 def chi_square(counts, probs):
@@ -266,26 +261,53 @@ def chi_square(counts, probs):
     return (((counts - expected) ** 2)[keep] / expected[keep]).sum(), keep.sum() - 1
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 4, 1.0), (1.0, 5, 0.9)])
-def test_sampled_frequencies_match_distribution(temperature, top_k, top_p):
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
-    draws = 20000
-    g = torch.Generator().manual_seed(0)
-    tokens = sample(logits.expand(draws, -1), exponential_noise((draws, 8), g, "cpu"), temperature, top_k, top_p)
-    counts = np.bincount(tokens.numpy(), minlength=8)
-    # the target, written directly: temperature, keep the top-k, then the nucleus, renormalise
+def target_distribution(logits, temperature, top_k, top_p):
+    """Written directly: temperature, keep the top-k, then the nucleus, renormalise."""
+    V = len(logits)
     z = logits.numpy().astype(np.float64) / temperature
     p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     order = np.argsort(-p)
-    kept = order[: top_k or 8]
-    p_k = np.zeros(8)
+    kept = order[: top_k or V]
+    p_k = np.zeros(V)
     p_k[kept] = p[kept] / p[kept].sum()
     cum = np.cumsum(p_k[order])
     nucleus = order[: int(np.searchsorted(cum, top_p - 1e-12) + 1)]
-    target = np.zeros(8)
+    target = np.zeros(V)
     target[nucleus] = p_k[nucleus] / p_k[nucleus].sum()
+    return target
+
+
+def close_enough(counts, target):
     stat, dof = chi_square(counts, target)
-    assert stat < dof + 5 * np.sqrt(2 * dof) + 10  # far beyond the 99.9% quantile for dof <= 7
+    return stat < dof + 5 * np.sqrt(2 * dof) + 10  # far beyond the 99.9% quantile for dof <= 7
+
+
+@pytest.mark.parametrize("noise", ["tensor", "generator"])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 4, 1.0), (1.0, 5, 0.9)])
+def test_sampled_frequencies_match_distribution(temperature, top_k, top_p, noise):
+    """Noise drawn for every token (the compiled step's) or from a generator for the candidates only."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    draws = 20000
+    g = torch.Generator().manual_seed(0)
+    E = exponential_noise((draws, 8), g, "cpu") if noise == "tensor" else g
+    counts = np.bincount(sample(logits.expand(draws, -1), E, temperature, top_k, top_p).numpy(), minlength=8)
+    assert close_enough(counts, target_distribution(logits, temperature, top_k, top_p))
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 1.0])
+def test_nucleus_race_widens_only_where_the_candidates_fall_short(top_p):
+    """3 candidates per row: a peaked row's nucleus fits in them, a flat row's does not (the race then
+    sorts the whole row); mixed in one batch, each still follows its own nucleus distribution."""
+    peaked = torch.tensor([3.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, -3.0])
+    flat = torch.tensor([0.3, 0.2, 0.2, 0.1, 0.1, 0.0, -0.1, -0.2])
+    draws = 20000
+    probs = torch.stack([peaked, flat]).softmax(-1).repeat(draws, 1)  # rows alternate peaked, flat
+    tokens = nucleus_race(probs, top_p, torch.Generator().manual_seed(0), candidates=3).numpy()
+    for row, logits in ((0, peaked), (1, flat)):
+        counts = np.bincount(tokens[row::2], minlength=8)
+        assert close_enough(counts, target_distribution(logits, 1.0, 0, top_p))
+    if top_p == 0.5:  # the flat row's nucleus needs more than the 3 candidates
+        assert (target_distribution(flat, 1.0, 0, 0.5) > 0).sum() > 3
 
 
 def test_greedy_sample_is_argmax():
