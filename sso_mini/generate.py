@@ -62,9 +62,9 @@ def nucleus_race(probs: torch.Tensor, p: float, generator: torch.Generator, cand
     """The exponential race within each row's top-p nucleus: [B, V] probabilities -> [B] ids.
 
     Only the `candidates` most likely tokens of a row are sorted and get an Exp(1) draw, and
-    the whole vocabulary only in the rows whose nucleus they do not hold. Why: sorting, and
-    drawing noise for, every token of a 49k vocabulary costs as much as a small model's
-    matmuls at a few dozen rows per step on a CPU (benchmarks/README.md); a nucleus seldom
+    the whole vocabulary only in the rows whose nucleus they do not hold. Why: for a small model
+    at a few dozen rows per step, sorting and drawing noise for every token of a 49k vocabulary
+    are a visible share of a CPU decode step (benchmarks/README.md), while a nucleus seldom
     holds more than a few dozen tokens. The winner has the same distribution as with
     top_p_filter and noise for every token, not the same draw.
     """
