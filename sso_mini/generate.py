@@ -40,12 +40,20 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def nucleus(ranked: torch.Tensor, p: float):
+    """[b, k] probabilities, most likely first -> [b, k] True: in the top-p nucleus (the mass ranked
+    above is still short of p, so the top token always stays), and [b] True: the nucleus ends
+    within these k (their mass reaches p)."""
+    cum = ranked.cumsum(dim=-1)
+    return cum - ranked < p, cum[:, -1] >= p
+
+
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus: keep the smallest set of most likely tokens whose probability reaches p, the rest -> -inf."""
     if p >= 1.0:
         return logits
     probs, order = logits.float().softmax(dim=-1).sort(dim=-1, descending=True)  # [B, V]
-    drop = probs.cumsum(dim=-1) - probs >= p  # mass ranked above; the top token always stays
+    drop = ~nucleus(probs, p)[0]
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
@@ -72,10 +80,9 @@ def nucleus_race(probs: torch.Tensor, p: float, generator: torch.Generator, cand
         return (probs / exponential_noise(probs.shape, generator, probs.device)).argmax(dim=-1)
 
     def race(top, order):  # [b, k] probabilities, most likely first, and their ids -> [b] ids; [b] nucleus held?
-        cum = top.cumsum(dim=-1)
-        kept = cum - top < p  # mass ranked above still short of p (the top token always stays)
+        kept, held = nucleus(top, p)
         score = (top / exponential_noise(top.shape, generator, top.device)).masked_fill(~kept, -1.0)
-        return order.gather(-1, score.argmax(dim=-1, keepdim=True))[:, 0], cum[:, -1] >= p
+        return order.gather(-1, score.argmax(dim=-1, keepdim=True))[:, 0], held
 
     token, held = race(*probs.topk(min(candidates, probs.size(-1)), dim=-1))
     if not held.all():
