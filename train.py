@@ -32,6 +32,7 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,11 +42,12 @@ from sso_mini.config import ModelConfig
 from sso_mini.eval.report import (final_generation, log_eval_row, plot_metrics, print_table, score_held_out,
                                   summarize, timed)
 from sso_mini.eval.verified_pairs import mix_in_checkable
-from sso_mini.flags import LORA_THRESHOLD, OPERATIONAL, parse_args
+from sso_mini.flags import EVAL_PROMPTS, EVAL_SHARE, LORA_THRESHOLD, OPERATIONAL, VERIFIER_SHARE, parse_args
 from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, merge_shares,
                                   on_main, setup, shard, teardown)
 from sso_mini.lora import adapters_disabled, apply_lora, merge_lora
 from sso_mini.model import Transformer
+from sso_mini.principles import PrincipleSet, load_principles
 from sso_mini.records import (build_records, check_cutoff, default_prompts, load_prompts, logprob_filter, read_jsonl,
                               write_jsonl)
 from sso_mini.tokenizer import Tokenizer
@@ -56,6 +58,13 @@ EVAL_SEED = 1_000_003  # offsets the held-out sampling seeds from the training o
 
 class UsageError(ValueError):
     """A bad argument or input file, found before any model is loaded or file written (exit 2)."""
+
+
+class Inputs(NamedTuple):
+    train: list  # training prompts (records with --pairs)
+    held_out: list  # prompts (records) held out of training for the whole run
+    checks: dict  # {prompt: its IFEval instruction} for the checkable prompts (--verifier-share)
+    principles: PrincipleSet  # what steers y+ and y- (--principles)
 
 
 def choose_lora_and_dtype(args):
@@ -70,12 +79,17 @@ def choose_lora_and_dtype(args):
         args.dtype = "bfloat16" if args.lora and args.device.startswith("cuda") else "float32"
 
 
-def load_inputs(args) -> tuple[list, list, dict]:
-    """(training inputs, held-out inputs, {prompt: checks}), checked before anything is written. Prompts: all
-    in one fixed, seeded order, a --verifier-share of them replaced by checkable ones; the first --eval-prompts
-    are held out for the whole run (never trained on), iteration t trains on the t-th slice of the rest.
+def load_inputs(args) -> Inputs:
+    """The run's prompts and principle set, checked before anything is written. Prompts: all in one fixed,
+    seeded order, a --verifier-share of them replaced by checkable ones; the first --eval-prompts are held out
+    for the whole run (never trained on), iteration t trains on the t-th slice of the rest.
     --pairs: a seeded sample of the file's records is held out, the rest keep the file's order."""
+    principles = load_principles(args.principles)
+    if args.verifier_share is None:  # the principles' own checks measure the signal where they have any
+        args.verifier_share = 0.0 if principles.checked else VERIFIER_SHARE
     pool = read_jsonl(args.pairs) if args.pairs else load_prompts(args.prompts) if args.prompts else default_prompts()
+    if args.eval_prompts is None:  # a small prompt file keeps most of its prompts for training
+        args.eval_prompts = 0 if args.pairs else min(EVAL_PROMPTS, int(EVAL_SHARE * len(pool)))
     n = args.eval_prompts
     if n >= len(pool):
         what = f"records in {args.pairs}" if args.pairs else "prompts"
@@ -83,17 +97,18 @@ def load_inputs(args) -> tuple[list, list, dict]:
                          f"(allowed: 0 to {len(pool) - 1})")
     if args.pairs:
         held = set(random.Random(args.seed).sample(range(len(pool)), n))
-        return [r for i, r in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)], {}
+        return Inputs([r for i, r in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)], {}, principles)
     random.Random(args.seed).shuffle(pool)
     pool, checks = mix_in_checkable(pool, args.verifier_share, args.seed)
     held_out, held = pool[:n], set(pool[:n])
-    return [x for x in pool[n:] if x not in held], held_out, checks  # a duplicated prompt stays held out
+    return Inputs([x for x in pool[n:] if x not in held], held_out, checks, principles)  # a duplicate stays held out
 
 
-def make_records(args, model, tokenizer, t, it, inputs, checks, progress, rank, n_ranks, held_out=False,
+def make_records(args, model, tokenizer, t, it, inputs, run_inputs, progress, rank, n_ranks, held_out=False,
                  eq3=False) -> list[dict]:
     """it/pairs.jsonl (or it/eval_pairs.jsonl): the model's records for these prompts (with their checks), built
     once. With --pairs the inputs are records already; under torchrun each rank samples its share, rank 0 writes.
+    run_inputs: the run's Inputs (principle set, checks).
     eq3: y- takes y^o's place ("raw"), so that L- prefers y- over y+ under x- (v2 Eq. 3)."""
     prefix = "eval_" if held_out else ""
     pairs, stats_file = it / f"{prefix}pairs.jsonl", it / f"{prefix}data_stats.json"
@@ -103,10 +118,12 @@ def make_records(args, model, tokenizer, t, it, inputs, checks, progress, rank, 
         else:
             what = "held-out" if held_out else "training"
             with timed(it, "eval_sample" if held_out else "sample",
-                       f"feature selection and y+, y-, y^o for {len(inputs)} {what} prompts, "
+                       f"{'feature selection and ' if run_inputs.principles.needs_selection else ''}"
+                       f"y+, y-, y^o for {len(inputs)} {what} prompts, "
                        f"up to {args.max_new_tokens} tokens each"):
                 seed = args.seed + 7919 * rank + (EVAL_SEED if held_out else 0)
-                records, stats = build_records(model, tokenizer, deal(inputs, n_ranks, rank), iteration=t, seed=seed,
+                records, stats = build_records(model, tokenizer, deal(inputs, n_ranks, rank), run_inputs.principles,
+                                               iteration=t, seed=seed,
                                                max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
                                                compile=args.device.startswith("cuda"), progress=progress and is_main(),
                                                desc=f"{what} prompts")
@@ -114,6 +131,7 @@ def make_records(args, model, tokenizer, t, it, inputs, checks, progress, rank, 
                     records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
                     stats.update(filter_stats)
                 records, stats = merge_shares(gather_objects((records, dict(stats))))
+                checks = run_inputs.checks
                 records = [r | {"checks": checks[r["prompt"]]} if r["prompt"] in checks else r for r in records]
         if eq3:
             records = [r | {"raw": r["rejected"], "capped": {**r["capped"], "raw": r["capped"]["rejected"]}}
@@ -144,15 +162,14 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
                    targets=args.lora_targets.split(","))
 
     # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
-    train_inputs, held_out, checks = inputs
-    k, pool = args.prompts_per_iteration, train_inputs  # iteration t trains on the t-th slice, wrapping round
+    k, pool = args.prompts_per_iteration, inputs.train  # iteration t trains on the t-th slice, wrapping round
     prompts = pool if args.pairs else [pool[(t * k + i) % len(pool)] for i in range(min(k, len(pool)))]
     sampled = (it / "pairs.jsonl").exists()  # v2: the generator samples the training records, loaded only to do so
     sampling = load_model(sampler, dtype=dtype, device=args.device)[0] if sampler and not sampled else model
     eq3 = cfg.form == "generator" and args.neg_pair == "eq3"
-    records = make_records(args, sampling, tokenizer, t, it, prompts, checks, progress, rank, n_ranks, eq3=eq3)
-    eval_records = make_records(args, model, tokenizer, t, it, held_out, checks, progress, rank, n_ranks,
-                                held_out=True, eq3=eq3) if held_out else []
+    records = make_records(args, sampling, tokenizer, t, it, prompts, inputs, progress, rank, n_ranks, eq3=eq3)
+    eval_records = make_records(args, model, tokenizer, t, it, inputs.held_out, inputs, progress, rank, n_ranks,
+                                held_out=True, eq3=eq3) if inputs.held_out else []
     del sampling
     if n_ranks > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
         shard(model)
@@ -207,7 +224,7 @@ def run_stage(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, r
         return None
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     history = [r for r in rows if r["iteration"] == t and r.get("split", "train") == "train"]
-    summary = summarize(t, it, history, Tokenizer.from_folder(it / "model"), cfg,
+    summary = summarize(t, it, history, Tokenizer.from_folder(it / "model"), cfg, inputs.principles,
                         sampled=not args.pairs and cfg.form != "generator")  # v2: the policy stage reports it
     summary["recipe"] = {"recipe": args.recipe, "form": cfg.form, "use_w": cfg.use_w, "use_g": cfg.use_g,
                          **({"terms": list(cfg.terms), "neg_pair": args.neg_pair} if cfg.form == "generator" else {})}
@@ -240,7 +257,7 @@ def run(args):
         inputs = load_inputs(args)
         choose_lora_and_dtype(args)
         if not args.pairs:  # the prompts' token counts: the model folder's tokenizer, not its weights
-            check_cutoff(Tokenizer.from_folder(resolve(args.model)), inputs[0] + inputs[1], args.cutoff,
+            check_cutoff(Tokenizer.from_folder(resolve(args.model)), inputs.train + inputs.held_out, args.cutoff,
                          args.max_new_tokens)
         if n_ranks > 1 and args.lora:
             raise ValueError("--lora is single-GPU only; under torchrun FSDP2 shards a full fine-tune (--no-lora)")
@@ -259,7 +276,8 @@ def run(args):
     if is_main():
         write_config(out / "train_config.json", cfg)
         print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}; "
-              f"{len(inputs[1])} held-out {'records' if args.pairs else 'prompts'}", file=sys.stderr)
+              f"{len(inputs.held_out)} held-out {'records' if args.pairs else 'prompts'}; principles "
+              f"{inputs.principles.name} ({', '.join(inputs.principles.checked) or 'no'} rule-checked)", file=sys.stderr)
     dtype = getattr(torch, args.dtype)
     metrics_path, summaries = out / "metrics.jsonl", []
     for t in range(args.iterations):
@@ -277,12 +295,14 @@ def run(args):
     if not is_main():
         return
     final = None
-    if inputs[1] and not args.pairs:  # the last policy answers the held-out prompts once more
+    if inputs.held_out and not args.pairs:  # the last policy answers the held-out prompts once more
         last = out / f"iter_{args.iterations - 1}" / "model"
         final = final_generation(out / "final", lambda: load_model(last, dtype=dtype, device=args.device),
-                                 inputs[1], args.iterations, seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
+                                 inputs.held_out, args.iterations, inputs.principles, out / "iter_0" / "eval_pairs.jsonl",
+                                 seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
                                  max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
                                  compile=args.device.startswith("cuda"), progress=progress)
+        log_eval_row(metrics_path, final, 0, split="final")
         plot_metrics(out, summaries + [final])
     print_table(summaries, final)
     print(f"\nrun folder: {out}\n  pairs:   {out}/iter_*/pairs.jsonl (held out: eval_pairs.jsonl)\n  models:  "

@@ -11,6 +11,7 @@ from .checkpoint import DEFAULT_MODEL
 from .distributed import check_device
 from .lora import TARGETS
 from .losses import FORMS, LOSS_TYPES, TERMS
+from .principles import available
 from .trainer import TrainConfig
 
 # Flags that say how to run, not what: a resume may change them. Every other flag defines the
@@ -18,8 +19,11 @@ from .trainer import TrainConfig
 OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_size", "tokens_per_micro_batch",
                "sample_batch_size", "gradient_checkpointing", "save_every", "no_progress", "ablation", "scale")
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
-EVAL_PROMPTS = 16  # held out by default: sampled and scored twice, ~15% of a default iteration's time
+EVAL_PROMPTS = 16  # held out by default (at most EVAL_SHARE of the prompts): sampled and scored every iteration
+EVAL_SHARE = 0.25
 GPU_TOKENS_PER_MICRO_BATCH = 16384  # enough work per forward for a 7B model on one GPU, and fits its memory
+DEFAULT_PRINCIPLES = "brevity"
+VERIFIER_SHARE = 0.25  # where the principles have no rule check, a quarter of the prompts carry one instead
 POLICY_FORMS = tuple(f for f in FORMS if f != "generator")  # --recipe v2 trains the generator's form itself
 
 
@@ -37,9 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--prompts-per-iteration", type=int, default=64)
     ap.add_argument("--eval-prompts", type=int, default=None,
-                    help=f"prompts held out of training and evaluated every iteration (default {EVAL_PROMPTS}; "
-                         "0: off); with --pairs, records of the file held out (default 0)")
-    ap.add_argument("--verifier-share", type=float, default=0.25, help="share of prompts with a checkable instruction")
+                    help=f"prompts held out of training and evaluated every iteration (default: {EVAL_PROMPTS}, or "
+                         f"a {EVAL_SHARE:g} share of a smaller prompt file; 0: off); with --pairs, records of the file "
+                         "held out (default 0)")
+    ap.add_argument("--principles", default=DEFAULT_PRINCIPLES,
+                    help=f"principle set: a name ({', '.join(available())}) or a .toml file (docs/principles.md); "
+                         "default: %(default)s")
+    ap.add_argument("--verifier-share", type=float, default=None,
+                    help="share of prompts replaced by ones with a checkable IFEval instruction (default: "
+                         f"{VERIFIER_SHARE} with a principle set that has no rule checks, else 0)")
     ap.add_argument("--loss", help=f"base preference loss: {' | '.join(LOSS_TYPES)} (default: ipo; v2: dpo)")
     ap.add_argument("--recipe", default="v1", choices=["v1", "v2"], help="v1: SSO trains the policy; v2: SSO trains a "
                     "data generator and the policy learns the base loss on its pairs (docs/algorithm.md)")
@@ -104,8 +114,6 @@ def parse_args(argv=None):
     unknown = [t for t in args.lora_targets.split(",") if t not in TARGETS]
     if unknown:
         ap.error(f"unknown --lora-targets {', '.join(unknown)} (valid: {', '.join(TARGETS)})")
-    if args.eval_prompts is None:
-        args.eval_prompts = 0 if args.pairs else EVAL_PROMPTS
     for flag, ok, allowed in RANGES:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and (not math.isfinite(value) or not ok(value, args)):

@@ -1,7 +1,8 @@
 """Self-steering data: the policy builds its own preference records.
 
 For every prompt x the current policy
-  1. picks the features that matter most (a raw few-shot prompt, principles.py),
+  1. picks the features that matter most from the run's principle set (a raw few-shot
+     prompt, principles.py; nothing to pick when the set asks for all its features),
   2. samples y_pos under the good system prompt p+, y_neg under the bad one p-, and
      y_raw under no system message at all (the chat template's default),
 then the triples are cleaned and filtered and written as one JSON line each:
@@ -31,7 +32,7 @@ from .assets import fetch_wheel_member, write_atomic
 from .batches import collate, is_capped, response_ids, truncate
 from .generate import generate_batched
 from .logprobs import sequence_logprobs
-from .principles import FEATURES, STOP, feature_selection_prompt, parse_features, select_principles, system_prompts
+from .principles import STOP
 from .tokenizer import chat, end_of_turn_id, prompt_ids
 
 REQUIRED_FIELDS = ("prompt", "p_system", "n_system", "chosen", "rejected", "raw")
@@ -96,13 +97,15 @@ def default_prompts(max_chars=200) -> list[str]:
 # --- sampling ----------------------------------------------------------------------------
 
 
-def select_features(model, tokenizer, prompts, rng, *, seed, batch_size, progress, desc="prompts"):
-    """The policy itself names the features that matter for each prompt."""
-    texts = [tokenizer.encode(feature_selection_prompt(x)) for x in prompts]
-    outs = generate_batched(model, texts, batch_size=batch_size, seed=seed, desc=f"{desc}: feature selection",
-                            max_new_tokens=12, **SAMPLING, stop_ids=tokenizer.stop_ids, progress=progress)
-    answers = [tokenizer.decode(ids).split(STOP)[0] for ids in outs]
-    return [select_principles(parse_features(a, rng), rng) for a in answers]
+def select_features(model, tokenizer, principles, prompts, rng, *, seed, batch_size, progress, desc="prompts"):
+    """The policy itself names the features that matter for each prompt (when the set leaves a choice)."""
+    answers = [None] * len(prompts)
+    if principles.needs_selection:
+        texts = [tokenizer.encode(principles.selection_prompt(x)) for x in prompts]
+        outs = generate_batched(model, texts, batch_size=batch_size, seed=seed, desc=f"{desc}: feature selection",
+                                max_new_tokens=12, **SAMPLING, stop_ids=tokenizer.stop_ids, progress=progress)
+        answers = [tokenizer.decode(ids).split(STOP)[0] for ids in outs]
+    return [principles.pick(a, rng) for a in answers]
 
 
 def clean(text: str, dot: bool) -> str:
@@ -112,16 +115,16 @@ def clean(text: str, dot: bool) -> str:
     return text + "." if dot and re.search(r"[a-z]$", text) else text
 
 
-def _strip_prefix(text: str, feature: str) -> str:
+def _strip_prefix(text: str, feature) -> str:
     """Drop a leading "{Adjective} Response:" or "Response:", for the identical-pair check only."""
-    f = FEATURES[feature]
-    for pattern in (rf"^{f.good_adjective}\b.*?Response:", rf"^{f.bad_adjective}\b.*?Response:", r"^Response:"):
-        text = re.sub(pattern, "", text, count=1, flags=re.IGNORECASE | re.DOTALL)
-    return text.strip()
+    for adjective in (feature.good_adjective, feature.bad_adjective):
+        text = re.sub(rf"^{re.escape(adjective)}\b.*?Response:", "", text, count=1, flags=re.IGNORECASE | re.DOTALL)
+    return re.sub(r"^Response:", "", text, count=1, flags=re.IGNORECASE).strip()
 
 
-def drop_reason(chosen: str, rejected: str, raw: str, first_feature: str) -> str | None:
-    """Why a triple makes no usable pairs (the released code's filters), or None to keep it."""
+def drop_reason(chosen: str, rejected: str, raw: str, first_feature) -> str | None:
+    """Why a triple makes no usable pairs (the released code's filters), or None to keep it.
+    first_feature: the record's first principles.Feature (its adjectives may prefix a response)."""
     if _strip_prefix(chosen, first_feature) == _strip_prefix(rejected, first_feature):
         return "identical_pair"
     if chosen == raw:
@@ -131,9 +134,10 @@ def drop_reason(chosen: str, rejected: str, raw: str, first_feature: str) -> str
     return None
 
 
-def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tokens=128, batch_size=None,
+def build_records(model, tokenizer, prompts, principles, *, iteration=0, seed=0, max_new_tokens=128, batch_size=None,
                   compile=False, progress=True, desc="prompts") -> tuple[list[dict], Counter]:
-    """Sample y_pos / y_neg / y_raw for every prompt with the current policy; clean and filter.
+    """Sample y_pos / y_neg / y_raw for every prompt with the current policy, steered by the
+    principle set `principles` (principles.PrincipleSet); clean and filter.
 
     stats counts every drop reason, plus `capped` (responses that hit max_new_tokens) and
     the sampler's throughput (`sample_tokens`, `sample_seconds`).
@@ -141,14 +145,14 @@ def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tok
     rng = random.Random(f"{seed}-{iteration}")
     stats = Counter(prompts=len(prompts))
     limit = model.config.max_position_embeddings - max_new_tokens
-    features = select_features(model, tokenizer, prompts, rng, seed=seed, batch_size=batch_size, progress=progress,
-                               desc=desc)
+    features = select_features(model, tokenizer, principles, prompts, rng, seed=seed, batch_size=batch_size,
+                               progress=progress, desc=desc)
     rows, triples = [], []
     for x, feats in zip(prompts, features):
         if not x.strip():
             stats["empty_prompt"] += 1
             continue
-        p_system, n_system = system_prompts(feats)
+        p_system, n_system = principles.system_prompts(feats)
         ids = [prompt_ids(tokenizer, s, x) for s in (p_system, n_system, "")]
         if max(map(len, ids)) > limit:
             stats["too_long"] += 1
@@ -168,7 +172,7 @@ def build_records(model, tokenizer, prompts, *, iteration=0, seed=0, max_new_tok
         dot = all(len(t.strip()) > 20 for t in texts[:2])
         y_pos, y_neg, y_raw = (clean(t, dot and not c) for t, c in zip(texts, capped))
         stats["capped"] += sum(capped)
-        reason = drop_reason(y_pos, y_neg, y_raw, feats[0])
+        reason = drop_reason(y_pos, y_neg, y_raw, principles.features[feats[0]])
         if reason is None and any(c and not y for c, y in zip(capped, (y_pos, y_neg, y_raw))):
             reason = "empty_capped"  # whitespace up to the cap: a prefix with no token to score
         if reason:

@@ -13,15 +13,27 @@ from sso_mini.eval.ablation import VARIANTS, markdown, run_ablation, slug
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = "Name a fruit.\nSay hello.\nCount to three.\nName a color.\nName a tree.\nSay goodbye.\n"
 TINY = dict(iterations=2, prompts_per_iteration=3, eval_prompts=2, max_new_tokens=6, verifier_share=0.5,
-            ifeval_limit=3, eval_max_new_tokens=8, judge_samples=1, eval_batch_size=8, lr=1e-3)
+            ifeval_limit=3, eval_max_new_tokens=8, judge_samples=1, eval_batch_size=8, lr=1e-3,
+            plain_max_new_tokens=10)
+CHECKED_SET = '''
+[[feature]]
+name = "Short"
+good_adjective = "Short"
+bad_adjective = "Long"
+meaning = "Few words."
+good_principle = "Use two words at most."
+bad_principle = "Use many words."
+check = [{rule = "length_constraints:number_words", relation = "less than", num_words = 3}]
+'''
 
 
 def test_tiny_ablation_writes_table_figures_and_json(tiny_model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
+    (tmp_path / "short.toml").write_text(CHECKED_SET)
     out = tmp_path / "ablation"
     args = train.parse_args(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--batch-size", "2",
-                             "--no-progress"])
+                             "--principles", str(tmp_path / "short.toml"), "--no-progress"])
     result = run_ablation(train.run, args, out, **TINY, variants=list(VARIANTS))
     for name in ("ablation.md", "ablation.json", "ablation_signals.png", "ablation_length.png", "evaluations.json"):
         assert (out / name).stat().st_size > 0, name
@@ -32,11 +44,22 @@ def test_tiny_ablation_writes_table_figures_and_json(tiny_model_dir, tmp_path):
     # every number of the table comes from the JSON: the table rebuilt from the file is the file's table
     assert markdown(saved) == (out / "ablation.md").read_text()
     assert json.dumps(result) == json.dumps(saved)
-    assert len(saved["comparisons"]) == 6  # every two of the four variants
+    assert len(saved["comparisons"]) == 12  # every two of the four variants, IFEval and the checked feature
+    evaluations = json.loads((out / "evaluations.json").read_text())
     for r in rows[1:]:
         assert r["onpolicy_y_pos"] < 0 and r["onpolicy_y_neg"] < 0 and 0 <= r["heldout_acc"] <= 1
         assert r["heldout_n"] == 2 and 0 <= r["eos_rate"] <= 1 and r["signal_checked"] >= 1
         assert 0 <= r["ifeval_prompt_strict"] <= 1 and 0 <= r["ifeval_vs_start_p"] <= 1
+        plain = evaluations[f"{slug(r['variant'])}/{r['iteration'] - 1}"]["plain"]
+        # the held-out prompts at the plain cap of 10 (random ids re-encode to a few tokens more or fewer)
+        assert len(plain["length"]) == 2 and max(plain["length"]) < 20 and not any(plain["ended"])
+        assert r["behaviour"]["Short"]["rate"] == sum(plain["passes"]["Short"]) / 2
+        assert r["plain_ended"] == sum(plain["ended"]) / 2
+    # claim 1 per feature: every iteration's training and held-out pairs of the variant, pooled
+    for variant in VARIANTS:
+        summaries = [json.loads((out / slug(variant) / f"iter_{t}" / "summary.json").read_text()) for t in (0, 1)]
+        parts = [g for s in summaries for g in (s["feature_signal"]["Short"], s["eval"]["feature_signal"]["Short"])]
+        assert saved["feature_signal"][variant]["Short"]["decided"] == sum(g["decided"] for g in parts)
     # the variants trained with their switches; iteration 0 was sampled and scored once and shared
     sso = out / "sso" / "iter_0"
     for variant, switches in VARIANTS.items():
@@ -46,17 +69,19 @@ def test_tiny_ablation_writes_table_figures_and_json(tiny_model_dir, tmp_path):
         for name in ("pairs.jsonl", "ref_logps.safetensors", "eval_pairs.jsonl", "eval_ref_logps.safetensors"):
             assert (it / name).read_bytes() == (sso / name).read_bytes(), name
         assert ("sample" in json.loads((it / "timing.json").read_text())) == (variant == "SSO")
-    assert any("checks" in json.loads(x) for x in (sso / "pairs.jsonl").read_text().splitlines())
+    assert not any("checks" in json.loads(x) for x in (sso / "pairs.jsonl").read_text().splitlines())  # set checks
 
 
 def test_table_shows_a_dash_where_nothing_was_decided():
     start = {"variant": "start", "iteration": 0, "length": 10.0, "eos_rate": 0.5, "ifeval_prompt_strict": 0.25,
-             "ifeval_prompt_strict_se": 0.1, "ifeval_instruction_strict": 0.5, "ifeval_instruction_strict_se": 0.1}
+             "ifeval_prompt_strict_se": 0.1, "ifeval_instruction_strict": 0.5, "ifeval_instruction_strict_se": 0.1,
+             "plain_length": 20.0, "plain_ended": 0.5, "behaviour": {}}
     row = {**start, "variant": "SSO", "iteration": 1, "signal_acc": None, "signal_interval": [0.0, 1.0],
            "signal_decided": 0, "onpolicy_y_pos": -1.5, "onpolicy_y_neg": -2.0, "heldout_acc": 0.75,
            "heldout_interval": [0.3, 0.95], "ifeval_vs_start": 0.05, "ifeval_vs_start_p": 0.5,
            "judge_acc": float("nan"), "judge_votes": 0, "sppl_acc": 0.5}
-    lines = markdown({"rows": [start, row], "comparisons": [], "settings": {}}).splitlines()
+    lines = markdown({"rows": [start, row], "comparisons": [], "settings": {"plain_max_new_tokens": 512},
+                      "feature_signal": {}}).splitlines()
     assert lines[2] == "| start | 0 | 10.0 | 0.50 | - | - | - | 25.0 ± 10.0 | 50.0 ± 10.0 | - | - |"
     assert lines[3] == ("| SSO | 1 | 10.0 | 0.50 | - [0.00, 1.00] (0) | -1.500 / -2.000 | 0.75 [0.30, 0.95] | "
                         "25.0 ± 10.0 (+5.0, p 0.50) | 50.0 ± 10.0 | - (0) | 0.50 |")

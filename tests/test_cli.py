@@ -17,6 +17,14 @@ def inputs(tmp_path, tiny_model_dir):
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    feature = ('[[feature]]\nname = "Short"\ngood_adjective = "Short"\nbad_adjective = "Long"\nmeaning = "m"\n'
+               'good_principle = "Be short."\nbad_principle = "Be long."\n')
+    (tmp_path / "no_field.toml").write_text(feature.replace('meaning = "m"\n', ""))
+    (tmp_path / "bad_rule.toml").write_text(feature + 'check = [{rule = "shortish"}]\n')
+    (tmp_path / "bad_kwargs.toml").write_text(feature + 'check = [{rule = "length_constraints:number_words", '
+                                                        'relation = "about", num_words = 5}]\n')
+    (tmp_path / "k2.toml").write_text("features_per_prompt = 2\n" + feature)
+    (tmp_path / "empty.toml").write_text("# nothing here\n")
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
@@ -60,6 +68,13 @@ CASES = [  # (flags, what the error line must say)
     (["--prompts", "{tmp}/broken.jsonl"], "broken.jsonl:2: not valid JSON"),
     (["--pairs", "{tmp}/pairs.jsonl"],
      "pairs.jsonl:1: missing or non-string field(s) p_system, n_system, rejected, raw"),
+    (["--principles", "{tmp}/no_field.toml"], "no_field.toml: feature 'Short': field 'meaning' is missing or empty"),
+    (["--principles", "{tmp}/bad_rule.toml"], "bad_rule.toml: feature 'Short': field 'check': unknown rule 'shortish'"),
+    (["--principles", "{tmp}/bad_kwargs.toml"],
+     "bad_kwargs.toml: feature 'Short': field 'check': rule 'length_constraints:number_words': bad arguments"),
+    (["--principles", "{tmp}/k2.toml"], "k2.toml: features_per_prompt 2 is out of range (allowed: 1 to 1"),
+    (["--principles", "{tmp}/empty.toml"], "empty.toml: no features"),
+    (["--principles", "shakespeare"], "--principles shakespeare: no such file or set (sets: "),
     (["--model", "{tmp}/no-such-model"], "no-such-model: no such model folder"),
     (["--model", "{tmp}/gpt2"], "unsupported architecture 'GPT2LMHeadModel'"),
 ]

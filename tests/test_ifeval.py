@@ -8,6 +8,7 @@ import statistics
 
 import pytest
 
+from sso_mini import rules
 from sso_mini.eval import ifeval
 
 
@@ -45,22 +46,22 @@ def test_prompts_file(records):
 def test_pass_and_fail(records, key, instruction, good, bad):
     r = records[key]
     assert r["instruction_id_list"] == [instruction]
-    assert ifeval.check(r, good) == ([True], [True])
-    assert ifeval.check(r, bad) == ([False], [False])
+    assert rules.check(r, good) == ([True], [True])
+    assert rules.check(r, bad) == ([False], [False])
 
 
 def test_loose_forgives_a_preamble_line(records):
     r = records[1019]  # all lowercase: strict sees "Sure!", loose also tries without the first line
-    assert ifeval.check(r, "Sure!\nwhat are the boys doing with their toy guns?") == ([False], [True])
+    assert rules.check(r, "Sure!\nwhat are the boys doing with their toy guns?") == ([False], [True])
 
 
 def test_punkt_tab_is_rebuilt_private():
     import nltk
 
-    english = ifeval.punkt_tab_root() / "tokenizers" / "punkt_tab" / "english"
+    english = rules.punkt_tab_root() / "tokenizers" / "punkt_tab" / "english"
     os.chmod(english, 0o775)  # as a umask of 002 would leave it: NLTK would silently skip it
-    root = ifeval.punkt_tab_root()
-    ifeval.verifiers()
+    root = rules.punkt_tab_root()
+    rules.verifiers()
     for d in (root, english.parent, english):
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o755
     for f in english.iterdir():
@@ -95,12 +96,12 @@ def test_random_letter_checker_is_seeded(records):
     outcomes = set()
     for seed in range(20):
         random.seed(seed)
-        outcomes.add(tuple(ifeval.check(r, response)[0]))
+        outcomes.add(tuple(rules.check(r, response)[0]))
     assert len(outcomes) == 1
     random.seed(123)
     expected = random.random()
     random.seed(123)
-    ifeval.check(r, response)
+    rules.check(r, response)
     assert random.random() == expected  # the caller's RNG stream is left untouched
 
 

@@ -7,10 +7,11 @@ import torch
 
 from sso_mini import batches, records
 from sso_mini.batches import collate, record_sequences, truncate
-from sso_mini.principles import FEATURES, system_prompts
+from sso_mini.principles import load_principles
 from sso_mini.records import clean, drop_reason, load_prompts, read_jsonl, write_jsonl
 from sso_mini.tokenizer import chat, end_of_turn_id, prompt_ids
 
+PAPER = load_principles("paper")
 PROMPTS = ["Name three primary colors.", "Write a haiku about rain.", "What is 7 times 8?",
            "Give one tip for sleeping better."]
 
@@ -27,26 +28,28 @@ def test_clean_strips_and_adds_a_dot_only_after_a_lowercase_letter():
 
 def test_dot_rule_needs_both_texts_longer_than_20_characters(smollm2, monkeypatch):
     model, tok = smollm2
-    p_sys, n_sys = system_prompts(["Helpfulness", "Accuracy"])
+    p_sys, n_sys = PAPER.system_prompts(["Helpfulness", "Accuracy"])
     answers = {tuple(prompt_ids(tok, p_sys, "q")): "a long enough good answer here",
                tuple(prompt_ids(tok, n_sys, "q")): "short bad one",
                tuple(prompt_ids(tok, "", "q")): "raw answer without a dot"}
     fake = lambda m, prompts, **k: [tok.encode(answers[tuple(p)]) for p in prompts]  # noqa: E731
     monkeypatch.setattr(records, "generate_batched", fake)
     monkeypatch.setattr(records, "select_features", lambda *a, **k: [["Helpfulness", "Accuracy"]])
-    built, _ = records.build_records(model, tok, ["q"], progress=False)
+    built, _ = records.build_records(model, tok, ["q"], PAPER, progress=False)
     assert built[0]["chosen"] == "a long enough good answer here"  # y- is only 13 characters: no dots
     assert built[0]["raw"] == "raw answer without a dot"
 
 
 def test_drop_reasons():
-    assert drop_reason("Same text.", "Same text.", "other", "Helpfulness") == "identical_pair"
+    helpful, accuracy, safety = (PAPER.features[f] for f in ("Helpfulness", "Accuracy", "Safety"))
+    assert drop_reason("Same text.", "Same text.", "other", helpful) == "identical_pair"
     # prefixes are stripped for the comparison only
-    assert drop_reason("Helpful Response: Same.", "Unhelpful Response: Same.", "x", "Helpfulness") == "identical_pair"
-    assert drop_reason("Response: Same.", "Same.", "x", "Accuracy") == "identical_pair"
-    assert drop_reason("good", "bad", "good", "Safety") == "chosen_equals_raw"
-    assert drop_reason("good", "bad", "bad", "Safety") == "rejected_equals_raw"
-    assert drop_reason("good", "bad", "plain", "Safety") is None
+    assert drop_reason("Helpful Response: Same.", "Unhelpful Response: Same.", "x", helpful) == "identical_pair"
+    assert drop_reason("Response: Same.", "Same.", "x", accuracy) == "identical_pair"
+    assert drop_reason("Accurate Response: Same.", "Same.", "x", helpful) is None  # another feature's adjective
+    assert drop_reason("good", "bad", "good", safety) == "chosen_equals_raw"
+    assert drop_reason("good", "bad", "bad", safety) == "rejected_equals_raw"
+    assert drop_reason("good", "bad", "plain", safety) is None
 
 
 def test_truncate_keeps_the_response():
@@ -150,7 +153,7 @@ def test_response_mask_selects_exactly_the_response_tokens(smollm2):
 def test_a_capped_response_is_a_prefix_in_every_sequence(smollm2, monkeypatch):
     """A response that hit max_new_tokens gets no "." and no end-of-turn token; the others keep both rules."""
     model, tok = smollm2
-    p_sys, n_sys = system_prompts(["Helpfulness", "Accuracy"])
+    p_sys, n_sys = PAPER.system_prompts(["Helpfulness", "Accuracy"])
     texts = {p_sys: "a long enough good answer that was cut", n_sys: "a long enough bad answer here",
              "": "a plain answer that ended"}
     cap = len(tok.encode(texts[p_sys]))
@@ -158,7 +161,7 @@ def test_a_capped_response_is_a_prefix_in_every_sequence(smollm2, monkeypatch):
     answers = {tuple(prompt_ids(tok, system, "q")): tok.encode(text) for system, text in texts.items()}
     monkeypatch.setattr(records, "generate_batched", lambda m, prompts, **k: [answers[tuple(p)] for p in prompts])
     monkeypatch.setattr(records, "select_features", lambda *a, **k: [["Helpfulness", "Accuracy"]])
-    built, stats = records.build_records(model, tok, ["q"], max_new_tokens=cap, progress=False)
+    built, stats = records.build_records(model, tok, ["q"], PAPER, max_new_tokens=cap, progress=False)
     r = built[0]
     assert r["capped"] == {"chosen": True, "rejected": False, "raw": False} and stats["capped"] == 1
     assert r["chosen"] == texts[p_sys]  # no "." invented for a text that did not end
@@ -212,7 +215,7 @@ def test_build_records_on_smollm2(smollm2, monkeypatch):
         return out
 
     monkeypatch.setattr(records, "generate_batched", spy)
-    built, stats = records.build_records(model, tok, PROMPTS, seed=3, max_new_tokens=16, progress=False)
+    built, stats = records.build_records(model, tok, PROMPTS, PAPER, seed=3, max_new_tokens=16, progress=False)
     assert stats["prompts"] == 4 and stats["kept"] == len(built)
     assert sum(stats[k] for k in records.DROP_REASONS) == 4 - len(built)
     assert stats["sample_tokens"] > 0 and stats["sample_seconds"] > 0
@@ -221,8 +224,8 @@ def test_build_records_on_smollm2(smollm2, monkeypatch):
         assert set(r) >= {"prompt", "system", "p_system", "n_system", "chosen", "rejected", "raw", "features",
                           "iteration", "seed"}
         assert r["system"] == "" and len(set(r["features"]) - {"Concision"}) == 2
-        assert all(f in FEATURES for f in r["features"])
-        assert (r["p_system"], r["n_system"]) == system_prompts(r["features"])
+        assert all(f in PAPER.features for f in r["features"])
+        assert (r["p_system"], r["n_system"]) == PAPER.system_prompts(r["features"])
         # y+ was sampled from exactly the p+ prompt tokens, y- from p-, y^o from the default-system prompt
         for system, key in ((r["p_system"], "chosen"), (r["n_system"], "rejected"), ("", "raw")):
             ids = tuple(prompt_ids(tok, system, r["prompt"]))
@@ -234,10 +237,10 @@ def test_build_records_on_smollm2(smollm2, monkeypatch):
 
 def test_too_long_prompts_are_counted_and_skipped(smollm2, monkeypatch):
     model, tok = smollm2
-    monkeypatch.setattr(records, "select_features", lambda m, t, prompts, *a, **k: [["Safety", "Accuracy"]] * len(prompts))
+    monkeypatch.setattr(records, "select_features", lambda m, t, p, prompts, *a, **k: [["Safety", "Accuracy"]] * len(prompts))
     monkeypatch.setattr(records, "generate_batched", lambda m, prompts, **k: [tok.encode("fine " * 8 + "x")] * len(prompts))
     huge = "word " * 9000
-    built, stats = records.build_records(model, tok, [huge, ""], max_new_tokens=8, progress=False)
+    built, stats = records.build_records(model, tok, [huge, ""], PAPER, max_new_tokens=8, progress=False)
     assert stats["too_long"] == 1 and stats["empty_prompt"] == 1 and built == []
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sso_mini.checkpoint import CheckpointError, load_model
+from sso_mini import rules
 from sso_mini.eval import ifeval, reward, verified_pairs
 from sso_mini.eval.report import wilson_interval
 from sso_mini.records import write_jsonl
@@ -123,7 +124,7 @@ def test_drawn_prompts_are_seeded_and_valid():
     records, _ = verified_pairs.draw_prompts(40, seed=5, max_instructions=3)
     assert records == verified_pairs.draw_prompts(40, seed=5, max_instructions=3)[0]
     evaluation = {r["prompt"] for r in ifeval.load_prompts()}
-    conflicts = ifeval.instruction_conflicts()
+    conflicts = rules.instruction_conflicts()
     for r in records:
         assert r["prompt"] not in evaluation and 1 <= len(r["instruction_id_list"]) <= 3
         assert "combination:repeat_prompt" not in r["instruction_id_list"]
@@ -154,7 +155,7 @@ def test_build_testset_cli_on_smollm2(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows
     for r in rows:  # labels re-checked independently of the builder's bookkeeping
-        assert all(ifeval.check(r, r["chosen"])[0]) and not all(ifeval.check(r, r["rejected"])[0])
+        assert all(rules.check(r, r["chosen"])[0]) and not all(rules.check(r, r["rejected"])[0])
         assert r["chosen"] in r["responses"] and r["rejected"] in r["responses"]
     recipe = json.loads(out.with_suffix(".recipe.json").read_text())
     assert recipe["counts"]["kept"] == len(rows) and recipe["seed"] == 0 and recipe["samples"] == 6

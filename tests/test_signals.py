@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from sso_mini import rules
 from sso_mini.eval import ifeval
 from sso_mini.eval.report import (mean_token_logps, pooled_signal, print_table, record_lengths, signal_accuracy,
                                   wilson_interval)
@@ -63,7 +64,7 @@ def test_checkable_training_prompts_are_never_ifeval_evaluation_prompts():
     assert not {c["key"] for c in checks.values()} & {r["key"] for r in ifeval.load_prompts()}
     for prompt, c in checks.items():
         assert len(c["instruction_id_list"]) == 1
-        passes, _ = ifeval.check({**c, "prompt": prompt}, "")
+        passes, _ = rules.check({**c, "prompt": prompt}, "")
         assert passes == [False]  # a check that runs: an empty answer passes nothing
 
 
@@ -88,3 +89,88 @@ def test_end_of_run_table_pools_the_signal_and_shows_on_policy(capsys):
     print_table([row])
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "| 0.75 (4) | -1.250 / -1.500 |" in line  # 2 + 1 right of 3 + 1 decided
+
+
+TINY_SET = '''
+[[feature]]
+name = "Short"
+good_adjective = "Short"
+bad_adjective = "Long"
+meaning = "Few words."
+good_principle = "Use two words at most."
+bad_principle = "Use many words."
+check = [{rule = "length_constraints:number_words", relation = "less than", num_words = 3}]
+
+[[feature]]
+name = "Ends"
+good_adjective = "Finished"
+bad_adjective = "Endless"
+meaning = "Stops."
+good_principle = "Stop early."
+bad_principle = "Never stop."
+check = [{rule = "ended"}]
+'''
+
+
+def shows(feature: str, text: str, capped: bool) -> bool:
+    """The two checks of TINY_SET, as the shipped checker and the rule say."""
+    if feature == "Ends":
+        return not capped
+    _, registry = rules.verifiers()
+    checker = registry["length_constraints:number_words"]("length_constraints:number_words")
+    checker.build_description(relation="less than", num_words=3)
+    return bool(text.strip()) and checker.check_following(text)
+
+
+def counted(records, feature):
+    verdicts = [(shows(feature, r["chosen"], r["capped"]["chosen"]), shows(feature, r["rejected"], r["capped"]["rejected"]))
+                for r in records if feature in r["features"]]
+    return {"checked": len(verdicts), "pos_only": sum(p and not n for p, n in verdicts),
+            "neg_only": sum(n and not p for p, n in verdicts)}
+
+
+def test_a_checked_principle_set_reports_signal_and_behaviour_per_feature(tiny_model_dir, tmp_path, capsys):
+    import train
+    from sso_mini.records import read_jsonl
+
+    (tmp_path / "tiny.toml").write_text(TINY_SET)
+    (tmp_path / "prompts.txt").write_text("\n".join(["Name a fruit.", "Say hello.", "Count to three.", "Name a color.",
+                                                     "Give a tip.", "Name a tree."]))
+    out = tmp_path / "run"
+    train.main(["--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
+                "--principles", str(tmp_path / "tiny.toml"), "--max-new-tokens", "4", "--batch-size", "2",
+                "--iterations", "2", "--prompts-per-iteration", "4", "--eval-prompts", "2", "--no-progress"])
+    table = capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["verifier_share"] == 0.0  # the set's checks measure the signal
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["iteration"]: r for r in rows if r["split"] == "eval"}
+    for t in (0, 1):
+        it = out / f"iter_{t}"
+        summary = json.loads((it / "summary.json").read_text())
+        train_records, held_out = read_jsonl(it / "pairs.jsonl"), read_jsonl(it / "eval_pairs.jsonl")
+        assert all(r["features"] == ["Short", "Ends"] for r in train_records)  # both, nothing to pick
+        for f in ("Short", "Ends"):
+            for got, records in ((summary["feature_signal"][f], train_records),
+                                 (summary["eval"]["feature_signal"][f], held_out)):
+                want = counted(records, f)
+                assert {k: got[k] for k in want} == want, (t, f)
+                assert got["decided"] == want["pos_only"] + want["neg_only"]
+                assert tuple(got["interval"]) == wilson_interval(want["pos_only"], got["decided"])
+            passing = sum(shows(f, r["raw"], r["capped"]["raw"]) for r in held_out)
+            assert summary["behaviour"][f]["pass"] == passing and summary["behaviour"][f]["n"] == len(held_out)
+            assert evals[t][f"eval_behaviour/{f}/pass_rate"] == passing / len(held_out)
+            assert evals[t][f"eval_signal/{f}/decided"] == summary["eval"]["feature_signal"][f]["decided"]
+            assert evals[t][f"signal/{f}/decided"] == summary["feature_signal"][f]["decided"]
+    final = json.loads((out / "final" / "summary.json").read_text())
+    start, end = read_jsonl(out / "iter_0" / "eval_pairs.jsonl"), read_jsonl(out / "final" / "generation.jsonl",
+                                                                              required=("prompt", "raw"))
+    for f in ("Short", "Ends"):
+        a = {r["prompt"]: shows(f, r["raw"], r["capped"]["raw"]) for r in start}
+        b = {r["prompt"]: shows(f, r["raw"], r["capped"]["raw"]) for r in end}
+        change = final["vs_start"][f]
+        assert change["n"] == len(a) and change["became_passing"] == sum(b[p] and not a[p] for p in a)
+        assert change["became_failing"] == sum(a[p] and not b[p] for p in a)
+        assert final["behaviour"][f]["pass"] == sum(b.values())
+        assert f"{f}: the held-out plain answers y^o pass its check" in table
+    assert "Short: signal acc train / held out (decided)" in table.splitlines()[1]
+    assert rows[-1]["split"] == "final" and "eval_behaviour/Short/pass_rate" in rows[-1]

@@ -172,7 +172,8 @@ def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, t
     torch.testing.assert_close(load_file(out / "iter_1" / "ref_logps.safetensors")["logps"], expected)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["split"], r["step"]) for r in rows] == [
-        (0, "train", 1), (0, "train", 2), (0, "eval", 2), (1, "train", 1), (1, "train", 2), (1, "eval", 2)]
+        (0, "train", 1), (0, "train", 2), (0, "eval", 2), (1, "train", 1), (1, "train", 2), (1, "eval", 2),
+        (2, "final", 0)]
     for key in ("loss", "raw_loss", "W", "lr", "grad_norm", "tokens_per_s", "rewards/chosen", "p_rewards/margins",
                 "n_logps/rejected", "rewards/accuracies", "policy_is_reference"):
         assert key in rows[0]

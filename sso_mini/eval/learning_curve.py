@@ -12,7 +12,9 @@ differ. The numbers are train.py's own (iter_0/summary.json, final/summary.json)
     held-out eval_rewards/accuracies on x, x+, x- with 95% Wilson intervals
     `reward_agrees`: on held-out records a rule decides (eval/verified_pairs.py), the share
         where the trained policy's implicit reward prefers the response that passes
-    the trained policy's plain answers (y^o) on the held-out prompts: mean length, EOS rate
+    the trained policy's plain answers (y^o) on the held-out prompts: mean length, EOS rate, and with a
+        rule-checked principle set (--principles) the share that pass each feature's check, against the
+        start model's answers to the same prompts (McNemar)
 
 Several invocations may share --out (e.g. `--losses dpo --records 128` after the IPO grid);
 curve.json, curve.md and curve.png gather every point found there.
@@ -60,7 +62,8 @@ def point_row(run: Path) -> dict:
            "train_acc": s["acc"], "eval_loss": ev["eval_loss"],
            "y_raw_length": final["generation"]["mean_length"], "y_raw_eos_rate": final["generation"]["eos_rate"],
            "reward_agrees": ev["signal"].get("reward_agrees"), "decided": ev["signal"]["decided"],
-           "reward_agrees_interval": ev["signal"].get("reward_interval"), "minutes": s["seconds"]["total"] / 60}
+           "reward_agrees_interval": ev["signal"].get("reward_interval"), "minutes": s["seconds"]["total"] / 60,
+           "vs_start": final.get("vs_start", {})}
     for p in ("", "p_", "n_"):
         acc = ev[f"eval_{p}rewards/accuracies"]
         row[f"eval_{p}acc"] = acc
@@ -70,15 +73,19 @@ def point_row(run: Path) -> dict:
 
 
 def markdown(rows, start: dict) -> str:
+    features = list(rows[0]["vs_start"]) if rows else []
     lines = ["| loss | lr | records | held-out acc x [95% CI] | x+ | x- | margin x | verifier agrees (decided) | "
-             "y^o length / EOS | train acc | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| start | - | - | - | - | - | - | - | {start['mean_length']:.1f} / {start['eos_rate']:.2f} | - | - |"]
+             "y^o length / EOS | " + "".join(f"{f}: y^o pass start -> trained (p) | " for f in features)
+             + "train acc | minutes |", "|---|---|---|---|---|---|---|---|---|" + "---|" * len(features) + "---|---|",
+             f"| start | - | - | - | - | - | - | - | {start['mean_length']:.1f} / {start['eos_rate']:.2f} | "
+             + "- | " * len(features) + "- | - |"]
     for r in rows:
         lo, hi = r["eval_acc_interval"]
         agree = "-" if r["reward_agrees"] is None else f"{r['reward_agrees']:.2f} ({r['decided']})"
+        behaviour = "".join(f"{c['start']:.2f} -> {c['end']:.2f} ({c['p_exact']:.2g}) | " for c in r["vs_start"].values())
         lines.append(f"| {r['loss']} | {r['lr']:g} | {r['records']} | {r['eval_acc']:.2f} [{lo:.2f}, {hi:.2f}] | "
                      f"{r['eval_p_acc']:.2f} | {r['eval_n_acc']:.2f} | {r['eval_margin']:.5f} | {agree} | "
-                     f"{r['y_raw_length']:.1f} / {r['y_raw_eos_rate']:.2f} | {r['train_acc']:.2f} | "
+                     f"{r['y_raw_length']:.1f} / {r['y_raw_eos_rate']:.2f} | {behaviour}{r['train_acc']:.2f} | "
                      f"{r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -89,7 +96,8 @@ def plot(rows, png: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    features = list(rows[0]["vs_start"]) if rows else []
+    fig, axes = plt.subplots(1, 3 if features else 2, figsize=(18 if features else 12, 4))
     for loss, lr in sorted({(r["loss"], r["lr"]) for r in rows}):
         rs = sorted((r for r in rows if (r["loss"], r["lr"]) == (loss, lr)), key=lambda r: r["records"])
         x = [r["records"] for r in rs]
@@ -98,6 +106,12 @@ def plot(rows, png: Path):
                                                                        for a, r in zip(y, rs)]]
         axes[0].errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{loss} lr {lr:g}")
         axes[1].plot(x, [r["eval_margin"] for r in rs], marker="o", label=f"{loss} lr {lr:g}")
+        for f in features:
+            axes[2].plot(x, [r["vs_start"][f]["end"] for r in rs], marker="o", label=f"{f}, {loss} lr {lr:g}")
+    for f in features:
+        axes[2].axhline(rows[0]["vs_start"][f]["start"], color="grey", lw=0.5)
+        axes[2].set(title="held-out plain answers passing the check after training (line: start)",
+                    xlabel="training records", xscale="log", ylim=(0, 1))
     axes[0].axhline(0.5, color="grey", lw=0.5)
     axes[0].set(title="held-out reward accuracy x: y+ > y- (95% CI)", xlabel="training records", xscale="log",
                 ylim=(0, 1))

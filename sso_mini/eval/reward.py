@@ -42,6 +42,7 @@ from ..model import Transformer
 from ..records import REQUIRED_FIELDS, read_jsonl, write_jsonl
 from ..tokenizer import end_of_turn_id, prompt_ids
 from ..trainer import autocast, make_optimizer, optimizer_step
+from .. import rules
 from . import ifeval
 from .report import wilson_interval
 from .verified_pairs import BASE_TASKS, SKIPPED_INSTRUCTIONS, build_testset
@@ -339,7 +340,7 @@ def cmd_build_testset(args):
     settings = {"seed": args.seed, "model": str(args.model), "n_prompts": args.n_prompts, "samples": args.samples,
                 "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                 "max_instructions": args.max_instructions, "base_tasks": len(BASE_TASKS),
-                "skipped_instructions": list(SKIPPED_INSTRUCTIONS), "verifiers": ifeval.VERIFIERS_WHEEL,
+                "skipped_instructions": list(SKIPPED_INSTRUCTIONS), "verifiers": rules.VERIFIERS_WHEEL,
                 "label": "chosen: every instruction passes (strict); rejected: one fails; one pair per prompt"}
     kept, counts = build_testset(model, tokenizer, args.n_prompts, seed=args.seed, samples=args.samples,
                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,

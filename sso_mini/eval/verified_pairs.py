@@ -18,7 +18,7 @@ import random
 
 from ..generate import generate_batched
 from ..tokenizer import prompt_ids
-from . import ifeval
+from .. import rules
 
 # Simple everyday tasks (written for sso-mini) that the generated instructions are appended to.
 BASE_TASKS = (
@@ -48,8 +48,8 @@ def _conflict(a: str, b: str, conflicts: dict) -> bool:
 
 def draw_prompt(i: int, seed: int, max_instructions: int) -> dict | None:
     """Prompt i as an IFEval-style record {key, prompt, instruction_id_list, kwargs}; None if unsatisfiable."""
-    _, registry = ifeval.verifiers()
-    conflicts = ifeval.instruction_conflicts()
+    _, registry = rules.verifiers()
+    conflicts = rules.instruction_conflicts()
     rng = random.Random(f"{seed}-prompt-{i}")
     task = rng.choice(BASE_TASKS)
     k = rng.randint(1, max_instructions)
@@ -121,7 +121,7 @@ def label_pairs(tokenizer, records, answers, *, seed, max_new_tokens) -> tuple[l
     for r, ids in zip(records, answers):
         counts["capped"] += sum(len(a) >= max_new_tokens for a in ids)
         responses = [tokenizer.decode(a).strip() for a in ids]
-        passes = [all(ifeval.check(r, y)[0]) for y in responses]
+        passes = [all(rules.check(r, y)[0]) for y in responses]
         counts["strict_pass"] += sum(passes)
         if all(passes) or not any(passes):
             counts["all_pass" if all(passes) else "all_fail"] += 1
