@@ -59,6 +59,22 @@ def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.2):
     return (_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2
 
 
+def weight_W(mean_pos, mean_neg, alpha=0.66):
+    """W = sigmoid(-(alpha * pi~(y+|x) + (1 - alpha) * pi~(y-|x))), [B], from the policy's per-token-mean
+    log-probs of y+ and y- under the plain prompt x. In (0.5, 1) since log-probs are negative; largest for
+    pairs the policy finds unlikely. Not detached: its gradient raises both log-probs (sso_loss)."""
+    return torch.sigmoid(-(alpha * mean_pos + (1 - alpha) * mean_neg))
+
+
+def steering_terms(l_pi, l_ref, base_loss, beta):
+    """G's two terms, [B] each: L(x+: y+ > y-) and L(x-: y^o > y+), on [B, 6] log-probs as the base loss
+    reads them (as_loss_reads). G = their sum."""
+    def L(c, r):  # base loss of the pair (column c chosen, column r rejected)
+        return base_loss(l_pi[:, c], l_pi[:, r], l_ref[:, c], l_ref[:, r], beta)
+
+    return L(P_CHOSEN, P_REJECTED), L(N_CHOSEN, N_REJECTED)
+
+
 def _check(policy_logps, ref_logps, lengths, loss_type, form, terms, beta, theta, alpha):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -121,14 +137,10 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
     base_loss = ipo_loss if loss_type == "ipo" else dpo_loss
     l_pi, l_ref = as_loss_reads(policy_logps, lengths, loss_type), as_loss_reads(ref_logps, lengths, loss_type)
 
-    def L(c, r):  # base loss of the pair (column c chosen, column r rejected), [B]
-        return base_loss(l_pi[:, c], l_pi[:, r], l_ref[:, c], l_ref[:, r], beta)
-
-    L_base = L(CHOSEN, REJECTED)  # x:  y+ > y-
-    L_pos = L(P_CHOSEN, P_REJECTED)  # x+: y+ > y-
-    L_neg = L(N_CHOSEN, N_REJECTED)  # x-: y^o > y+
+    L_base = base_loss(l_pi[:, CHOSEN], l_pi[:, REJECTED], l_ref[:, CHOSEN], l_ref[:, REJECTED], beta)  # x: y+ > y-
+    L_pos, L_neg = steering_terms(l_pi, l_ref, base_loss, beta)  # x+: y+ > y-,  x-: y^o > y+
     G = L_pos + L_neg  # [B]
-    W = torch.sigmoid(-(alpha * mean_logps[:, CHOSEN] + (1 - alpha) * mean_logps[:, REJECTED]))  # [B]
+    W = weight_W(mean_logps[:, CHOSEN], mean_logps[:, REJECTED], alpha)  # [B]
 
     if form == "generator":
         L_plus = L_pos - gamma * mean_logps[:, P_CHOSEN]  # [B]

@@ -81,6 +81,8 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def make_optimizer(model, cfg) -> tuple[torch.optim.AdamW, list]:
     """AdamW over the trainable parameters, without weight decay on norms and biases; returns it and
     its parameters in its own order (the resume state and clipping use it)."""
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward: the optimizer needs shards
+        model.reshard()
     params = [p for p in model.parameters() if p.requires_grad]
     decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -125,15 +127,29 @@ def score(model, groups, device, mixed: bool | None = None, flex: bool | None = 
     return logp, n, batch["input_ids"].numel()
 
 
-def packed_micro_batches(ids, groups: dict, cfg: TrainConfig) -> tuple[list[list], int]:
-    """This rank's share of record ids `ids` as micro-batches (batches.micro_batches), and how many
-    rounds every rank runs: the busiest rank's count (the others add spare rounds). groups[i]:
-    record i's prompt-sharing groups. Every rank packs every rank's share, so all agree on it."""
+def plan(tokenizer, records, steps: list[list[int]], cfg: TrainConfig) -> tuple[dict, list]:
+    """The records as packed rows, built once before any loop: groups[i] (record i's prompt-sharing groups,
+    batches.record_groups) and, for each step's record ids, this rank's micro-batches (rank_share)."""
+    eot = end_of_turn_id(tokenizer)
+    groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot) for ids in steps for i in ids}
+    return groups, [rank_share(ids, groups, cfg) for ids in steps]
+
+
+def rank_share(ids: list[int], groups: dict, cfg: TrainConfig) -> list[tuple[list[int], float]]:
+    """This rank's share of record ids `ids` as micro-batches (batches.micro_batches), each with its weight: its
+    share of `ids`. Under torchrun every rank runs as many forwards as the busiest one (FSDP's collectives
+    need it), so the others add spare rounds of weight 0; every rank packs every share, so all agree."""
     tokens = {i: row_length(groups[i]) for i in ids}
     n = world_size()
     shares = [micro_batches(deal(ids, n, r), tokens, cfg.micro_batch_size, cfg.tokens_per_micro_batch)
               for r in range(n)]
-    return shares[rank()], max(map(len, shares))
+    mine = [(mb, len(mb) / len(ids)) for mb in shares[rank()]]
+    return mine + [([ids[0]], 0.0)] * (max(map(len, shares)) - len(mine))
+
+
+def rows(groups: dict, ids: list[int]) -> list:
+    """The prompt-sharing groups of records `ids`, in order: what score packs into one row."""
+    return [g for i in ids for g in groups[i]]
 
 
 def loss_settings(cfg: TrainConfig) -> dict:
@@ -159,20 +175,17 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
         if saved is not None and saved.shape == (len(records), 6):
             return saved
     device = model.lm_head_weight.device
-    eot = end_of_turn_id(tokenizer)
     was_training = model.training
     model.eval()
-    groups = {i: record_groups(tokenizer, r, cfg.cutoff, eot) for i, r in enumerate(records)}
-    micro, rounds = packed_micro_batches(list(groups), groups, cfg)
+    groups, (share,) = plan(tokenizer, records, [list(range(len(records)))], cfg)
     out = {}
-    for k in tqdm(range(rounds), desc=desc, disable=not progress):
-        mb = micro[k] if k < len(micro) else [0]  # a spare pass, thrown away
-        logp, _, _ = score(model, [g for i in mb for g in groups[i]], device, cfg.autocast)
-        if k < len(micro):
-            out |= dict(zip(mb, logp.float().cpu().view(len(mb), 6)))
+    for ids, weight in tqdm(share, desc=desc, disable=not progress):
+        logp, _, _ = score(model, rows(groups, ids), device, cfg.autocast)
+        if weight:  # not a spare round
+            out |= dict(zip(ids, logp.float().cpu().view(len(ids), 6)))
     model.train(was_training)
-    rows = {i: logp for part in gather_objects(out) for i, logp in part.items()}
-    logps = torch.stack([rows[i] for i in range(len(records))])  # [R, 6]
+    gathered = {i: logp for part in gather_objects(out) for i, logp in part.items()}
+    logps = torch.stack([gathered[i] for i in range(len(records))])  # [R, 6]
     if cache is not None and is_main():
         save_tensors({"logps": logps}, cache)
     return logps
@@ -264,15 +277,49 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
 
     Under torchrun (a sharded model) each step's records are dealt out across ranks.
     """
-    out_dir = Path(out_dir)
-    device = model.lm_head_weight.device
-    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward: the optimizer needs shards
-        model.reshard()
+    device, ckpt = model.lm_head_weight.device, Path(out_dir) / "resume"
+    groups, steps = plan(tokenizer, records, epoch_order(len(records), cfg, iteration), cfg)
     optimizer, params = make_optimizer(model, cfg)
-    order = list(range(len(records)))
+    start = resume(ckpt, model, optimizer, params, metrics_path, iteration)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
+    history, bar = [], tqdm(range(start, len(steps)), desc=f"iter {iteration} train", initial=start, total=len(steps),
+                            disable=not progress or not is_main())
+    for step in bar:
+        t0, sums, tokens = time.perf_counter(), {}, 0
+        for ids, weight in steps[step]:  # micro-batches: the gradients add up
+            logp, n, ntok = score(model, rows(groups, ids), device, cfg.autocast)  # [6b] summed log-probs, lengths
+            loss, metrics = sso_loss(logp.float().view(-1, 6), ref_logps[ids].to(device), n.view(-1, 6),
+                                     **loss_settings(cfg))
+            (loss * weight * world_size()).backward()  # FSDP averages gradients over ranks: a sum over records
+            sums, tokens = add_weighted(sums, metrics, weight), tokens + ntok * (weight > 0)
+        sums, tokens = over_ranks(sums, tokens, device)  # the step's means over every record of every rank
+        if not math.isfinite(sums["loss"]):
+            raise TrainingError(f"non-finite loss at iteration {iteration} step {step}; "
+                                f"the last good resume state is {ckpt if ckpt.exists() else 'the iteration start'}")
+        lr, grad_norm = optimizer_step(optimizer, params, step, len(steps), cfg)
+        history.append(log_step(metrics_path, iteration, step, len(steps), cfg, {
+            **sums, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0)}))
+        bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracies']:.2f}", W=f"{sums['W']:.3f}")
+        if (step + 1) % cfg.save_every == 0 and step + 1 < len(steps):
+            save_resume_state(ckpt, model, optimizer, step + 1, params)
+        if on_step is not None:
+            on_step(step + 1)
+    model.eval()
+    model.gradient_checkpointing = False
+    return history
+
+
+def epoch_order(n: int, cfg: TrainConfig, iteration: int) -> list[list[int]]:
+    """The record ids of each step: a seeded shuffle of the n records, cut into batches of cfg.batch_size."""
+    order = list(range(n))
     random.Random(f"{cfg.seed}-{iteration}-order").shuffle(order)
-    total = math.ceil(len(order) / cfg.batch_size)
-    ckpt = out_dir / "resume"
+    return [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+
+
+def resume(ckpt: Path, model, optimizer, params, metrics_path: Path | None, iteration: int) -> int:
+    """The step to start from: the one the resume state holds (loaded into model and optimizer), else 0.
+    Metric rows logged past it by a killed run are dropped, so none is counted twice."""
     try:
         start = load_resume_state(ckpt, model, optimizer, params) if ckpt.exists() else 0
     except (SafetensorError, OSError, ValueError, KeyError) as e:  # never continue from a damaged state
@@ -281,52 +328,29 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
         start = 0
     if metrics_path is not None and is_main():
         _truncate_metrics(metrics_path, iteration, start)
-    n_ranks = world_size()
-    eot = end_of_turn_id(tokenizer)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
-    history = []
-    bar = tqdm(range(start, total), desc=f"iter {iteration} train", disable=not progress or not is_main(),
-               initial=start, total=total)
-    for step in bar:
-        t0 = time.perf_counter()
-        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot) for i in idx}
-        micro, rounds = packed_micro_batches(idx, groups, cfg)
-        sums, tokens = {}, 0
-        for k in range(rounds):
-            mb, weight = (micro[k], 1.0) if k < len(micro) else ([idx[0]], 0.0)  # weight 0: a spare round
-            logp, n, ntok = score(model, [g for i in mb for g in groups[i]], device, cfg.autocast)
-            loss, metrics = sso_loss(logp.float().view(len(mb), 6), ref_logps[mb].to(device), n.view(len(mb), 6),
-                                     **loss_settings(cfg))
-            share = weight * len(mb) / len(idx)  # of the step's records
-            (loss * share * n_ranks).backward()  # FSDP averages gradients over ranks: x n_ranks makes it a sum
-            tokens += ntok * weight
-            for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + v * share
-        keys = sorted(sums)
-        sums = dict(zip(keys, all_sum([sums[key] for key in keys], device)))  # the mean over the whole step
-        tokens = all_sum([tokens], device)[0]
-        if not math.isfinite(sums["loss"]):
-            raise TrainingError(f"non-finite loss at iteration {iteration} step {step}; "
-                                f"the last good resume state is {ckpt if ckpt.exists() else 'the iteration start'}")
-        lr, grad_norm = optimizer_step(optimizer, params, step, total, cfg)
-        row = {"iteration": iteration, "split": "train", "step": step + 1, "steps": total, **sums, "lr": lr,
-               "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - t0),
-               # no update has changed the weights yet (the first step, or lr 0): every reward is 0
-               "policy_is_reference": all(lr_at(j, total, cfg) == 0 for j in range(step))}
-        history.append(row)
-        if metrics_path is not None and is_main():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracies']:.2f}", W=f"{sums['W']:.3f}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_resume_state(ckpt, model, optimizer, step + 1, params)
-        if on_step is not None:
-            on_step(step + 1)
-    model.eval()
-    model.gradient_checkpointing = False
-    return history
+    return start
+
+
+def add_weighted(sums: dict, metrics: dict, weight: float) -> dict:
+    return {key: sums.get(key, 0.0) + v * weight for key, v in metrics.items()}
+
+
+def over_ranks(sums: dict, tokens: float, device) -> tuple[dict, float]:
+    """Each rank's weighted metric sums and token count, summed over all ranks (one all-reduce)."""
+    keys = sorted(sums)
+    *values, tokens = all_sum([sums[key] for key in keys] + [tokens], device)
+    return dict(zip(keys, values)), tokens
+
+
+def log_step(metrics_path: Path | None, iteration: int, step: int, total: int, cfg: TrainConfig, metrics: dict) -> dict:
+    """One step's metrics.jsonl row (rank 0 writes it), returned."""
+    row = {"iteration": iteration, "split": "train", "step": step + 1, "steps": total, **metrics,
+           # no update has changed the weights yet (the first step, or lr 0): every reward is 0
+           "policy_is_reference": all(lr_at(j, total, cfg) == 0 for j in range(step))}
+    if metrics_path is not None and is_main():
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
 
 
 def _truncate_metrics(path: Path, iteration: int, step: int):

@@ -19,7 +19,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = ("01_transformer.ipynb", "02_sampling.ipynb", "03_logprobs.ipynb", "04_sso_objective.ipynb",
-             "05_sso_loop.ipynb")
+             "05_sso_loop.ipynb", "06_the_effect.ipynb", "07_exercises.ipynb")
 CELL_TIMEOUT_S = 600
 
 

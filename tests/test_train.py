@@ -370,8 +370,9 @@ def test_eval_metrics_equal_a_recomputation_from_the_saved_files(tiny_model_dir,
     gen = summary["generation"]
     assert gen["mean_length"] == pytest.approx(sum(len(tok.encode(r["raw"])) for r in records) / len(records))
     assert gen["eos_rate"] == pytest.approx(sum(not is_capped(r, "raw") for r in records) / len(records))
-    eval_row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    eval_row, final_row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-2:]
     assert eval_row["split"] == "eval" and eval_row["eval_loss"] == summary["eval"]["eval_loss"]
+    assert final_row["split"] == "final" and final_row["iteration"] == 1
 
 
 def test_lr_zero_gives_exactly_zero_eval_rewards_and_no_training_accuracy(tiny_model_dir, tmp_path):
@@ -421,7 +422,8 @@ def test_resume_after_sigkill_in_the_eval_pass_gives_the_same_summary(tiny_model
         assert without_timings(tmp_path / "cut" / part) == without_timings(tmp_path / "whole" / part), part
     assert (json.loads((tmp_path / "cut" / "final" / "summary.json").read_text())["generation"]
             == json.loads((tmp_path / "whole" / "final" / "summary.json").read_text())["generation"])
-    rows = lambda run: [(r["iteration"], r["split"], r["step"], r["loss" if r["split"] == "train" else "eval_loss"])  # noqa
+    value = {"train": "loss", "eval": "eval_loss", "final": "generation/mean_length"}
+    rows = lambda run: [(r["iteration"], r["split"], r["step"], r[value[r["split"]]])  # noqa: E731
                         for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
     assert rows("cut") == rows("whole")  # one eval row per iteration, none twice
 

@@ -38,8 +38,8 @@ def whole(tiny_model_dir, tmp_path_factory):
     samplers = {}
     real = train.build_records
 
-    def spy(model, tokenizer, prompts, **k):
-        records, stats = real(model, tokenizer, prompts, **k)
+    def spy(model, tokenizer, prompts, principles, **k):
+        records, stats = real(model, tokenizer, prompts, principles, **k)
         samplers.setdefault(k["desc"], []).append({n: p.detach().clone() for n, p in model.state_dict().items()})
         return records, stats
 

@@ -280,14 +280,11 @@ def markdown(result) -> str:
 
 
 def plot(rows, out: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     start = rows[0]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    fig_len, axes_len = plt.subplots(1, 3, figsize=(16, 4))
+    fig, fig_len = Figure(figsize=(11, 4)), Figure(figsize=(16, 4))
+    axes, axes_len = fig.subplots(1, 2), fig_len.subplots(1, 3)
     for name in dict.fromkeys(r["variant"] for r in rows[1:]):
         rs = [r for r in rows if r["variant"] == name]
         x = [r["iteration"] for r in rs]
@@ -315,4 +312,3 @@ def plot(rows, out: Path):
     for f, name in ((fig, "ablation_signals.png"), (fig_len, "ablation_length.png")):
         f.tight_layout()
         f.savefig(out / name)
-        plt.close(f)

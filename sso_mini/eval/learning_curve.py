@@ -91,13 +91,11 @@ def markdown(rows, start: dict) -> str:
 
 
 def plot(rows, png: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     features = list(rows[0]["vs_start"]) if rows else []
-    fig, axes = plt.subplots(1, 3 if features else 2, figsize=(18 if features else 12, 4))
+    fig = Figure(figsize=(18 if features else 12, 4))
+    axes = fig.subplots(1, 3 if features else 2)
     for loss, lr in sorted({(r["loss"], r["lr"]) for r in rows}):
         rs = sorted((r for r in rows if (r["loss"], r["lr"]) == (loss, lr)), key=lambda r: r["records"])
         x = [r["records"] for r in rs]
@@ -122,7 +120,6 @@ def plot(rows, png: Path):
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(png)
-    plt.close(fig)
 
 
 def gather(out: Path, source: Path) -> dict:
@@ -170,7 +167,8 @@ def main(argv=None):
                     continue
                 args = point_args(n, lr, loss, run, resume=True)
                 if not (run / "run.json").exists():
-                    train.choose_lora_and_dtype(args)  # the settings train.py writes to run.json, then checks
+                    train.load_inputs(args)  # the settings train.py resolves, writes to run.json, then checks
+                    train.choose_lora_and_dtype(args)
                     seed_point(source, run, min(n, pool_size),
                                {k: v for k, v in vars(args).items() if k not in train.OPERATIONAL})
                 train.run(args)

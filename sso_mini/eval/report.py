@@ -323,10 +323,7 @@ def plot_metrics(out: Path, summaries: list[dict]):
     """metrics.png: per step loss, W and training accuracies; per iteration the held-out
     accuracies and the policy's own mean response length; with a checked principle set, per
     feature the share of plain answers that pass its check and the pairs' signal accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) stays as it is
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("split", "train") == "train"]
@@ -335,7 +332,8 @@ def plot_metrics(out: Path, summaries: list[dict]):
     pairs = (("", "x: y+ > y-"), ("p_", "x+: y+ > y-"), ("n_", "x-: y^o > y+"))
     x = range(1, len(train) + 1)
     checked = list(summaries[0].get("feature_signal") or {}) if summaries else []
-    fig, axes = plt.subplots(1, 5 if checked else 4, figsize=(25 if checked else 20, 4))
+    fig = Figure(figsize=(25 if checked else 20, 4))
+    axes = fig.subplots(1, 5 if checked else 4)
     axes[0].plot(x, [r["loss"] for r in train], label="loss")
     axes[0].plot(x, [r["raw_loss"] for r in train], label="raw_loss (W = 1)")
     axes[1].plot(x, [r["W"] for r in train], label="W")
@@ -375,4 +373,3 @@ def plot_metrics(out: Path, summaries: list[dict]):
         axes[4].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "metrics.png")
-    plt.close(fig)
