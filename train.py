@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from sso_mini.assets import open_run, write_json
+from sso_mini.assets import AssetError, open_run, write_json
 from sso_mini.checkpoint import CheckpointError, load_model, resolve, save_model
 from sso_mini.config import ModelConfig
 from sso_mini.eval.report import (final_generation, log_eval_row, plot_metrics, print_table, score_held_out,
@@ -45,7 +45,7 @@ from sso_mini.eval.verified_pairs import mix_in_checkable
 from sso_mini.flags import EVAL_PROMPTS, EVAL_SHARE, LORA_THRESHOLD, OPERATIONAL, VERIFIER_SHARE, parse_args
 from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, merge_shares,
                                   on_main, setup, shard, teardown)
-from sso_mini.lora import adapters_disabled, apply_lora, merge_lora
+from sso_mini.lora import adapters_disabled, apply_lora, merge_lora, micro_batch_tokens
 from sso_mini.model import Transformer
 from sso_mini.principles import PrincipleSet, load_principles
 from sso_mini.records import (build_records, check_cutoff, default_prompts, load_prompts, logprob_filter, read_jsonl,
@@ -67,16 +67,27 @@ class Inputs(NamedTuple):
     principles: PrincipleSet  # what steers y+ and y- (--principles)
 
 
-def choose_lora_and_dtype(args):
+def choose_device_settings(args, n_ranks: int = 1):
     """LoRA by default only where full fine-tuning cannot fit (a big model on a GPU), its frozen base in bf16;
-    full fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are native."""
-    size = ModelConfig.from_json(resolve(args.model) / "config.json").num_parameters  # the model's check, too
+    full fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are native. On a GPU the
+    micro-batch token budget and gradient checkpointing follow from its free memory (lora.micro_batch_tokens);
+    on the CPU records run one per forward, without checkpointing."""
+    config = ModelConfig.from_json(resolve(args.model) / "config.json")  # the model's check, too
+    cuda = args.device.startswith("cuda")
     if args.autocast is None:
         args.autocast = bf16_is_native(torch.device(args.device))
     if args.lora is None:
-        args.lora = args.device.startswith("cuda") and size > LORA_THRESHOLD
+        args.lora = cuda and config.num_parameters > LORA_THRESHOLD
     if args.dtype is None:
-        args.dtype = "bfloat16" if args.lora and args.device.startswith("cuda") else "float32"
+        args.dtype = "bfloat16" if args.lora and cuda else "float32"
+    if cuda and args.tokens_per_micro_batch is None:
+        free = torch.cuda.mem_get_info(torch.device(args.device))[0]
+        tokens, checkpointing = micro_batch_tokens(config, free, args.lora_rank if args.lora else None, n_ranks,
+                                                   args.cutoff)
+        args.tokens_per_micro_batch = tokens
+        args.gradient_checkpointing = checkpointing if args.gradient_checkpointing is None else args.gradient_checkpointing
+    args.tokens_per_micro_batch = args.tokens_per_micro_batch or 0
+    args.gradient_checkpointing = bool(args.gradient_checkpointing)
 
 
 def load_inputs(args) -> Inputs:
@@ -255,7 +266,7 @@ def run(args):
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} (allowed: k*N)")
     try:  # the inputs, the model's config and --out, before anything is written
         inputs = load_inputs(args)
-        choose_lora_and_dtype(args)
+        choose_device_settings(args, n_ranks)
         if not args.pairs:  # the prompts' token counts: the model folder's tokenizer, not its weights
             check_cutoff(Tokenizer.from_folder(resolve(args.model)), inputs.train + inputs.held_out, args.cutoff,
                          args.max_new_tokens)
@@ -263,7 +274,7 @@ def run(args):
             raise ValueError("--lora is single-GPU only; under torchrun FSDP2 shards a full fine-tune (--no-lora)")
         out = on_main(lambda: open_run(Path(args.out), {k: v for k, v in vars(args).items() if k not in OPERATIONAL},
                                        args.resume))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (AssetError, CheckpointError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
                       theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
@@ -321,7 +332,7 @@ def cli(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the same command with --resume continues from the last saved step", file=sys.stderr)
         return 130
-    except (CheckpointError, OSError, ValueError, TrainingError) as e:  # OSError: a full disk names its file
+    except (AssetError, CheckpointError, OSError, ValueError, TrainingError) as e:  # OSError: a full disk names its file
         if is_main():  # every rank fails alike; rank 0 says why
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

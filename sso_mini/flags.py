@@ -21,7 +21,6 @@ OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_si
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
 EVAL_PROMPTS = 16  # held out by default (at most EVAL_SHARE of the prompts): sampled and scored every iteration
 EVAL_SHARE = 0.25
-GPU_TOKENS_PER_MICRO_BATCH = 16384  # enough work per forward for a 7B model on one GPU, and fits its memory
 DEFAULT_PRINCIPLES = "brevity"
 VERIFIER_SHARE = 0.25  # where the principles have no rule check, a quarter of the prompts carry one instead
 POLICY_FORMS = tuple(f for f in FORMS if f != "generator")  # --recipe v2 trains the generator's form itself
@@ -67,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-batch-size", type=int, default=TrainConfig.micro_batch_size,
                     help="records per forward (6 sequences, 3 prompts, packed in one row)")
     ap.add_argument("--tokens-per-micro-batch", type=int, default=None,
-                    help="instead: as many records per forward as fit in this many tokens (default: "
-                         f"{GPU_TOKENS_PER_MICRO_BATCH} on CUDA, 0 = off on the CPU)")
+                    help="instead: as many records per forward as fit in this many tokens (default: on CUDA, "
+                         "what the GPU's free memory holds by sso_mini.lora's memory model, up to 16384; 0 = off)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="response length cap when sampling")
     ap.add_argument("--sample-batch-size", type=int, default=None,
                     help="rows per sampler batch (default: 48 on the CPU; on CUDA, what half the free memory holds, "
@@ -82,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-alpha", type=float, default=32.0)
     ap.add_argument("--lora-dropout", type=float, default=0.0)
     ap.add_argument("--lora-targets", default=",".join(TARGETS), help="comma-separated projection names")
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="recompute each block in the backward (default: on CUDA where one record would not fit "
+                         "the GPU's memory without it; off on the CPU)")
     ap.add_argument("--save-every", type=int, default=TrainConfig.save_every, help="steps between resume points")
     ap.add_argument("--out", default="runs/sso", help="run folder")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -121,8 +122,6 @@ def parse_args(argv=None):
     device_error = check_device(args.device)
     if device_error:
         ap.error(device_error)
-    if args.tokens_per_micro_batch is None:
-        args.tokens_per_micro_batch = GPU_TOKENS_PER_MICRO_BATCH if args.device.startswith("cuda") else 0
     args.iterations = 1 if args.pairs else args.iterations  # --pairs: one iteration on the file
     return args
 

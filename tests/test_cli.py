@@ -130,3 +130,26 @@ def test_a_start_that_fails_reading_the_weights_can_be_retried_as_is(inputs, tmp
     shutil.copytree(model, broken)  # the user repairs the folder and runs the same command again
     assert train.cli(["--model", str(broken), *common]) == 0, capsys.readouterr().err
     assert (out / "iter_0" / "model" / "model.safetensors").exists()
+
+
+def test_an_asset_missing_offline_is_one_error_line(inputs, tmp_path):
+    """No network and an empty cache: the IFEval checkers the default principle set's checks need cannot be
+    fetched (punkt, the checkers); train.py says so in one line, says how to fill the cache, and writes nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp, model = inputs
+    root = Path(__file__).resolve().parents[1]
+    offline = {**os.environ, "PYTHONPATH": str(root), "SSO_MINI_CACHE": str(tmp_path / "empty-cache"),
+               "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
+               "PIP_RETRIES": "0", "PIP_TIMEOUT": "1"}  # a registry nobody answers, and no local wheels
+    out = tmp / "run"
+    done = subprocess.run([sys.executable, str(root / "train.py"), "--model", str(model), "--prompts",
+                           str(tmp / "prompts.txt"), "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, env=offline, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: could not download ") and "from PyPI" in lines[0] and "--fetch-only" in lines[0]
+    assert not out.exists()

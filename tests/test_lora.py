@@ -277,3 +277,85 @@ def test_memory_budget_counts(config):
     assert lora["trainable_params"] == sum(p.numel() for p in lora_parameters(model))
     assert lora["weights"] == 2 * n + 4 * lora["trainable_params"]
     assert lora["total"] < full["total"]
+
+
+def saved_activation_bytes(config, tokens: int, lora_rank: int | None, layers: int) -> int:
+    """Bytes autograd saves for the backward of a `layers`-block model of `config`'s shapes on `tokens` tokens,
+    counted on the meta device (no memory, real shapes and dtypes): every saved tensor with a token dimension,
+    a view and its base once, the weights never. Attention is counted as flash and flex attention save it
+    (q, its output, k and v at the kv heads' width, a per-row log-sum-exp) instead of the [T, T] probabilities
+    the meta device's reference kernel keeps. The meta device has no autocast: the model is bf16, as LoRA's
+    frozen base is and as FSDP's mixed-precision policy computes a full fine-tune."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from sso_mini import model as model_module
+
+    with torch.device("meta"):
+        m = Transformer(dataclasses.replace(config, num_hidden_layers=layers)).to(torch.bfloat16)
+    if lora_rank:
+        apply_lora(m, rank=lora_rank, alpha=2 * lora_rank)
+    m.train()
+    weights = {id(p) for p in m.parameters()}
+    saved, inside = {}, [False]  # id -> tensor; inside: within attention, whose own saves are replaced below
+
+    def pack(t):
+        base = t if t._base is None else t._base  # a view shares its base's memory: counted once
+        if not inside[0] and id(base) not in weights and tokens in base.shape:
+            saved[id(base)] = base  # kept alive, so that an id is never reused
+        return t
+
+    real = F.scaled_dot_product_attention
+
+    def flash_like(q, k, v, attn_mask=None, is_causal=False):
+        inside[0] = True
+        out = real(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        inside[0] = False
+        kv_heads = config.num_key_value_heads  # the model repeats k and v per query head; flex reads them once
+        for t in (q, out, k.new_empty(k.size(0), kv_heads, *k.shape[2:]), v.new_empty(v.size(0), kv_heads,
+                                                                                        *v.shape[2:]),
+                  out.new_empty(out.shape[:-1], dtype=torch.float32)):  # ..., the log-sum-exp [B, H, T]
+            pack(t)
+        return out
+
+    ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+    position = torch.arange(tokens, device="meta")[None]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(model_module.F, "scaled_dot_product_attention", flash_like)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m.hidden_states(ids, position, torch.ones(1, tokens, dtype=torch.long, device="meta"))
+    finally:
+        mp.undo()
+    return sum(t.numel() * t.element_size() for t in saved.values())
+
+
+@pytest.mark.parametrize("lora_rank", [16, None], ids=["LoRA r=16", "full fine-tune"])
+def test_memory_model_agrees_with_a_count_of_saved_tensors_on_the_meta_device(lora_rank):
+    from sso_mini.config import PRESETS
+    from sso_mini.lora import activation_bytes_per_token
+
+    config, T = PRESETS["Qwen2-7B"], 256
+    # one block in steady state: two blocks minus one (the embedding, the final norm and block 0's input,
+    # which under LoRA needs no gradient, cancel)
+    counted = (saved_activation_bytes(config, T, lora_rank, 2) - saved_activation_bytes(config, T, lora_rank, 1)) / T
+    modelled = activation_bytes_per_token(config, checkpointing=False, full=lora_rank is None) / config.num_hidden_layers
+    assert abs(modelled - counted) / counted < 0.10, (modelled, counted)
+    assert 190 * 1024 < counted < 260 * 1024  # ~200 KiB per token per layer: the MLP's four [T, 18944] tensors
+
+
+def test_the_default_token_budget_for_qwen2_7b_fits_an_80_gb_gpu():
+    from sso_mini.config import PRESETS
+    from sso_mini.lora import GPU_MEMORY_SHARE, micro_batch_tokens
+
+    config, free = PRESETS["Qwen2-7B"], 79 * 2**30  # what an 80 GB H100 reports free before anything is loaded
+    for rank, n_ranks in ((16, 1), (None, 8)):  # LoRA on one GPU; a full fine-tune across 8 ranks
+        tokens, checkpointing = micro_batch_tokens(config, free, rank, n_ranks, cutoff=2048)
+        budget = memory_budget(config, lora_rank=rank, tokens=tokens, checkpointing=checkpointing, n_ranks=n_ranks)
+        assert budget["total"] <= GPU_MEMORY_SHARE * free and tokens >= 6 * 2048, (rank, tokens, budget)
+        assert checkpointing  # without it a 12k-token record alone needs ~66 GiB of activations
+        # the old default (16k tokens, no checkpointing) would not have fit
+        assert memory_budget(config, lora_rank=rank, tokens=16384, checkpointing=False, n_ranks=n_ranks)["total"] > free
+    with pytest.raises(ValueError, match="GiB free"):
+        micro_batch_tokens(config, 16 * 2**30, None, 1)  # a full fine-tune on one 16 GB GPU

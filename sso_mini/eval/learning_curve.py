@@ -155,7 +155,10 @@ def main(argv=None):
         return train.parse_args(argv + (["--resume"] if resume else []))
 
     if not (source / "final" / "summary.json").exists():  # the pool: sampled once, trained as the first point
-        train.run(point_args(max(sizes), lrs[0], losses[0], source, resume=source.exists()))
+        started = json.loads((source / "run.json").read_text()) if (source / "run.json").exists() else None
+        n, lr, loss = ((started["prompts_per_iteration"], started["lr"], started["loss"]) if started  # as it began
+                       else (max(sizes), lrs[0], losses[0]))
+        train.run(point_args(n, lr, loss, source, resume=started is not None))
     pool_settings = json.loads((source / "run.json").read_text())
     pool_size = len(read_jsonl(source / "iter_0" / "pairs.jsonl"))
     for loss in losses:
@@ -168,7 +171,7 @@ def main(argv=None):
                 args = point_args(n, lr, loss, run, resume=True)
                 if not (run / "run.json").exists():
                     train.load_inputs(args)  # the settings train.py resolves, writes to run.json, then checks
-                    train.choose_lora_and_dtype(args)
+                    train.choose_device_settings(args)
                     seed_point(source, run, min(n, pool_size),
                                {k: v for k, v in vars(args).items() if k not in train.OPERATIONAL})
                 train.run(args)
