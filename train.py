@@ -115,11 +115,12 @@ def load_inputs(args) -> Inputs:
     return Inputs([x for x in pool[n:] if x not in held], held_out, checks, principles)  # a duplicate stays held out
 
 
-def make_records(args, model, tokenizer, t, it, inputs, run_inputs, progress, rank, n_ranks, held_out=False,
+def make_records(args, load_sampler, tokenizer, t, it, inputs, run_inputs, progress, rank, n_ranks, held_out=False,
                  eq3=False) -> list[dict]:
-    """it/pairs.jsonl (or it/eval_pairs.jsonl): the model's records for these prompts (with their checks), built
-    once. With --pairs the inputs are records already; under torchrun each rank samples its share, rank 0 writes.
-    run_inputs: the run's Inputs (principle set, checks).
+    """it/pairs.jsonl (or it/eval_pairs.jsonl): the records of load_sampler()'s model (called only if there is
+    something to sample) for these prompts, with their checks, built once. With --pairs the inputs are records
+    already; under torchrun each rank samples its share, rank 0 writes. run_inputs: the run's Inputs (principle
+    set, checks).
     eq3: y- takes y^o's place ("raw"), so that L- prefers y- over y+ under x- (v2 Eq. 3)."""
     prefix = "eval_" if held_out else ""
     pairs, stats_file = it / f"{prefix}pairs.jsonl", it / f"{prefix}data_stats.json"
@@ -133,6 +134,7 @@ def make_records(args, model, tokenizer, t, it, inputs, run_inputs, progress, ra
                        f"y+, y-, y^o for {len(inputs)} {what} prompts, "
                        f"up to {args.max_new_tokens} tokens each"):
                 seed = args.seed + 7919 * rank + (EVAL_SEED if held_out else 0)
+                model = load_sampler()
                 records, stats = build_records(model, tokenizer, deal(inputs, n_ranks, rank), run_inputs.principles,
                                                iteration=t, seed=seed,
                                                max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
@@ -167,23 +169,33 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
     (model, tokenizer) for the held-out pass; None under torchrun (every rank loads the folder)."""
     with timed(it, "load"):
         model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
-    torch.manual_seed(args.seed + t)
-    if args.lora:  # fresh adapters on the merged weights of the last iteration
-        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                   targets=args.lora_targets.split(","))
 
     # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
     k, pool = args.prompts_per_iteration, inputs.train  # iteration t trains on the t-th slice, wrapping round
     prompts = pool if args.pairs else [pool[(t * k + i) % len(pool)] for i in range(min(k, len(pool)))]
-    sampled = (it / "pairs.jsonl").exists()  # v2: the generator samples the training records, loaded only to do so
-    sampling = load_model(sampler, dtype=dtype, device=args.device)[0] if sampler and not sampled else model
+    sample_dtype = torch.bfloat16 if args.device.startswith("cuda") else dtype  # a GPU samples from bf16 weights
+    samplers = {}  # the models that sample (v2: the generator for the training records), loaded when needed
+
+    def sampling(folder):
+        if folder == policy and sample_dtype == dtype:
+            return model
+        if folder not in samplers:
+            with timed(it, "load"):
+                samplers[folder] = load_model(folder, dtype=sample_dtype, device=args.device)[0]
+        return samplers[folder]
+
     eq3 = cfg.form == "generator" and args.neg_pair == "eq3"
-    records = make_records(args, sampling, tokenizer, t, it, prompts, inputs, progress, rank, n_ranks, eq3=eq3)
-    eval_records = make_records(args, model, tokenizer, t, it, inputs.held_out, inputs, progress, rank, n_ranks,
-                                held_out=True, eq3=eq3) if inputs.held_out else []
-    del sampling
+    records = make_records(args, lambda: sampling(sampler or policy), tokenizer, t, it, prompts, inputs, progress,
+                           rank, n_ranks, eq3=eq3)
+    eval_records = make_records(args, lambda: sampling(policy), tokenizer, t, it, inputs.held_out, inputs, progress,
+                                rank, n_ranks, held_out=True, eq3=eq3) if inputs.held_out else []
+    samplers.clear()
+    torch.manual_seed(args.seed + t)
+    if args.lora:  # fresh adapters on the merged weights of the last iteration (after sampling: they start at zero)
+        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                   targets=args.lora_targets.split(","))
     if n_ranks > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
-        shard(model)
+        shard(model, bf16=args.autocast)
 
     # 3. reference log-probs: the iteration's starting weights (LoRA: the frozen base), computed once
     with adapters_disabled(model) if args.lora else contextlib.nullcontext():

@@ -19,6 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 
@@ -128,6 +129,15 @@ def seed_run(run: Path, settings: dict, fill_first_iteration):
 def cache_dir() -> Path:
     """Where fetched and converted assets live (override with SSO_MINI_CACHE)."""
     return Path(os.environ.get("SSO_MINI_CACHE", Path.home() / ".cache" / "sso-mini"))
+
+
+def digest(tensors: dict) -> str:
+    """sha256 over the names and raw bytes of a dict of CPU tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def sha256(path: Path) -> str:

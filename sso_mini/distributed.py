@@ -11,15 +11,17 @@ layer's weights just before it runs. sso-mini only decides who does what:
 - reference log-probs and training: the model is sharded, each optimizer step's records
   are dealt out across ranks, and each rank scales its loss so that FSDP's gradient
   average equals the single-process gradient of the whole step;
-- files: rank 0 writes everything (metrics, checkpoints, the one HF folder) from full
-  tensors gathered to it.
+- files: rank 0 writes everything (metrics, the one HF folder) from full tensors gathered
+  to it, except the resume state, which every rank writes for its own shards.
 
 Every forward and backward of a sharded model is a collective call, so every rank must
 make the same number of them: a rank with fewer records in a step runs extra micro-batches
 with weight 0. With the gloo backend all of this runs on CPU processes too.
 """
 
+import json
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -72,18 +74,21 @@ def barrier():
         dist.barrier()
 
 
-def shard(model):
+def shard(model, bf16: bool = False):
     """FSDP2 over the blocks, then the root (embeddings, final norm, head).
 
     `hidden_states` is our forward (training never asks for logits), so FSDP is told to
     gather the root's weights around it too. The root keeps them gathered after its
     forward, which is what lets the fused log-prob kernel use the head weight directly.
+    bf16: compute in bf16 (the weights are all-gathered as bf16, half the traffic) while the
+    shards, gradients and AdamW state stay fp32 and gradients are reduced in fp32.
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=policy or MixedPrecisionPolicy())
+    fully_shard(model, mp_policy=policy or MixedPrecisionPolicy())
     register_fsdp_forward_method(model, "hidden_states")
     return model
 
@@ -93,14 +98,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def like(full: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`full` laid out as `t` is: this rank's shard when `t` is sharded."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    full = full.to(device=t.device, dtype=t.dtype)
-    return distribute_tensor(full, t.device_mesh, t.placements) if isinstance(t, DTensor) else full
 
 
 def gather_objects(obj) -> list:
@@ -158,3 +155,82 @@ def merge_shares(shares):
         for k, v in part.items():
             stats[k] = max(stats.get(k, 0), v) if k == "sample_seconds" else stats.get(k, 0) + v
     return records, stats
+
+
+# --- the resume state of a sharded model: each rank writes and reads its own shards -----------------------
+
+
+def local_shards(*state_dicts) -> dict:
+    """This rank's pieces of (nested) state dicts as flat {name: CPU tensor}: a sharded tensor's local shard."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}{i}.", v)
+        elif isinstance(value, torch.Tensor):
+            out[prefix[:-1]] = (value.to_local() if isinstance(value, DTensor) else value).detach().cpu().contiguous()
+
+    for i, sd in enumerate(state_dicts):
+        walk(f"{i}.", sd)
+    return out
+
+
+def save_sharded_state(path, model, optimizer, step: int):
+    """The resume state of an FSDP2 model: every rank writes its shards of the weights and AdamW state with
+    torch.distributed.checkpoint (no tensor is ever gathered whole), the digest of what it wrote and its RNG
+    state; rank 0 the step. Into a temporary folder, renamed once every rank is done."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from .assets import digest, write_atomic
+
+    weights, optim = get_state_dict(model, optimizer)
+    tmp = path.with_name(path.name + ".tmp")
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save({"model": weights, "optim": optim}, checkpoint_id=tmp)
+    shards = local_shards(weights, optim)
+    write_atomic(tmp / f"rank{rank()}.json", json.dumps({"sha256": digest(shards), "rng": torch.get_rng_state().tolist()}))
+    barrier()
+    if is_main():
+        write_atomic(tmp / "state.json", json.dumps({"step": step, "world_size": world_size()}))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    barrier()
+
+
+def load_sharded_state(path, model, optimizer) -> int:
+    """The step save_sharded_state recorded, with the weights, AdamW state and RNG it saved put back; ValueError
+    on every rank when any rank's shards do not match the digest recorded when they were written (a flipped
+    bit), or the state was saved by another number of ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from .assets import digest
+
+    state = json.loads((path / "state.json").read_text())
+    if state["world_size"] != world_size():
+        raise ValueError(f"{path}: saved by {state['world_size']} ranks, resumed by {world_size()}")
+    # the layout to read into, as CPU copies of this rank's shards (AdamW's state is made now): nothing of the
+    # model changes until every rank's shards match their digests
+    layout = get_state_dict(model, optimizer, options=StateDictOptions(cpu_offload=True))
+    weights, optim = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, layout)  # (a CPU model: no copy)
+    dcp.load({"model": weights, "optim": optim}, checkpoint_id=path)
+    mine = json.loads((path / f"rank{rank()}.json").read_text())
+    damaged = all_sum([float(digest(local_shards(weights, optim)) != mine["sha256"])],
+                      next(model.parameters()).device)[0]
+    if damaged:
+        optimizer.state.clear()  # get_state_dict made AdamW's state: the epoch starts again from none
+        raise ValueError(f"{path}: the shards of {int(damaged)} rank(s) do not match the digest recorded when they "
+                         "were written")
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim)
+    torch.set_rng_state(torch.tensor(mine["rng"], dtype=torch.uint8))
+    return state["step"]

@@ -24,6 +24,7 @@ rows: the feature-selection batch (a ~360-token shared preamble) prefills ~12x f
 
 import contextlib
 import functools
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -48,12 +49,13 @@ def nucleus(ranked: torch.Tensor, p: float):
     return cum - ranked < p, cum[:, -1] >= p
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p, the rest -> -inf."""
-    if p >= 1.0:
+def top_p_filter(logits: torch.Tensor, p) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p, the rest -> -inf.
+    p: a number, or a 0-d tensor (the compiled step's, so that its value is no part of the graph)."""
+    if not torch.is_tensor(p) and p >= 1.0:
         return logits
     probs, order = logits.float().softmax(dim=-1).sort(dim=-1, descending=True)  # [B, V]
-    drop = ~nucleus(probs, p)[0]
+    drop = ~(nucleus(probs, p)[0] | (p >= 1.0))  # p = 1 keeps every token, whatever the float sums say
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
@@ -100,7 +102,7 @@ def sample(logits, noise, temperature: float = 1.0, top_k: int = 0, top_p: float
     outside its graph), or a torch.Generator to draw them from, then only for the tokens that
     can win (nucleus_race). Either way each row uses only its own draws.
     """
-    if temperature == 0:
+    if not torch.is_tensor(temperature) and temperature == 0:
         return logits.argmax(dim=-1)
     logits = top_k_filter(logits.float() / temperature, top_k)
     if isinstance(noise, torch.Generator):
@@ -119,14 +121,56 @@ def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature
     return sample(logits, noise, temperature, top_k, top_p)
 
 
+def greedy_step(model, tokens, input_pos, position_ids, mask):
+    """decode_step at temperature 0: its own compiled graphs, with no sampling inputs."""
+    return decode_step(model, tokens, input_pos, position_ids, mask, None, 0, 0, 1.0)
+
+
+# Compiled decoding keeps every shape in a fixed set, so a run compiles a bounded number of graphs (and on a GPU
+# records as many CUDA graphs): rows are a power of two from 8 to 512 (a batch shrinks by halves, and never
+# below 8 rows, which decode as fast as 1 on a GPU); the cache holds a power of two of slots from 256 on; the
+# temperature and top-p are tensors, not constants of the graph. So greedy and sampled decoding each compile at
+# most len(ROW_BUCKETS) x len(CACHE_BUCKETS) graphs, per top-k (0 in every sso-mini run), and dynamo's
+# recompile limit is raised to that. Should a limit ever be hit, decoding goes on eagerly, with one warning.
+ROW_BUCKETS = tuple(2**i for i in range(3, 10))  # 8 .. 512
+CACHE_BUCKETS = tuple(2**i for i in range(8, 16))  # 256 .. 32768 slots
+MAX_GRAPHS = len(ROW_BUCKETS) * len(CACHE_BUCKETS)
+
+
+def bucket(n: int, buckets: tuple) -> int:
+    """The smallest bucket that holds n (past the largest, the next power of two)."""
+    return next((b for b in buckets if b >= n), next_power_of_two(n))
+
+
 @functools.cache
-def compiled_decode_step(cuda: bool):
-    """Compiled once per process; "reduce-overhead" replays the step as a CUDA graph."""
+def compiled_steps(cuda: bool, backend: str = "inductor") -> dict:
+    """{"greedy": step, "sampled": step}, compiled once per process; on a GPU "reduce-overhead" replays each
+    step as a CUDA graph."""
     if cuda:  # tune the block sizes of the one-row matmul reductions (as gpt-fast does): ~+4% tokens/s
         import torch._inductor.config as inductor_config  # (a bare `import torch...` here would shadow torch)
 
         inductor_config.coordinate_descent_tuning = True
-    return torch.compile(decode_step, mode="reduce-overhead" if cuda else None, fullgraph=True)
+    options = dict(fullgraph=True, backend=backend, mode="reduce-overhead" if cuda and backend == "inductor" else None)
+    return {"greedy": torch.compile(greedy_step, **options), "sampled": torch.compile(decode_step, **options)}
+
+
+COMPILE_BACKEND = "inductor"  # the tests compile with "eager" (dynamo's graphs and guards, no code generation)
+_eager_fallback = []  # set once a compiled step hit a limit: decoding goes on eagerly for this process
+
+
+def compiled_or_eager(kind: str, device, *args):
+    """One decode step through the compiled graph of its kind, with dynamo's recompile limit at MAX_GRAPHS;
+    eager (with one warning, then for good) if a limit is hit anyway."""
+    if not _eager_fallback:
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        try:
+            with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+                return compiled_steps(device.type == "cuda", COMPILE_BACKEND)[kind](*args)
+        except FailOnRecompileLimitHit as e:
+            warnings.warn(f"sso-mini: the compiled decode step hit a compile limit ({e}); decoding goes on eagerly")
+            _eager_fallback.append(kind)
+    return greedy_step(*args) if kind == "greedy" else decode_step(*args)
 
 
 def check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n):
@@ -172,7 +216,6 @@ def next_power_of_two(n: int) -> int:
 PREFILL_TOKENS = 3072  # prompt tokens per prefill forward: a small model's [tokens, intermediate] activations then
 # fit a CPU's last-level cache, and fresh allocations stay below the size glibc maps anew (and the kernel zeroes) each
 # time; a whole 48-prompt batch at once is slower (benchmarks/README.md)
-CACHE_BUCKET = 128  # compiled decode: cache lengths are rounded up to this, so batches share one graph
 
 
 def compact(model, keep, *rows):
@@ -225,8 +268,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     Finished rows are not paid for to the end: once half the rows have stopped, the batch
     shrinks to the next power of two above the rows still going (their cache rows move, the
     others are dropped), so a batch decodes at most log2(B) shapes. Compiled, the batch and the
-    cache length are rounded up too (rows to a power of two, slots to CACHE_BUCKET), so batches
-    of different sizes and prompt lengths reuse the same few graphs.
+    cache length are rounded up to ROW_BUCKETS and CACHE_BUCKETS, so that batches of any size and
+    prompt length reuse a bounded set of graphs (MAX_GRAPHS each for greedy and sampled decoding).
     """
     check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
     device = model.embed_tokens.weight.device
@@ -235,7 +278,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     T = P + max(len(p) - P for p in prompts)  # slots: shared prefix, then the longest suffix
     Tmax = T + max_new_tokens
     if compile:
-        Tmax = -(-Tmax // CACHE_BUCKET) * CACHE_BUCKET
+        Tmax = bucket(Tmax, CACHE_BUCKETS)
     ids = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, Tmax, dtype=torch.bool)  # which cache slots hold real tokens
     ids[:, :P], valid[:, :P] = torch.tensor(prompts[0][:P]), True
@@ -263,7 +306,14 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
             return None
         return exponential_noise((rows, model.config.vocab_size), generator, device) if compile else generator
 
-    step = compiled_decode_step(device.type == "cuda") if compile else decode_step
+    settings = () if temperature == 0 else (  # compiled: the sampling settings as tensors, not graph constants
+        (torch.tensor(float(temperature), device=device), top_k, torch.tensor(float(top_p), device=device))
+        if compile else (temperature, top_k, top_p))
+
+    def step(*args):  # one decode step, compiled or eager, greedy or sampled
+        if compile:
+            return compiled_or_eager("greedy" if temperature == 0 else "sampled", device, *args)
+        return greedy_step(*args) if temperature == 0 else decode_step(*args)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     with fused_projections(model):  # (a no-op inside generate_batched, which fused them for all its batches)
         try:
@@ -300,8 +350,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
             input_pos = torch.tensor([T], device=device)
             done = torch.zeros(rows, dtype=torch.bool, device=device)
             tok = sample(logits, noise(rows), temperature, top_k, top_p)  # [rows]
-            if compile and next_power_of_two(rows) > rows:  # spare rows (copies of row 0), finished from the start
-                extra = next_power_of_two(rows) - rows
+            if compile and bucket(rows, ROW_BUCKETS) > rows:  # spare rows (copies of row 0), finished from the start
+                extra = bucket(rows, ROW_BUCKETS) - rows
                 tok, valid, position = (torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
                                         for x in (tok, valid, position))
                 done = torch.cat([done, torch.ones(extra, dtype=torch.bool, device=device)])
@@ -324,15 +374,16 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
                     alive = int((~done).sum())
                     if alive == 0:
                         break
-                    if alive <= len(done) // 2:  # shrink to the next power of two above the rows still going
-                        keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
+                    shrunk = bucket(alive, ROW_BUCKETS) if compile else next_power_of_two(alive)
+                    if shrunk < len(done):  # shrink to the next power of two above the rows still going
+                        keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:shrunk]
                         row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
                 valid.index_fill_(1, input_pos, True)  # the slot this token is written to
                 # the mask's length is the number of cache slots attended: all Tmax when compiled (fixed
                 # shapes), else only the filled ones (eager on CPU: less cache to read)
                 keys = valid if compile else valid[:, :T + t + 1]
-                tok = step(model, tok[:, None], input_pos, position, keys[:, None, None, :], noise(len(done)),
-                           temperature, top_k, top_p).clone()
+                sampling = () if temperature == 0 else (noise(len(done)), *settings)
+                tok = step(model, tok[:, None], input_pos, position, keys[:, None, None, :], *sampling).clone()
                 input_pos += 1
                 position += 1
             bar.close()

@@ -14,7 +14,6 @@ once, before the first update, means no second copy of the model is ever held.
 Everything on disk is safetensors or JSON (no pickle), written atomically.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -28,12 +27,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.distributed.checkpoint import CheckpointException
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .assets import undo_on_failure, write_atomic
+from .assets import digest, undo_on_failure, write_atomic
 from .batches import collate_groups, micro_batches, record_groups, row_length
-from .distributed import all_sum, deal, full_tensor, gather_objects, is_main, like, rank, world_size
+from .distributed import (all_sum, barrier, deal, full_tensor, gather_objects, is_main, load_sharded_state, rank,
+                          save_sharded_state, world_size)
 from .logprobs import packed_logprobs
 from .losses import sso_loss
 from .tokenizer import end_of_turn_id
@@ -191,15 +192,6 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     return logps
 
 
-def digest(tensors: dict) -> str:
-    """sha256 over the names and raw bytes of a dict of tensors."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def save_tensors(tensors: dict, path: Path):
     """A safetensors file with the digest of its content in its metadata, written atomically: every
     cache and resume file sso-mini reads back is written here and read by load_tensors."""
@@ -228,14 +220,14 @@ def load_tensors(path: Path) -> dict:
 
 
 def save_resume_state(path: Path, model, optimizer, step: int, params: list):
-    """Everything needed to continue exactly from `step`, as safetensors + JSON, atomically.
-    Sharded tensors are gathered whole (every rank takes part); rank 0 writes."""
+    """Everything needed to continue exactly from `step`, as safetensors + JSON, atomically. A sharded model
+    (torchrun) saves its shards rank by rank instead (distributed.save_sharded_state)."""
+    if world_size() > 1:
+        return save_sharded_state(path, model, optimizer, step)
     index = {id(p): i for i, p in enumerate(params)}
-    tensors = {f"{index[id(p)]}.{k}": full_tensor(v).detach().cpu().contiguous()
+    tensors = {f"{index[id(p)]}.{k}": v.detach().cpu().contiguous()
                for p, state in optimizer.state.items() for k, v in state.items()}
-    weights = {k: full_tensor(v).detach().cpu().contiguous() for k, v in _trainable_state(model).items()}
-    if not is_main():
-        return
+    weights = {k: v.detach().cpu().contiguous() for k, v in _trainable_state(model).items()}
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
     with undo_on_failure(path, lambda: shutil.rmtree(tmp)):  # a full disk: the last good state stays
         for name, t in (("optimizer", tensors), ("weights", weights), ("rng", {"torch": torch.get_rng_state()})):
@@ -248,16 +240,18 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list):
 
 def load_resume_state(path: Path, model, optimizer, params: list) -> int:
     """Read every file first: an unreadable one (a truncated write) raises before anything changes."""
+    if world_size() > 1:
+        return load_sharded_state(path, model, optimizer)
     weights, saved = load_tensors(path / "weights.safetensors"), load_tensors(path / "optimizer.safetensors")
     rng, state = load_tensors(path / "rng.safetensors")["torch"], json.loads((path / "state.json").read_text())
     with torch.no_grad():
         for name, t in _trainable_state(model).items():
-            t.copy_(like(weights[name], t))  # this rank's shard when sharded
+            t.copy_(weights[name])
     for key, v in saved.items():
         i, k = key.split(".", 1)
         p = params[int(i)]
         if k != "step":
-            optimizer.state[p][k] = like(v, p)
+            optimizer.state[p][k] = v.to(p.device)
         else:  # where torch keeps it
             optimizer.state[p][k] = v.to(p.device) if optimizer.defaults.get("fused") else v
     torch.set_rng_state(rng)
@@ -322,9 +316,12 @@ def resume(ckpt: Path, model, optimizer, params, metrics_path: Path | None, iter
     Metric rows logged past it by a killed run are dropped, so none is counted twice."""
     try:
         start = load_resume_state(ckpt, model, optimizer, params) if ckpt.exists() else 0
-    except (SafetensorError, OSError, ValueError, KeyError) as e:  # never continue from a damaged state
-        print(f"{ckpt}: the resume state is unreadable ({e}); the epoch starts again", file=sys.stderr)
-        shutil.rmtree(ckpt)
+    except (SafetensorError, OSError, ValueError, KeyError, CheckpointException) as e:  # never from a damaged state
+        if is_main():
+            print(f"{ckpt}: the resume state is unreadable ({e}); the epoch starts again", file=sys.stderr)
+        barrier()  # every rank has read (and failed) before the folder goes
+        if is_main():
+            shutil.rmtree(ckpt)
         start = 0
     if metrics_path is not None and is_main():
         _truncate_metrics(metrics_path, iteration, start)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_two_ranks_match_one_process(tiny_model_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in records(7)))
     common = ["--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "4", "--lr", "1e-3",
-              "--save-every", "1"]
+              "--save-every", "1", "--no-autocast"]  # fp32 throughout: the two must agree to float rounding
     one = run(*common, "--out", str(tmp_path / "one"), cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     two = run(*common, "--out", str(tmp_path / "two"), nproc=2, cwd=tmp_path)
@@ -101,3 +102,59 @@ def test_world_size_must_divide_the_batch(tiny_model_dir, tmp_path):
     assert r.returncode != 0
     assert "error: --batch-size 3 is not divisible by the world size 2" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+KILL_AT_STEP_2 = """
+import os, signal, sys
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+from sso_mini import trainer
+real = trainer.save_resume_state
+def save_then_die(path, model, optimizer, step, params):
+    real(path, model, optimizer, step, params)
+    if step == 2 and int(os.environ.get("RANK", "0")) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # one rank dies right after the state of step 2 is written
+trainer.save_resume_state = save_then_die
+sys.exit(train.cli())
+"""
+
+
+def test_bf16_fsdp_with_a_sharded_resume_state_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    """Two ranks under FSDP2's mixed precision (bf16 compute, fp32 shards and reductions) save their resume
+    state shard by shard (torch.distributed.checkpoint; each rank's own files, no full gather); killed after
+    the state of step 2, the run resumes from it and ends with the weights of the uninterrupted run."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records(16)))
+    common = ["--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "4", "--lr", "1e-3",
+              "--save-every", "1", "--autocast"]
+    whole = run(*common, "--out", str(tmp_path / "whole"), nproc=2, cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT_STEP_2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cut = tmp_path / "cut"
+    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *common, "--out", str(cut), "--device", "cpu", "--no-progress"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert killed.returncode != 0
+    state = cut / "iter_0" / "resume"
+    assert json.loads((state / "state.json").read_text()) == {"step": 2, "world_size": 2}
+    assert (state / "rank0.json").exists() and (state / "rank1.json").exists()
+    assert len(list(state.glob("*.distcp"))) == 2  # one file of shards per rank, none gathered whole
+    flipped = tmp_path / "flipped"  # the same state with one bit of rank 1's shards flipped
+    shutil.copytree(cut, flipped)
+    shard = sorted((flipped / "iter_0" / "resume").glob("*.distcp"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    a = load_file(tmp_path / "whole" / "iter_0" / "model" / "model.safetensors")
+    rows = lambda run: [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa
+    for folder, damaged in ((cut, False), (flipped, True)):
+        resumed = run(*common, "--out", str(folder), "--resume", nproc=2, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        # a damaged state is never used: every rank starts the epoch again
+        assert ("do not match the digest recorded" in resumed.stderr) == damaged, resumed.stderr
+        b = load_file(folder / "iter_0" / "model" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (damaged, max(
+            (a[k] - b[k]).abs().max().item() for k in a), rows(folder.name), rows("whole"))
+        assert rows(folder.name) == rows("whole")

@@ -2,6 +2,7 @@
 stopping, seeds, and the filtering/sampling maths against formulas written here."""
 
 import copy
+import random
 
 import numpy as np
 import pytest
@@ -326,16 +327,17 @@ def test_compiled_decode_on_cpu_equals_eager(tiny_transformer):
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_shrinking_batches_give_each_prompt_its_own_greedy_tokens(tiny_transformer, monkeypatch, compile):
-    """Rows that stop early are dropped from the batch (and, compiled, the batch is padded to a power of
-    two and the cache to CACHE_BUCKET slots): every row still gets exactly the greedy tokens it gets alone."""
+    """Rows that stop early are dropped from the batch (and, compiled, the batch is padded to one of
+    ROW_BUCKETS and the cache to one of CACHE_BUCKETS): every row still gets exactly the greedy tokens it gets
+    alone."""
     from sso_mini import generate as gen
 
     model = tiny_transformer(std=0.3)
-    prompts = [[1 + i, 5, 9 + 2 * i, 2][: 2 + i % 3] + [7] * (i % 4) for i in range(7)]  # lengths 2-7
+    prompts = [[1 + i, 5, 9 + 2 * i, 2][: 2 + i % 3] + [7] * (i % 4) for i in range(20)]  # lengths 2-7
     alone = [generate(model, [p], max_new_tokens=12, temperature=0, progress=False)[0] for p in prompts]
-    stops = {alone[i][1 + i % 3] for i in range(5)}  # five rows meet a stop within 4 tokens
+    stops = {alone[i][1 + i % 3] for i in range(6)}  # ten rows meet a stop within 4 tokens
     expected = [next((a[:j] for j, x in enumerate(a) if x in stops), a) for a in alone]
-    assert sum(len(e) < 4 for e in expected) >= 4 and any(len(e) == 12 for e in expected)
+    assert sum(len(e) < 4 for e in expected) >= 10 and any(len(e) == 12 for e in expected)
     shapes, original = [], gen.compact
 
     def spy(model, keep, *rows):
@@ -346,7 +348,9 @@ def test_shrinking_batches_give_each_prompt_its_own_greedy_tokens(tiny_transform
     got = generate(model, prompts, max_new_tokens=12, temperature=0, stop_ids=stops, progress=False,
                    compile=compile)
     assert got == expected
-    assert shapes and all(b & (b - 1) == 0 and b < 7 for b in shapes)  # it shrank, to powers of two
+    assert shapes and all(b & (b - 1) == 0 and b < 20 for b in shapes)  # it shrank, to powers of two
+    if compile:  # ... never below the smallest row bucket
+        assert min(shapes) == gen.ROW_BUCKETS[0]
 
 
 def test_fused_projections_change_no_token_and_are_dropped_after(monkeypatch):
@@ -385,3 +389,62 @@ def test_fused_projections_change_no_token_and_are_dropped_after(monkeypatch):
     assert len({id(w) for w in seen}) == len(model.layers)  # one fused copy per layer across the three batches
     # (the list keeps every copy alive, so a second copy could not reuse a first one's id)
     assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in model.layers)
+
+
+def test_compiled_sampler_stays_within_its_graphs_whatever_the_batches(tiny_transformer, monkeypatch):
+    """generate calls whose rows shrink, whose prompt lengths, token caps and sampling settings vary, with the
+    decode step compiled fullgraph=True (dynamo's "eager" backend: its graphs and guards, no code generation):
+    nothing raises, no call falls back to eager, and dynamo compiles one graph per shape it meets (the sampling
+    settings are inputs, not constants), at most MAX_GRAPHS per kind; more shapes than dynamo's default limit
+    of 8 are met, which the step compiled without buckets and a raised limit could not survive."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from sso_mini import generate as gen
+
+    torch._dynamo.reset()
+    counters.clear()
+    gen.compiled_steps.cache_clear()
+    monkeypatch.setattr(gen, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(gen, "_eager_fallback", [])
+    seen, real = set(), gen.compiled_or_eager
+
+    def spy(kind, device, model, tokens, input_pos, position, mask, *rest):
+        seen.add((kind, tokens.shape[0], mask.shape[-1]))
+        return real(kind, device, model, tokens, input_pos, position, mask, *rest)
+
+    monkeypatch.setattr(gen, "compiled_or_eager", spy)
+    model = tiny_transformer(std=0.3)
+    rng = random.Random(0)
+    for call, (rows, length, new) in enumerate([(r, length, new) for r in (9, 17, 33, 65)
+                                                for length, new in ((10, 8), (230, 40), (400, 200))]):
+        prompts = [[rng.randrange(3, 97) for _ in range(rng.randint(1, length))] for _ in range(rows)]
+        settings = ({"temperature": 0} if call % 5 == 0 else
+                    {"temperature": rng.uniform(0.5, 1.3), "top_p": rng.uniform(0.5, 1.0), "seed": call})
+        out = generate(model, prompts, max_new_tokens=new, stop_ids={5, 11, 17}, progress=False, compile=True,
+                       **settings)
+        assert len(out) == rows
+    graphs = counters["stats"]["unique_graphs"]
+    assert not gen._eager_fallback and sum(kind == "sampled" for kind, *_ in seen) > 8
+    assert graphs == len(seen) <= 2 * gen.MAX_GRAPHS
+    assert {rows for _, rows, _ in seen} <= set(gen.ROW_BUCKETS) and {s for *_, s in seen} <= set(gen.CACHE_BUCKETS)
+
+
+def test_a_compile_limit_falls_back_to_eager_with_one_warning(tiny_transformer, monkeypatch):
+    import torch._dynamo
+
+    from sso_mini import generate as gen
+
+    torch._dynamo.reset()
+    gen.compiled_steps.cache_clear()
+    monkeypatch.setattr(gen, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(gen, "_eager_fallback", [])
+    monkeypatch.setattr(gen, "MAX_GRAPHS", 1)  # the second shape is past the limit
+    model = tiny_transformer(std=0.3)
+    eager = [generate(model, [[1, 2, 3]] * n, max_new_tokens=5, temperature=0, progress=False) for n in (1, 9)]
+    with pytest.warns(UserWarning, match="decoding goes on eagerly"):
+        compiled = [generate(model, [[1, 2, 3]] * n, max_new_tokens=5, temperature=0, progress=False, compile=True)
+                    for n in (1, 9)]
+    assert compiled == eager and gen._eager_fallback == ["greedy"]
+    torch._dynamo.reset()
+    gen.compiled_steps.cache_clear()
