@@ -3,7 +3,8 @@
     held out = --eval-prompts prompts set aside once (never trained on)
     for t in iterations:
         policy   = the model iteration t-1 produced (the start model for t = 0)
-        1. features  the policy picks the principles that matter for each prompt
+        1. features  the policy picks the principles that matter for each prompt (from --principles;
+                     a set that asks for all its features leaves nothing to pick)
         2. sample    y+ ~ pi(.|x+), y- ~ pi(.|x-), y^o ~ pi(.|x)      -> iter_t/pairs.jsonl
                      the same for the held-out prompts                 -> iter_t/eval_pairs.jsonl
         3. reference log-probs of the six sequences, from the policy   -> iter_t/{,eval_}ref_logps.safetensors
@@ -12,7 +13,8 @@
         6. evaluate  the trained policy scores the held-out records    -> eval_* metrics, iter_t/summary.json
     after the last iteration the final policy samples the held-out prompts once more -> final/summary.json
 
---recipe v2 (the paper's second version) puts a data generator in front of the policy in each iteration:
+v1_iteration is that; --recipe v2 (the paper's second version, v2_iteration) puts a data generator in front
+of the policy in each iteration:
     G. generator = a copy of the policy, trained through steps 1-6 with L+ + L- instead of the loss in 4
                                                                     -> iter_t/generator/ (model/, summary.json)
     P. the generator samples y+ ~ G(.|x+), y- ~ G(.|x-) for the iteration's prompts; the policy trains
@@ -25,6 +27,7 @@ Every stage writes its output atomically and is skipped when done: an interrupte
 """
 
 import contextlib
+import functools
 import json
 import random
 import shutil
@@ -85,7 +88,8 @@ def choose_device_settings(args, n_ranks: int = 1):
         tokens, checkpointing = micro_batch_tokens(config, free, args.lora_rank if args.lora else None, n_ranks,
                                                    args.cutoff)
         args.tokens_per_micro_batch = tokens
-        args.gradient_checkpointing = checkpointing if args.gradient_checkpointing is None else args.gradient_checkpointing
+        if args.gradient_checkpointing is None:
+            args.gradient_checkpointing = checkpointing
     args.tokens_per_micro_batch = args.tokens_per_micro_batch or 0
     args.gradient_checkpointing = bool(args.gradient_checkpointing)
 
@@ -231,6 +235,34 @@ def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progres
     return (trained, tokenizer) if n_ranks == 1 else None
 
 
+def stage_configs(args) -> dict:
+    """The TrainConfig of each stage of the recipe. v1: "policy", the SSO objective. v2: "generator", L+ + L-
+    (the data generator's loss), and "policy", the base loss on the base pair alone."""
+    cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
+                      theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
+                      micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
+                      tokens_per_micro_batch=args.tokens_per_micro_batch or None,
+                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
+                      autocast=args.autocast)  # the flags above take their defaults from TrainConfig
+    if args.recipe == "v1":
+        return {"policy": cfg}
+    return {"generator": replace(cfg, form="generator", terms=tuple(args.generator_terms.split(","))),
+            "policy": replace(cfg, use_w=False, use_g=False)}
+
+
+def v1_iteration(stage, cfgs, it, metrics_path) -> dict:
+    """SSO v1: the policy samples its own pairs and trains the SSO objective on them (steps 1-6)."""
+    return stage(cfgs["policy"], it=it, metrics_path=metrics_path)
+
+
+def v2_iteration(stage, cfgs, it, metrics_path) -> dict:
+    """SSO v2: a data generator, a copy of the policy, learns L+ + L- on the policy's own pairs (steps 1-6 in
+    it/generator/); then the trained generator samples the pairs (x: y+ > y-) the policy learns the base loss on,
+    against its own start as the reference."""
+    stage(cfgs["generator"], it=it / "generator", metrics_path=it / "generator" / "metrics.jsonl")
+    return stage(cfgs["policy"], it=it, metrics_path=metrics_path, sampler=it / "generator" / "model")
+
+
 def run_stage(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank, n_ranks, sampler=None):
     """Train `policy` into it/model with `cfg` unless that is done, then the held-out pass and it/summary.json
     (returned; None on ranks other than 0). Every step is skipped when an earlier attempt finished it."""
@@ -288,29 +320,23 @@ def run(args):
                                        args.resume))
     except (AssetError, CheckpointError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
-    cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
-                      theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
-                      micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
-                      tokens_per_micro_batch=args.tokens_per_micro_batch or None,
-                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
-                      autocast=args.autocast)  # the flags above take their defaults from TrainConfig
-    gen_cfg = replace(cfg, form="generator", terms=tuple(args.generator_terms.split(",")))  # v2's data generator
-    cfg = replace(cfg, use_w=False, use_g=False) if args.recipe == "v2" else cfg  # v2: the base pair only
+    if args.device.startswith("cuda"):  # TF32 tensor cores for the matmuls that stay fp32 (a full fine-tune's
+        torch.set_float32_matmul_precision("high")  # fp32 log-prob head on one GPU)
+    cfgs = stage_configs(args)
     if is_main():
-        write_config(out / "train_config.json", cfg)
+        write_config(out / "train_config.json", cfgs["policy"])
         print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}; "
               f"{len(inputs.held_out)} held-out {'records' if args.pairs else 'prompts'}; principles "
-              f"{inputs.principles.name} ({', '.join(inputs.principles.checked) or 'no'} rule-checked)", file=sys.stderr)
+              f"{inputs.principles.name} ({', '.join(inputs.principles.checked) or 'no'} rule-checked)",
+              file=sys.stderr)
     dtype = getattr(torch, args.dtype)
     metrics_path, summaries = out / "metrics.jsonl", []
+    recipe = {"v1": v1_iteration, "v2": v2_iteration}[args.recipe]
     for t in range(args.iterations):
         it, policy = out / f"iter_{t}", args.model if t == 0 else out / f"iter_{t - 1}" / "model"
-        sampler = None
-        if args.recipe == "v2":  # the generator starts as the policy and learns L+ + L- on the policy's records
-            run_stage(args, gen_cfg, t, it / "generator", policy, dtype, inputs, it / "generator" / "metrics.jsonl",
-                      progress, rank, n_ranks)
-            sampler = it / "generator" / "model"  # it samples the policy's pairs (x: y+ > y-)
-        summary = run_stage(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank, n_ranks, sampler)
+        stage = functools.partial(run_stage, args, t=t, policy=policy, dtype=dtype, inputs=inputs, progress=progress,
+                                  rank=rank, n_ranks=n_ranks)
+        summary = recipe(stage, cfgs, it, metrics_path)
         if is_main():
             summaries.append(summary)
             plot_metrics(out, summaries)
@@ -321,7 +347,8 @@ def run(args):
     if inputs.held_out and not args.pairs:  # the last policy answers the held-out prompts once more
         last = out / f"iter_{args.iterations - 1}" / "model"
         final = final_generation(out / "final", lambda: load_model(last, dtype=dtype, device=args.device),
-                                 inputs.held_out, args.iterations, inputs.principles, out / "iter_0" / "eval_pairs.jsonl",
+                                 inputs.held_out, args.iterations, inputs.principles,
+                                 out / "iter_0" / "eval_pairs.jsonl",
                                  seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
                                  max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
                                  compile=args.device.startswith("cuda"), progress=progress)
@@ -344,7 +371,7 @@ def cli(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the same command with --resume continues from the last saved step", file=sys.stderr)
         return 130
-    except (AssetError, CheckpointError, OSError, ValueError, TrainingError) as e:  # OSError: a full disk names its file
+    except (AssetError, CheckpointError, OSError, ValueError, TrainingError) as e:  # OSError: a full disk names it
         if is_main():  # every rank fails alike; rank 0 says why
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1

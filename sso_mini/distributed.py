@@ -198,7 +198,8 @@ def save_sharded_state(path, model, optimizer, step: int):
     barrier()
     dcp.save({"model": weights, "optim": optim}, checkpoint_id=tmp)
     shards = local_shards(weights, optim)
-    write_atomic(tmp / f"rank{rank()}.json", json.dumps({"sha256": digest(shards), "rng": torch.get_rng_state().tolist()}))
+    mine = {"sha256": digest(shards), "rng": torch.get_rng_state().tolist()}
+    write_atomic(tmp / f"rank{rank()}.json", json.dumps(mine))
     barrier()
     if is_main():
         write_atomic(tmp / "state.json", json.dumps({"step": step, "world_size": world_size()}))

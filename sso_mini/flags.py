@@ -19,7 +19,7 @@ from .trainer import TrainConfig
 OPERATIONAL = ("iterations", "out", "resume", "device", "dtype", "micro_batch_size", "tokens_per_micro_batch",
                "sample_batch_size", "gradient_checkpointing", "save_every", "no_progress", "ablation", "scale")
 LORA_THRESHOLD = 3e9  # parameters: above this, full fine-tuning with AdamW does not fit one 80 GB GPU
-EVAL_PROMPTS = 16  # held out by default (at most EVAL_SHARE of the prompts): sampled and scored every iteration
+EVAL_PROMPTS = 64  # held out by default (at most EVAL_SHARE of the prompts): sampled and scored every iteration
 EVAL_SHARE = 0.25
 DEFAULT_PRINCIPLES = "brevity"
 VERIFIER_SHARE = 0.25  # where the principles have no rule check, a quarter of the prompts carry one instead
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder or known name (default: %(default)s)")
     ap.add_argument("--prompts", help=".txt (one per line) or .jsonl (prompt/instruction); default: AlpacaEval")
     ap.add_argument("--pairs", help="train on this pairs.jsonl (one iteration, no sampling)")
-    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--prompts-per-iteration", type=int, default=64)
     ap.add_argument("--eval-prompts", type=int, default=None,
                     help=f"prompts held out of training and evaluated every iteration (default: {EVAL_PROMPTS}, or "

@@ -1,10 +1,10 @@
 """One SSO iteration of training: reference log-probs once, one epoch of the SSO loss, held-out metrics.
 
-    records (pairs.jsonl) -> six sequences each, as 3 prompt-sharing groups
+    records (pairs.jsonl) -> six sequences each, as 3 prompt-sharing groups, laid out once as every step's
+      micro-batches (b records, or up to a token budget), each one packed row (batches.pack)
       -> reference log-probs (cached, no grad)
-      -> for each step: micro-batches (b records, or up to a token budget), their groups packed in one row
-         -> ONE forward -> fused log-probs
-         -> sso_loss -> backward (accumulate) -> clip -> AdamW -> cosine lr
+      -> for each step, for each micro-batch: ONE forward -> fused log-probs -> sso_loss -> backward
+         (the gradients add up) -> clip -> AdamW -> cosine lr
       -> metrics.jsonl per step; the resume state every k steps (iter_t/resume/)
     held-out records -> scored by the reference before, and by the trained policy after, the epoch
       (score_records; eval/report.py turns them into eval_ metrics)
@@ -32,12 +32,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .assets import digest, undo_on_failure, write_atomic
-from .batches import collate_groups, micro_batches, record_groups, row_length
-from .distributed import (all_sum, barrier, deal, full_tensor, gather_objects, is_main, load_sharded_state, rank,
+from .batches import collate_groups, pack
+from .distributed import (all_sum, barrier, full_tensor, gather_objects, is_main, load_sharded_state,
                           save_sharded_state, world_size)
 from .logprobs import packed_logprobs
 from .losses import sso_loss
-from .tokenizer import end_of_turn_id
 
 
 class TrainingError(RuntimeError):
@@ -55,7 +54,7 @@ class TrainConfig:
     beta: float | None = None  # None: 0.2 for IPO, 0.1 for DPO
     gamma: float = 0.1
     terms: tuple = ("pos", "neg")  # form "generator": L+, L- or both (v2 Table 3)
-    lr: float = 5e-6
+    lr: float = 2e-5  # the default model on a CPU, from the learning curve (benchmarks/README.md); 7B: --lr 5e-7
     batch_size: int = 8  # records per optimizer step
     micro_batch_size: int = 1  # records per forward (6 sequences, 3 prompts, packed in one row)
     tokens_per_micro_batch: int | None = None  # instead: as many records per forward as fit in this many tokens
@@ -128,31 +127,6 @@ def score(model, groups, device, mixed: bool | None = None, flex: bool | None = 
     return logp, n, batch["input_ids"].numel()
 
 
-def plan(tokenizer, records, steps: list[list[int]], cfg: TrainConfig) -> tuple[dict, list]:
-    """The records as packed rows, built once before any loop: groups[i] (record i's prompt-sharing groups,
-    batches.record_groups) and, for each step's record ids, this rank's micro-batches (rank_share)."""
-    eot = end_of_turn_id(tokenizer)
-    groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot) for ids in steps for i in ids}
-    return groups, [rank_share(ids, groups, cfg) for ids in steps]
-
-
-def rank_share(ids: list[int], groups: dict, cfg: TrainConfig) -> list[tuple[list[int], float]]:
-    """This rank's share of record ids `ids` as micro-batches (batches.micro_batches), each with its weight: its
-    share of `ids`. Under torchrun every rank runs as many forwards as the busiest one (FSDP's collectives
-    need it), so the others add spare rounds of weight 0; every rank packs every share, so all agree."""
-    tokens = {i: row_length(groups[i]) for i in ids}
-    n = world_size()
-    shares = [micro_batches(deal(ids, n, r), tokens, cfg.micro_batch_size, cfg.tokens_per_micro_batch)
-              for r in range(n)]
-    mine = [(mb, len(mb) / len(ids)) for mb in shares[rank()]]
-    return mine + [([ids[0]], 0.0)] * (max(map(len, shares)) - len(mine))
-
-
-def rows(groups: dict, ids: list[int]) -> list:
-    """The prompt-sharing groups of records `ids`, in order: what score packs into one row."""
-    return [g for i in ids for g in groups[i]]
-
-
 def loss_settings(cfg: TrainConfig) -> dict:
     """The sso_loss keywords of a TrainConfig (the same for training steps and held-out metrics)."""
     return dict(loss_type=cfg.loss_type, form=cfg.form, use_w=cfg.use_w, use_g=cfg.use_g, theta=cfg.theta,
@@ -178,10 +152,11 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     device = model.lm_head_weight.device
     was_training = model.training
     model.eval()
-    groups, (share,) = plan(tokenizer, records, [list(range(len(records)))], cfg)
+    (share,) = pack(tokenizer, records, [list(range(len(records)))], cfg.cutoff, cfg.micro_batch_size,
+                    cfg.tokens_per_micro_batch)
     out = {}
-    for ids, weight in tqdm(share, desc=desc, disable=not progress):
-        logp, _, _ = score(model, rows(groups, ids), device, cfg.autocast)
+    for groups, ids, weight in tqdm(share, desc=desc, disable=not progress):
+        logp, _, _ = score(model, groups, device, cfg.autocast)
         if weight:  # not a spare round
             out |= dict(zip(ids, logp.float().cpu().view(len(ids), 6)))
     model.train(was_training)
@@ -272,7 +247,8 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
     Under torchrun (a sharded model) each step's records are dealt out across ranks.
     """
     device, ckpt = model.lm_head_weight.device, Path(out_dir) / "resume"
-    groups, steps = plan(tokenizer, records, epoch_order(len(records), cfg, iteration), cfg)
+    steps = pack(tokenizer, records, epoch_order(len(records), cfg, iteration), cfg.cutoff, cfg.micro_batch_size,
+                 cfg.tokens_per_micro_batch)  # every step's packed rows, built once
     optimizer, params = make_optimizer(model, cfg)
     start = resume(ckpt, model, optimizer, params, metrics_path, iteration)
     model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -281,8 +257,8 @@ def train_iteration(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_
                             disable=not progress or not is_main())
     for step in bar:
         t0, sums, tokens = time.perf_counter(), {}, 0
-        for ids, weight in steps[step]:  # micro-batches: the gradients add up
-            logp, n, ntok = score(model, rows(groups, ids), device, cfg.autocast)  # [6b] summed log-probs, lengths
+        for groups, ids, weight in steps[step]:  # micro-batches: the gradients add up
+            logp, n, ntok = score(model, groups, device, cfg.autocast)  # [6b] summed log-probs and lengths
             loss, metrics = sso_loss(logp.float().view(-1, 6), ref_logps[ids].to(device), n.view(-1, 6),
                                      **loss_settings(cfg))
             (loss * weight * world_size()).backward()  # FSDP averages gradients over ranks: a sum over records

@@ -74,3 +74,33 @@ def tiny_transformer():
         return model.eval()
 
     return build
+
+
+CHECKED_SET = """
+[[feature]]
+name = "Short"
+good_adjective = "Short"
+bad_adjective = "Long"
+meaning = "Few words."
+good_principle = "Use two words at most."
+bad_principle = "Use many words."
+check = [{rule = "length_constraints:number_words", relation = "less than", num_words = 3}]
+
+[[feature]]
+name = "Ends"
+good_adjective = "Finished"
+bad_adjective = "Endless"
+meaning = "Stops."
+good_principle = "Stop early."
+bad_principle = "Never stop."
+check = [{rule = "ended"}]
+"""
+
+
+@pytest.fixture
+def checked_set(tmp_path):
+    """A principle set file of two features that every prompt gets, each with a rule check: an IFEval checker
+    (Short: fewer than 3 words) and our own (Ends: the answer ended before the cap)."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(CHECKED_SET)
+    return path

@@ -15,25 +15,14 @@ PROMPTS = "Name a fruit.\nSay hello.\nCount to three.\nName a color.\nName a tre
 TINY = dict(iterations=2, prompts_per_iteration=3, eval_prompts=2, max_new_tokens=6, verifier_share=0.5,
             ifeval_limit=3, eval_max_new_tokens=8, judge_samples=1, eval_batch_size=8, lr=1e-3,
             plain_max_new_tokens=10)
-CHECKED_SET = '''
-[[feature]]
-name = "Short"
-good_adjective = "Short"
-bad_adjective = "Long"
-meaning = "Few words."
-good_principle = "Use two words at most."
-bad_principle = "Use many words."
-check = [{rule = "length_constraints:number_words", relation = "less than", num_words = 3}]
-'''
 
 
-def test_tiny_ablation_writes_table_figures_and_json(tiny_model_dir, tmp_path):
+def test_tiny_ablation_writes_table_figures_and_json(tiny_model_dir, tmp_path, checked_set):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
-    (tmp_path / "short.toml").write_text(CHECKED_SET)
     out = tmp_path / "ablation"
     args = train.parse_args(["--model", str(tiny_model_dir), "--prompts", str(prompts), "--batch-size", "2",
-                             "--principles", str(tmp_path / "short.toml"), "--no-progress"])
+                             "--principles", str(checked_set), "--no-progress"])
     result = run_ablation(train.run, args, out, **TINY, variants=list(VARIANTS))
     for name in ("ablation.md", "ablation.json", "ablation_signals.png", "ablation_length.png", "evaluations.json"):
         assert (out / name).stat().st_size > 0, name
@@ -44,7 +33,7 @@ def test_tiny_ablation_writes_table_figures_and_json(tiny_model_dir, tmp_path):
     # every number of the table comes from the JSON: the table rebuilt from the file is the file's table
     assert markdown(saved) == (out / "ablation.md").read_text()
     assert json.dumps(result) == json.dumps(saved)
-    assert len(saved["comparisons"]) == 12  # every two of the four variants, IFEval and the checked feature
+    assert len(saved["comparisons"]) == 18  # every two of the four variants: IFEval and both checked features
     evaluations = json.loads((out / "evaluations.json").read_text())
     for r in rows[1:]:
         assert r["onpolicy_y_pos"] < 0 and r["onpolicy_y_neg"] < 0 and 0 <= r["heldout_acc"] <= 1

@@ -85,7 +85,8 @@ SOLUTIONS = {"ipo": ipo, "dpo": dpo, "W": W, "G": G, "sso_loss": sso, "sequences
 WRONG = {  # (exercise, a plausible wrong attempt, the case it must be caught on)
     "IPO on summed log-probs": ("ipo", lambda pw, pl, rw, rl, lw, ll, b: ((pw - rw) - (pl - rl) - 1 / (2 * b)) ** 2,
                                 "random pairs, responses of equal length"),
-    "DPO through log(sigmoid)": ("dpo", lambda pw, pl, rw, rl, b: -torch.log(torch.sigmoid(b * ((pw - rw) - (pl - rl)))),
+    "DPO through log(sigmoid)": ("dpo",
+                                 lambda pw, pl, rw, rl, b: -torch.log(torch.sigmoid(b * ((pw - rw) - (pl - rl)))),
                                  "a very wrong pair (margin -20000)"),
     "W detached": ("W", lambda p, n, a: W(p, n, a).detach(), "random pairs, alpha 0.66"),
     "W with alpha on y-": ("W", lambda p, n, a: W(n, p, a), "random pairs, alpha 0.66"),

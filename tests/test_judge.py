@@ -126,4 +126,10 @@ def test_judge_memo_reuses_greedy_completions(smollm2, monkeypatch):
     n_first = sum(calls)
     again = judge.judge_pairs(model, tok, records * 2, max_new_tokens=4, memo=memo)
     assert n_first >= 3 and sum(calls) == n_first  # reference + 2 critiques (+ cues), then nothing new
-    assert first["records"] == plain["records"] and again["records"] == plain["records"] * 2
+    # the texts and verdicts exactly; the perplexities, scored in batches of another size, to float rounding
+    # (some CPUs' kernels sum in another order at another batch size)
+    texts = lambda rs: [{k: v for k, v in r.items() if not isinstance(v, float)} for r in rs]  # noqa: E731
+    scores = lambda rs: [v for r in rs for v in r.values() if isinstance(v, float)]  # noqa: E731
+    assert texts(first["records"]) == texts(plain["records"]) and texts(again["records"]) == texts(plain["records"]) * 2
+    assert scores(first["records"]) == pytest.approx(scores(plain["records"]), rel=1e-5)
+    assert scores(again["records"]) == pytest.approx(scores(plain["records"]) * 2, rel=1e-5)

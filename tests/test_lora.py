@@ -340,7 +340,8 @@ def test_memory_model_agrees_with_a_count_of_saved_tensors_on_the_meta_device(lo
     # one block in steady state: two blocks minus one (the embedding, the final norm and block 0's input,
     # which under LoRA needs no gradient, cancel)
     counted = (saved_activation_bytes(config, T, lora_rank, 2) - saved_activation_bytes(config, T, lora_rank, 1)) / T
-    modelled = activation_bytes_per_token(config, checkpointing=False, full=lora_rank is None) / config.num_hidden_layers
+    modelled = activation_bytes_per_token(config, checkpointing=False, full=lora_rank is None)
+    modelled /= config.num_hidden_layers
     assert abs(modelled - counted) / counted < 0.10, (modelled, counted)
     assert 190 * 1024 < counted < 260 * 1024  # ~200 KiB per token per layer: the MLP's four [T, 18944] tensors
 

@@ -77,3 +77,17 @@ def test_notebook_runs(name, kernel_env):
     errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
               if out.output_type == "error"]
     assert not errors
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_the_rendered_copy_is_current(name):
+    """docs/notebooks/ holds each notebook executed (python notebooks/render.py), for readers who do not run
+    it: same cells, same code, and the outputs a run produced, figures included."""
+    source = nbformat.read(NOTEBOOKS_DIR / name, as_version=4)
+    rendered = nbformat.read(NOTEBOOKS_DIR.parent / "docs" / "notebooks" / name, as_version=4)
+    assert [(c.cell_type, c.source) for c in rendered.cells] == [(c.cell_type, c.source) for c in source.cells], (
+        f"{name} changed since it was rendered: run python notebooks/render.py {name}")
+    code = [c for c in rendered.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code), f"docs/notebooks/{name}: not every cell ran"
+    assert any("image/png" in out.get("data", {}) for c in code for out in c.outputs), f"{name}: no figure"
+    assert not any(out.output_type == "error" for c in code for out in c.outputs)

@@ -213,7 +213,8 @@ MALFORMED = [  # (file text, what the error must name)
     (FEATURE.replace('relation = "less than"', 'relation = "fewer"'),
      "feature 'Brevity': field 'check': rule 'length_constraints:number_words': bad arguments"),
     (FEATURE.replace(', num_words = 6', ''),
-     "feature 'Brevity': field 'check': rule 'length_constraints:number_words' takes the arguments num_words, relation"),
+     "feature 'Brevity': field 'check': rule 'length_constraints:number_words' takes the arguments num_words, "
+     "relation"),
     (FEATURE.replace('{rule = "ended"}', '{rule = "ended", at = 3}'), "rule 'ended' takes no arguments"),
     ("features_per_prompt = 2\n" + FEATURE, "features_per_prompt 2 is out of range (allowed: 1 to 1"),
     ("features_per_prompt = 1\n" + FEATURE + FEATURE.replace('"Brevity"', '"Lists"'),

@@ -237,8 +237,10 @@ def test_build_records_on_smollm2(smollm2, monkeypatch):
 
 def test_too_long_prompts_are_counted_and_skipped(smollm2, monkeypatch):
     model, tok = smollm2
-    monkeypatch.setattr(records, "select_features", lambda m, t, p, prompts, *a, **k: [["Safety", "Accuracy"]] * len(prompts))
-    monkeypatch.setattr(records, "generate_batched", lambda m, prompts, **k: [tok.encode("fine " * 8 + "x")] * len(prompts))
+    monkeypatch.setattr(records, "select_features",
+                        lambda m, t, p, prompts, *a, **k: [["Safety", "Accuracy"]] * len(prompts))
+    monkeypatch.setattr(records, "generate_batched",
+                        lambda m, prompts, **k: [tok.encode("fine " * 8 + "x")] * len(prompts))
     huge = "word " * 9000
     built, stats = records.build_records(model, tok, [huge, ""], PAPER, max_new_tokens=8, progress=False)
     assert stats["too_long"] == 1 and stats["empty_prompt"] == 1 and built == []

@@ -91,29 +91,8 @@ def test_end_of_run_table_pools_the_signal_and_shows_on_policy(capsys):
     assert "| 0.75 (4) | -1.250 / -1.500 |" in line  # 2 + 1 right of 3 + 1 decided
 
 
-TINY_SET = '''
-[[feature]]
-name = "Short"
-good_adjective = "Short"
-bad_adjective = "Long"
-meaning = "Few words."
-good_principle = "Use two words at most."
-bad_principle = "Use many words."
-check = [{rule = "length_constraints:number_words", relation = "less than", num_words = 3}]
-
-[[feature]]
-name = "Ends"
-good_adjective = "Finished"
-bad_adjective = "Endless"
-meaning = "Stops."
-good_principle = "Stop early."
-bad_principle = "Never stop."
-check = [{rule = "ended"}]
-'''
-
-
 def shows(feature: str, text: str, capped: bool) -> bool:
-    """The two checks of TINY_SET, as the shipped checker and the rule say."""
+    """The two checks of the checked_set fixture, as the shipped checker and the rule say."""
     if feature == "Ends":
         return not capped
     _, registry = rules.verifiers()
@@ -123,22 +102,23 @@ def shows(feature: str, text: str, capped: bool) -> bool:
 
 
 def counted(records, feature):
-    verdicts = [(shows(feature, r["chosen"], r["capped"]["chosen"]), shows(feature, r["rejected"], r["capped"]["rejected"]))
+    verdicts = [(shows(feature, r["chosen"], r["capped"]["chosen"]),
+                 shows(feature, r["rejected"], r["capped"]["rejected"]))
                 for r in records if feature in r["features"]]
     return {"checked": len(verdicts), "pos_only": sum(p and not n for p, n in verdicts),
             "neg_only": sum(n and not p for p, n in verdicts)}
 
 
-def test_a_checked_principle_set_reports_signal_and_behaviour_per_feature(tiny_model_dir, tmp_path, capsys):
+def test_a_checked_principle_set_reports_signal_and_behaviour_per_feature(tiny_model_dir, tmp_path, capsys,
+                                                                          checked_set):
     import train
     from sso_mini.records import read_jsonl
 
-    (tmp_path / "tiny.toml").write_text(TINY_SET)
     (tmp_path / "prompts.txt").write_text("\n".join(["Name a fruit.", "Say hello.", "Count to three.", "Name a color.",
                                                      "Give a tip.", "Name a tree."]))
     out = tmp_path / "run"
     train.main(["--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
-                "--principles", str(tmp_path / "tiny.toml"), "--max-new-tokens", "4", "--batch-size", "2",
+                "--principles", str(checked_set), "--max-new-tokens", "4", "--batch-size", "2",
                 "--iterations", "2", "--prompts-per-iteration", "4", "--eval-prompts", "2", "--no-progress"])
     table = capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["verifier_share"] == 0.0  # the set's checks measure the signal

@@ -1,7 +1,7 @@
 """How many records and which learning rate one SSO iteration needs before held-out numbers move.
 
     python -m sso_mini.eval.learning_curve [--out runs/curve] [--records 32,64,128]
-        [--lrs 5e-6,2e-5,5e-5] [--losses ipo] [--eval-prompts 64] [any other flag of train.py]
+        [--lrs 1e-5,2e-5,5e-5] [--losses ipo] [--eval-prompts 64] [any other flag of train.py]
 
 One pool of records is sampled once from the start model: the largest --records training
 records plus --eval-prompts held-out ones. Every grid point (records N, lr, loss) is one
@@ -82,7 +82,8 @@ def markdown(rows, start: dict) -> str:
     for r in rows:
         lo, hi = r["eval_acc_interval"]
         agree = "-" if r["reward_agrees"] is None else f"{r['reward_agrees']:.2f} ({r['decided']})"
-        behaviour = "".join(f"{c['start']:.2f} -> {c['end']:.2f} ({c['p_exact']:.2g}) | " for c in r["vs_start"].values())
+        behaviour = "".join(f"{c['start']:.2f} -> {c['end']:.2f} ({c['p_exact']:.2g}) | "
+                            for c in r["vs_start"].values())
         lines.append(f"| {r['loss']} | {r['lr']:g} | {r['records']} | {r['eval_acc']:.2f} [{lo:.2f}, {hi:.2f}] | "
                      f"{r['eval_p_acc']:.2f} | {r['eval_n_acc']:.2f} | {r['eval_margin']:.5f} | {agree} | "
                      f"{r['y_raw_length']:.1f} / {r['y_raw_eos_rate']:.2f} | {behaviour}{r['train_acc']:.2f} | "
@@ -140,7 +141,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
     ap.add_argument("--out", default="runs/curve")
     ap.add_argument("--records", default="32,64,128")
-    ap.add_argument("--lrs", default="5e-6,2e-5,5e-5")
+    ap.add_argument("--lrs", default="1e-5,2e-5,5e-5")
     ap.add_argument("--losses", default="ipo")
     ap.add_argument("--eval-prompts", type=int, default=64)
     ours, rest = ap.parse_known_args(argv)

@@ -349,7 +349,7 @@ def plot_metrics(out: Path, summaries: list[dict]):
         axes[3].plot([s["iteration"] for s in held], [s["eval"][f"eval_{prefix}rewards/accuracies"] for s in held],
                      "o-", label=f"held out {name}")
     axes[3].axhline(0.5, color="grey", lw=0.5)
-    axes[3].set(title="held out: reward accuracy after training; policy's y^o length", ylim=(0, 1),
+    axes[3].set(title="held out: reward accuracy; y^o length", ylim=(0, 1),
                 xlabel="iteration (y^o: the policy at its start; the last point is the final policy)",
                 xticks=range(len(summaries)))
     axes[3].legend(loc="lower left", fontsize="small")
@@ -367,7 +367,7 @@ def plot_metrics(out: Path, summaries: list[dict]):
         axes[4].plot([t for t, _ in signal], [g["accuracy"] for _, g in signal], "s--", color=line.get_color(),
                      label=f"{f}: signal acc (y+ passes, y- fails)")
     if checked:
-        axes[4].set(title="checked features: held-out y^o pass rate; pairs' signal accuracy", ylim=(0, 1),
+        axes[4].set(title="checked features: y^o pass rate, signal accuracy", ylim=(0, 1),
                     xlabel="iteration (y^o: the policy at its start; the last point is the final policy)",
                     xticks=range(len(summaries)))
         axes[4].legend(fontsize="small")

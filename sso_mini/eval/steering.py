@@ -21,7 +21,6 @@ prompts the default run neither trains nor evaluates on; sampling is train.py's 
 """
 
 import argparse
-import json
 import random
 import sys
 
@@ -81,7 +80,8 @@ def markdown(table) -> str:
         t, e = r["tokens"], r["ended"]
         if "pass" in r:
             p, g = r["pass"], r["signal"]
-            acc = "-" if g["accuracy"] is None else f"{g['accuracy']:.2f} [{g['interval'][0]:.2f}, {g['interval'][1]:.2f}]"
+            acc = ("-" if g["accuracy"] is None else
+                   f"{g['accuracy']:.2f} [{g['interval'][0]:.2f}, {g['interval'][1]:.2f}]")
             checked = (f"{p['y_pos']:.2f} | {p['y_neg']:.2f} | {p['y_raw']:.2f} | {g['decided']} ({g['pos_only']}) "
                        f"| {acc}")
         else:
