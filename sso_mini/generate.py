@@ -9,9 +9,10 @@ Tmax = T + max_new_tokens):
     row 1        prompt 1 (longest) | new tokens ->
 
 Prompts are left-padded, so every row writes its t-th new token into the same slot T+t:
-one `input_pos` serves the whole batch and each decode step has the same shapes (input
-[B, 1], mask [B, 1, 1, Tmax]), which is what torch.compile / CUDA graphs need. RoPE
-positions count each row's real tokens only, and a boolean key mask hides pad slots.
+one `input_pos` serves the whole batch and the decode steps share their shapes (input
+[B, 1], mask [B, 1, 1, S], S = the slots read), which is what torch.compile / CUDA graphs
+need. RoPE positions count each row's real tokens only, and a boolean key mask hides pad
+slots.
 
 When every prompt starts with the same P tokens (a few-shot preamble, a chat template's
 system header), those sit in slots 0..P-1 of every row, the padding goes between them and
@@ -27,6 +28,7 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .batches import micro_batches
@@ -41,22 +43,12 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def nucleus(ranked: torch.Tensor, p: float):
+def nucleus(ranked: torch.Tensor, p):
     """[b, k] probabilities, most likely first -> [b, k] True: in the top-p nucleus (the mass ranked
     above is still short of p, so the top token always stays), and [b] True: the nucleus ends
     within these k (their mass reaches p)."""
     cum = ranked.cumsum(dim=-1)
     return cum - ranked < p, cum[:, -1] >= p
-
-
-def top_p_filter(logits: torch.Tensor, p) -> torch.Tensor:
-    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p, the rest -> -inf.
-    p: a number, or a 0-d tensor (the compiled step's, so that its value is no part of the graph)."""
-    if not torch.is_tensor(p) and p >= 1.0:
-        return logits
-    probs, order = logits.float().softmax(dim=-1).sort(dim=-1, descending=True)  # [B, V]
-    drop = ~(nucleus(probs, p)[0] | (p >= 1.0))  # p = 1 keeps every token, whatever the float sums say
-    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 def exponential_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -65,73 +57,83 @@ def exponential_noise(shape, generator: torch.Generator, device) -> torch.Tensor
     return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_()
 
 
-NUCLEUS_CANDIDATES = 256  # tokens per row that nucleus_race sorts and draws noise for before it widens
+NUCLEUS_CANDIDATES = 256  # tokens per row that race for the next token before a row widens to its whole vocabulary
 
 
-def nucleus_race(probs: torch.Tensor, p: float, generator: torch.Generator, candidates: int = NUCLEUS_CANDIDATES):
-    """The exponential race within each row's top-p nucleus: [B, V] probabilities -> [B] ids.
+def race_width(vocab_size: int, top_p: float) -> int:
+    """Exp(1) draws per row and step: one per candidate when top-p is on, one per token when it is off."""
+    return min(NUCLEUS_CANDIDATES, vocab_size) if top_p < 1.0 else vocab_size
 
-    Only the `candidates` most likely tokens of a row are sorted and get an Exp(1) draw, and
-    the whole vocabulary only in the rows whose nucleus they do not hold. Why: for a small model
-    at a few dozen rows per step, sorting and drawing noise for every token of a 49k vocabulary
-    are a visible share of a CPU decode step (benchmarks/README.md), while a nucleus seldom
-    holds more than a few dozen tokens. The winner has the same distribution as with
-    top_p_filter and noise for every token, not the same draw.
+
+def nucleus_race(probs: torch.Tensor, p, noise: torch.Tensor):
+    """The exponential race within each row's top-p nucleus, among its noise.size(-1) most likely tokens:
+    [B, V] probabilities, [B, k] Exp(1) draws -> [B] ids, [B] True where the race was decided (the
+    nucleus lies within the k candidates; `widen` redoes the other rows over the whole vocabulary).
+
+    argmax(probs / E) over the kept tokens, E ~ Exp(1): kept token i wins with probability
+    probs[i] / (mass kept). Why candidates: a nucleus seldom holds more than a few dozen tokens, while
+    sorting a 49k-152k vocabulary and drawing noise for every token of it is a visible share of a decode
+    step (and, compiled, noise copied into the graph's input every step).
+    p: a number, or a 0-d tensor (the compiled step's, so that its value is no part of the graph); the
+    number 1.0 turns top-p off: every token races, unranked, and noise has one draw per token.
     """
-    if p >= 1.0:
-        return (probs / exponential_noise(probs.shape, generator, probs.device)).argmax(dim=-1)
+    if not torch.is_tensor(p) and p >= 1.0:
+        return (probs / noise).argmax(dim=-1), torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+    top, order = probs.topk(noise.size(-1), dim=-1)  # [B, k] most likely first
+    kept, decided = nucleus(top, p)
+    score = (top / noise).masked_fill(~kept, -1.0)
+    return order.gather(-1, score.argmax(dim=-1, keepdim=True))[:, 0], decided
 
-    def race(top, order):  # [b, k] probabilities, most likely first, and their ids -> [b] ids; [b] nucleus held?
-        kept, held = nucleus(top, p)
-        score = (top / exponential_noise(top.shape, generator, top.device)).masked_fill(~kept, -1.0)
-        return order.gather(-1, score.argmax(dim=-1, keepdim=True))[:, 0], held
 
-    token, held = race(*probs.topk(min(candidates, probs.size(-1)), dim=-1))
-    if not held.all():
-        token[~held] = race(*probs[~held].sort(dim=-1, descending=True))[0]
+def widen(token, decided, probs, p, generator: torch.Generator):
+    """Rows whose nucleus outgrew their candidates race again over their whole vocabulary (eager, outside
+    any compiled graph: a data-dependent batch). Same distribution as one race over every token."""
+    if not bool(decided.all()):
+        wide = probs[~decided]  # [b, V]
+        token[~decided] = nucleus_race(wide, p, exponential_noise(wide.shape, generator, wide.device))[0]
     return token
 
 
-def sample(logits, noise, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    """Next token per row: [B, V] logits -> [B] ids.
+def probabilities(logits, temperature, top_k: int):
+    """[B, V] logits -> [B, V] fp32 probabilities after the temperature and the top-k filter."""
+    return top_k_filter(logits.float() / temperature, top_k).softmax(dim=-1)
 
-    temperature 0 is greedy (noise unused). Otherwise temperature, then top-k, then the
-    exponential race within the top-p nucleus: argmax(probs / E) over the kept tokens,
-    E ~ Exp(1), so kept token i wins with probability probs[i] / (mass kept).
-    noise: the draws E for every row and token, [B, V] (a compiled step takes them drawn
-    outside its graph), or a torch.Generator to draw them from, then only for the tokens that
-    can win (nucleus_race). Either way each row uses only its own draws.
-    """
-    if not torch.is_tensor(temperature) and temperature == 0:
+
+def sample(logits, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Next token per row: [B, V] logits -> [B] ids. Temperature 0 is greedy (no generator needed);
+    otherwise temperature, then top-k, then the race within the top-p nucleus, drawn from `generator`."""
+    if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_k_filter(logits.float() / temperature, top_k)
-    if isinstance(noise, torch.Generator):
-        return nucleus_race(logits.softmax(dim=-1), top_p, noise)
-    return (top_p_filter(logits, top_p).softmax(dim=-1) / noise).argmax(dim=-1)
+    probs = probabilities(logits, temperature, top_k)
+    noise = exponential_noise((len(probs), race_width(probs.size(-1), top_p)), generator, probs.device)
+    return widen(*nucleus_race(probs, top_p, noise), probs, top_p, generator)
 
 
 def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature, top_k, top_p):
-    """One token for every row; tensors only and fixed shapes, so it can be compiled.
+    """One sampled token for every row; tensors only and fixed shapes, so it can be compiled.
 
     tokens [B, 1], input_pos [1] (the cache slot written), position_ids [B, 1],
-    mask [B, 1, 1, S] (keys: the first S cache slots) -> next tokens [B].
+    mask [B, 1, 1, S] (keys: the first S cache slots), noise [B, k] Exp(1) draws (drawn outside: a graph
+    cannot hold the generator) -> next tokens [B], [B] decided, [B, V] probabilities (for `widen`).
     """
     h = model.hidden_states(tokens, position_ids, mask, input_pos)  # [B, 1, H]
-    logits = project(h[:, -1], model.lm_head_weight)  # [B, V]
-    return sample(logits, noise, temperature, top_k, top_p)
+    probs = probabilities(project(h[:, -1], model.lm_head_weight), temperature, top_k)  # [B, V]
+    return *nucleus_race(probs, top_p, noise), probs
 
 
 def greedy_step(model, tokens, input_pos, position_ids, mask):
-    """decode_step at temperature 0: its own compiled graphs, with no sampling inputs."""
-    return decode_step(model, tokens, input_pos, position_ids, mask, None, 0, 0, 1.0)
+    """decode_step at temperature 0: the most likely token of every row, [B]; its own compiled graphs."""
+    h = model.hidden_states(tokens, position_ids, mask, input_pos)  # [B, 1, H]
+    return project(h[:, -1], model.lm_head_weight).argmax(dim=-1)
 
 
 # Compiled decoding keeps every shape in a fixed set, so a run compiles a bounded number of graphs (and on a GPU
 # records as many CUDA graphs): rows are a power of two from 8 to 512 (a batch shrinks by halves, and never
-# below 8 rows, which decode as fast as 1 on a GPU); the cache holds a power of two of slots from 256 on; the
-# temperature and top-p are tensors, not constants of the graph. So greedy and sampled decoding each compile at
-# most len(ROW_BUCKETS) x len(CACHE_BUCKETS) graphs, per top-k (0 in every sso-mini run), and dynamo's
-# recompile limit is raised to that. Should a limit ever be hit, decoding goes on eagerly, with one warning.
+# below 8 rows, which decode as fast as 1 on a GPU); the cache holds a power of two of slots from 256 on, and a
+# step reads its filled slots rounded up to one (not the whole cache); the temperature and top-p are tensors,
+# not constants of the graph. So greedy and sampled decoding each compile at most len(ROW_BUCKETS) x
+# len(CACHE_BUCKETS) graphs, per top-k and top-p on or off (top-k off and top-p on in every sso-mini run), and
+# dynamo's recompile limit is raised to that. Should a limit ever be hit, decoding goes on eagerly, with one warning.
 ROW_BUCKETS = tuple(2**i for i in range(3, 10))  # 8 .. 512
 CACHE_BUCKETS = tuple(2**i for i in range(8, 16))  # 256 .. 32768 slots
 MAX_GRAPHS = len(ROW_BUCKETS) * len(CACHE_BUCKETS)
@@ -226,6 +228,13 @@ def compact(model, keep, *rows):
     return [r[keep] for r in rows]
 
 
+def grow_cache(model, slots: int):
+    """Lengthen every layer's KV cache to `slots` (the new slots empty)."""
+    for layer in model.layers:
+        cache = layer.self_attn.kv_cache
+        cache.k, cache.v = (F.pad(c, (0, 0, 0, slots - c.size(2))) for c in (cache.k, cache.v))  # [B, Hkv, slots, D]
+
+
 @contextlib.contextmanager
 def fused_projections(model):
     """While sampling on the CPU: q, k, v and gate, up each run as one matmul over concatenated weights.
@@ -267,9 +276,11 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
 
     Finished rows are not paid for to the end: once half the rows have stopped, the batch
     shrinks to the next power of two above the rows still going (their cache rows move, the
-    others are dropped), so a batch decodes at most log2(B) shapes. Compiled, the batch and the
-    cache length are rounded up to ROW_BUCKETS and CACHE_BUCKETS, so that batches of any size and
-    prompt length reuse a bounded set of graphs (MAX_GRAPHS each for greedy and sampled decoding).
+    others are dropped), so a batch decodes at most log2(B) shapes. Compiled, the batch, the
+    cache and the slots a step reads are rounded up to ROW_BUCKETS and CACHE_BUCKETS, so that batches
+    of any size and prompt length reuse a bounded set of graphs (MAX_GRAPHS each for greedy and
+    sampled decoding). Eager or compiled, a seed gives the same draws: the Exp(1) noise of a step is
+    drawn outside the step, for its NUCLEUS_CANDIDATES most likely tokens per row.
     """
     check_inputs(model, prompts, max_new_tokens, temperature, top_p, top_k, n)
     device = model.embed_tokens.weight.device
@@ -300,20 +311,20 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
     else:
         generator.manual_seed(seed)
 
-    def noise(rows):  # greedy: none; eager: the generator (`sample` draws only for the tokens that can win);
-        # compiled: Exp(1) draws for every row and token, drawn here since a graph cannot hold the generator
-        if temperature == 0:
-            return None
-        return exponential_noise((rows, model.config.vocab_size), generator, device) if compile else generator
+    width = race_width(model.config.vocab_size, top_p)
+    settings = (  # compiled: temperature and top-p as tensors, not graph constants (top-p off stays the number 1.0)
+        (torch.tensor(float(temperature), device=device), top_k,
+         torch.tensor(float(top_p), device=device) if top_p < 1.0 else 1.0) if compile else (temperature, top_k, top_p))
 
-    settings = () if temperature == 0 else (  # compiled: the sampling settings as tensors, not graph constants
-        (torch.tensor(float(temperature), device=device), top_k, torch.tensor(float(top_p), device=device))
-        if compile else (temperature, top_k, top_p))
-
-    def step(*args):  # one decode step, compiled or eager, greedy or sampled
+    def step(tokens, input_pos, position, keys):  # one decode step, compiled or eager, greedy or sampled -> [rows]
+        kind = "greedy" if temperature == 0 else "sampled"
+        sampling = () if temperature == 0 else (exponential_noise((len(tokens), width), generator, device), *settings)
+        args = (model, tokens, input_pos, position, keys, *sampling)
         if compile:
-            return compiled_or_eager("greedy" if temperature == 0 else "sampled", device, *args)
-        return greedy_step(*args) if temperature == 0 else decode_step(*args)
+            out = compiled_or_eager(kind, device, *args)
+        else:
+            out = greedy_step(*args) if kind == "greedy" else decode_step(*args)
+        return out.clone() if kind == "greedy" else widen(out[0].clone(), *out[1:], top_p, generator)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     with fused_projections(model):  # (a no-op inside generate_batched, which fused them for all its batches)
         try:
@@ -321,7 +332,8 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
                 model.setup_cache(1, P)
                 model.hidden_states(ids[:1, :P], position_ids[:1, :P], mask[:1, :, :P, :P], slots[:P])
                 prefix_kv = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in model.layers]
-            model.setup_cache(B, Tmax)
+            cache_len = bucket(T + 1, CACHE_BUCKETS) if compile else Tmax  # compiled: grows a bucket at a time
+            model.setup_cache(B, cache_len)
             if P:  # every row gets the prefix's keys and values, then only the suffixes run
                 for layer, (k, v) in zip(model.layers, prefix_kv):
                     layer.self_attn.kv_cache.k[:, :, :P] = k  # [1, Hkv, P, D] -> all B rows
@@ -349,7 +361,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
             position = valid.sum(-1, keepdim=True)  # [rows, 1]: next position = real tokens so far
             input_pos = torch.tensor([T], device=device)
             done = torch.zeros(rows, dtype=torch.bool, device=device)
-            tok = sample(logits, noise(rows), temperature, top_k, top_p)  # [rows]
+            tok = sample(logits, generator, temperature, top_k, top_p)  # [rows]
             if compile and bucket(rows, ROW_BUCKETS) > rows:  # spare rows (copies of row 0), finished from the start
                 extra = bucket(rows, ROW_BUCKETS) - rows
                 tok, valid, position = (torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
@@ -379,11 +391,15 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
                         keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:shrunk]
                         row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
                 valid.index_fill_(1, input_pos, True)  # the slot this token is written to
-                # the mask's length is the number of cache slots attended: all Tmax when compiled (fixed
-                # shapes), else only the filled ones (eager on CPU: less cache to read)
-                keys = valid if compile else valid[:, :T + t + 1]
-                sampling = () if temperature == 0 else (noise(len(done)), *settings)
-                tok = step(model, tok[:, None], input_pos, position, keys[:, None, None, :], *sampling).clone()
+                # the mask's length is the number of cache slots attended: the filled ones; compiled, the whole
+                # cache, which grows a bucket at a time, so that a step reads the filled slots rounded up to a
+                # bucket and its graph sees no other length (the mask made contiguous: a graph is also
+                # specialised on its inputs' strides)
+                if compile and T + t + 1 > cache_len:
+                    cache_len = bucket(T + t + 1, CACHE_BUCKETS)
+                    grow_cache(model, cache_len)
+                keys = valid[:, :cache_len].contiguous() if compile else valid[:, :T + t + 1]
+                tok = step(tok[:, None], input_pos, position, keys[:, None, None, :])
                 input_pos += 1
                 position += 1
             bar.close()
@@ -404,7 +420,7 @@ def default_batch_rows(model, max_len: int) -> int:
         return CPU_BATCH_ROWS
     c = model.config
     per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * weight.element_size()
-    per_row += 4 * 4 * c.vocab_size  # logits, probabilities, noise, filtered logits
+    per_row += 4 * 4 * c.vocab_size  # logits, probabilities and their copies (noise: NUCLEUS_CANDIDATES, or V)
     rows = torch.cuda.mem_get_info(weight.device)[0] // 2 // per_row
     return max(GPU_BATCH_ROWS[0], min(GPU_BATCH_ROWS[1], 1 << max(int(rows).bit_length() - 1, 0)))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sso_mini.generate import (complete, exponential_noise, generate, generate_batched, nucleus_race, sample,
-                               shared_prefix_length, top_k_filter, top_p_filter)
+                               shared_prefix_length, top_k_filter, widen)
 
 QUESTIONS = [
     "Hi!",
@@ -225,34 +225,12 @@ def numpy_top_k(logits, k):
     return out
 
 
-def numpy_top_p(logits, p):
-    out = np.full_like(logits, -np.inf)
-    for r, row in enumerate(logits.astype(np.float64)):
-        probs = np.exp(row - row.max())
-        probs /= probs.sum()
-        order = np.argsort(-probs)
-        m = int(np.searchsorted(np.cumsum(probs[order]), p) + 1)  # smallest prefix with mass >= p
-        out[r, order[:m]] = logits[r, order[:m]]
-    return out
-
-
 def test_top_k_filter_matches_formula():
     torch.manual_seed(0)
     logits = torch.randn(6, 50)
     for k in (1, 5, 49):
         assert np.array_equal(top_k_filter(logits, k).numpy(), numpy_top_k(logits.numpy(), k))
     assert torch.equal(top_k_filter(logits, 0), logits) and torch.equal(top_k_filter(logits, 50), logits)
-
-
-def test_top_p_filter_matches_formula():
-    torch.manual_seed(0)
-    logits = torch.randn(6, 50) * 2
-    for p in (0.05, 0.3, 0.8, 0.95):
-        assert np.array_equal(top_p_filter(logits, p).numpy(), numpy_top_p(logits.numpy(), p))
-    assert torch.equal(top_p_filter(logits, 1.0), logits)
-    big = torch.cat([torch.randn(3, 5000) * 4, torch.randn(3, 5000) * 0.1])  # peaked rows and flat ones
-    for p in (0.5, 0.9):
-        assert np.array_equal(top_p_filter(big, p).numpy(), numpy_top_p(big.numpy(), p))
 
 
 def chi_square(counts, probs):
@@ -283,32 +261,38 @@ def close_enough(counts, target):
     return stat < dof + 5 * np.sqrt(2 * dof) + 10  # far beyond the 99.9% quantile for dof <= 7
 
 
-@pytest.mark.parametrize("noise", ["tensor", "generator"])
+@pytest.mark.parametrize("p_as_tensor", [False, True])
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 4, 1.0), (1.0, 5, 0.9)])
-def test_sampled_frequencies_match_distribution(temperature, top_k, top_p, noise):
-    """Noise drawn for every token (the compiled step's) or from a generator for the candidates only."""
+def test_sampled_frequencies_match_distribution(temperature, top_k, top_p, p_as_tensor):
+    """sample() as the first token of a batch draws it; with top-p a tensor (the compiled step's), the race
+    takes its value from the tensor."""
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
     draws = 20000
     g = torch.Generator().manual_seed(0)
-    E = exponential_noise((draws, 8), g, "cpu") if noise == "tensor" else g
-    counts = np.bincount(sample(logits.expand(draws, -1), E, temperature, top_k, top_p).numpy(), minlength=8)
+    p = torch.tensor(top_p) if p_as_tensor and top_p < 1 else top_p
+    counts = np.bincount(sample(logits.expand(draws, -1), g, temperature, top_k, p).numpy(), minlength=8)
     assert close_enough(counts, target_distribution(logits, temperature, top_k, top_p))
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 1.0])
 def test_nucleus_race_widens_only_where_the_candidates_fall_short(top_p):
-    """3 candidates per row: a peaked row's nucleus fits in them, a flat row's does not (the race then
-    sorts the whole row); mixed in one batch, each still follows its own nucleus distribution."""
+    """3 candidates per row: a peaked row's nucleus fits in them, a flat row's does not (`widen` then races
+    over the whole row); mixed in one batch, each still follows its own nucleus distribution."""
     peaked = torch.tensor([3.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, -3.0])
-    flat = torch.tensor([0.3, 0.2, 0.2, 0.1, 0.1, 0.0, -0.1, -0.2])
+    flat = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.05, 0.0, -0.1, -0.2])  # (no ties: which of two equal tokens
+    # ends a nucleus is arbitrary)
     draws = 20000
     probs = torch.stack([peaked, flat]).softmax(-1).repeat(draws, 1)  # rows alternate peaked, flat
-    tokens = nucleus_race(probs, top_p, torch.Generator().manual_seed(0), candidates=3).numpy()
+    g = torch.Generator().manual_seed(0)
+    noise = exponential_noise((len(probs), 3 if top_p < 1 else 8), g, "cpu")
+    token, decided = nucleus_race(probs, top_p, noise)
+    tokens = widen(token, decided, probs, top_p, g).numpy()
     for row, logits in ((0, peaked), (1, flat)):
         counts = np.bincount(tokens[row::2], minlength=8)
         assert close_enough(counts, target_distribution(logits, 1.0, 0, top_p))
-    if top_p == 0.5:  # the flat row's nucleus needs more than the 3 candidates
+    if top_p == 0.5:  # the flat row's nucleus needs more than the 3 candidates: its rows, and only they, widen
         assert (target_distribution(flat, 1.0, 0, 0.5) > 0).sum() > 3
+        assert decided[0::2].all() and not decided[1::2].any()
 
 
 def test_greedy_sample_is_argmax():
@@ -323,6 +307,33 @@ def test_compiled_decode_on_cpu_equals_eager(tiny_transformer):
     eager = generate(model, prompts, max_new_tokens=6, temperature=0, progress=False)
     compiled = generate(model, prompts, max_new_tokens=6, temperature=0, progress=False, compile=True)
     assert compiled == eager and all(len(o) == 6 for o in eager)
+
+
+def test_compiled_sampling_draws_what_eager_sampling_draws(tiny_transformer, monkeypatch):
+    """Sampled, compiled (dynamo's "eager" backend: its graph, no code generation) and eager decoding draw the
+    same noise from the same seed, so at a batch of one row bucket (8 rows, no stops: the same rows in both)
+    they give the same tokens; a nucleus wider than the candidates widens."""
+    import torch._dynamo
+
+    from sso_mini import generate as gen
+
+    torch._dynamo.reset()
+    gen.compiled_steps.cache_clear()
+    monkeypatch.setattr(gen, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(gen, "_eager_fallback", [])
+    monkeypatch.setattr(gen, "NUCLEUS_CANDIDATES", 4)  # so that some steps' nucleus outgrows the candidates
+    widened, real = [], gen.widen
+    monkeypatch.setattr(gen, "widen", lambda token, decided, *a: widened.append(int((~decided).sum())) or
+                        real(token, decided, *a))
+    model = tiny_transformer(std=0.1)  # flat enough next-token distributions
+    prompts = [[1, 5, 9, 2], [3, 4, 5, 6, 7, 8, 9], [2, 2], [6]]
+    for top_p in (0.9, 1.0):
+        runs = [generate(model, prompts, max_new_tokens=12, temperature=0.8, top_p=top_p, seed=3, n=2,
+                         progress=False, compile=c) for c in (False, True)]
+        assert runs[0] == runs[1] and len(set(map(tuple, runs[0]))) > 1
+    assert sum(widened) > 0
+    torch._dynamo.reset()
+    gen.compiled_steps.cache_clear()
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -411,6 +422,7 @@ def test_compiled_sampler_stays_within_its_graphs_whatever_the_batches(tiny_tran
 
     def spy(kind, device, model, tokens, input_pos, position, mask, *rest):
         seen.add((kind, tokens.shape[0], mask.shape[-1]))
+        assert mask.shape[-1] == gen.bucket(int(input_pos) + 1, gen.CACHE_BUCKETS)  # the filled slots, rounded up
         return real(kind, device, model, tokens, input_pos, position, mask, *rest)
 
     monkeypatch.setattr(gen, "compiled_or_eager", spy)
