@@ -306,7 +306,7 @@ def plot(rows, out: Path):
     axes[1].set(title="on-policy: mean token log-prob under x, sampling policy")
     axes_len[0].set(title="held-out plain answers y^o: mean length (tokens)")
     axes_len[1].set(title="held-out plain answers y^o: share ended", ylim=(0, 1))
-    axes_len[2].set(title="held-out plain answers y^o: pass rate of each checked feature", ylim=(0, 1))
+    axes_len[2].set(title="y^o: pass rate per checked feature", ylim=(0, 1))
     for ax in (*axes, *axes_len):
         ax.set_xlabel("iteration")
         ax.legend(fontsize="small")
