@@ -33,80 +33,7 @@ from tqdm.auto import tqdm
 
 from .batches import micro_batches
 from .model import Projection, project
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row (ties with the k-th kept), the rest -> -inf."""
-    if k <= 0 or k >= logits.size(-1):
-        return logits
-    kth = logits.topk(k, dim=-1).values[..., -1:]  # [B, 1]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def nucleus(ranked: torch.Tensor, p):
-    """[b, k] probabilities, most likely first -> [b, k] True: in the top-p nucleus (the mass ranked
-    above is still short of p, so the top token always stays), and [b] True: the nucleus ends
-    within these k (their mass reaches p)."""
-    cum = ranked.cumsum(dim=-1)
-    return cum - ranked < p, cum[:, -1] >= p
-
-
-def exponential_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
-    """Exp(1) draws, strictly positive (u is clamped away from 0; u < 1 always)."""
-    u = torch.rand(shape, generator=generator, device=device)
-    return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_()
-
-
-NUCLEUS_CANDIDATES = 256  # tokens per row that race for the next token before a row widens to its whole vocabulary
-
-
-def race_width(vocab_size: int, top_p: float) -> int:
-    """Exp(1) draws per row and step: one per candidate when top-p is on, one per token when it is off."""
-    return min(NUCLEUS_CANDIDATES, vocab_size) if top_p < 1.0 else vocab_size
-
-
-def nucleus_race(probs: torch.Tensor, p, noise: torch.Tensor):
-    """The exponential race within each row's top-p nucleus, among its noise.size(-1) most likely tokens:
-    [B, V] probabilities, [B, k] Exp(1) draws -> [B] ids, [B] True where the race was decided (the
-    nucleus lies within the k candidates; `widen` redoes the other rows over the whole vocabulary).
-
-    argmax(probs / E) over the kept tokens, E ~ Exp(1): kept token i wins with probability
-    probs[i] / (mass kept). Why candidates: a nucleus seldom holds more than a few dozen tokens, while
-    sorting a 49k-152k vocabulary and drawing noise for every token of it is a visible share of a decode
-    step (and, compiled, noise copied into the graph's input every step).
-    p: a number, or a 0-d tensor (the compiled step's, so that its value is no part of the graph); the
-    number 1.0 turns top-p off: every token races, unranked, and noise has one draw per token.
-    """
-    if not torch.is_tensor(p) and p >= 1.0:
-        return (probs / noise).argmax(dim=-1), torch.ones(len(probs), dtype=torch.bool, device=probs.device)
-    top, order = probs.topk(noise.size(-1), dim=-1)  # [B, k] most likely first
-    kept, decided = nucleus(top, p)
-    score = (top / noise).masked_fill(~kept, -1.0)
-    return order.gather(-1, score.argmax(dim=-1, keepdim=True))[:, 0], decided
-
-
-def widen(token, decided, probs, p, generator: torch.Generator):
-    """Rows whose nucleus outgrew their candidates race again over their whole vocabulary (eager, outside
-    any compiled graph: a data-dependent batch). Same distribution as one race over every token."""
-    if not bool(decided.all()):
-        wide = probs[~decided]  # [b, V]
-        token[~decided] = nucleus_race(wide, p, exponential_noise(wide.shape, generator, wide.device))[0]
-    return token
-
-
-def probabilities(logits, temperature, top_k: int):
-    """[B, V] logits -> [B, V] fp32 probabilities after the temperature and the top-k filter."""
-    return top_k_filter(logits.float() / temperature, top_k).softmax(dim=-1)
-
-
-def sample(logits, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    """Next token per row: [B, V] logits -> [B] ids. Temperature 0 is greedy (no generator needed);
-    otherwise temperature, then top-k, then the race within the top-p nucleus, drawn from `generator`."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = probabilities(logits, temperature, top_k)
-    noise = exponential_noise((len(probs), race_width(probs.size(-1), top_p)), generator, probs.device)
-    return widen(*nucleus_race(probs, top_p, noise), probs, top_p, generator)
+from .sampling import exponential_noise, nucleus_race, probabilities, race_width, sample, widen
 
 
 def decode_step(model, tokens, input_pos, position_ids, mask, noise, temperature, top_k, top_p):
@@ -220,19 +147,18 @@ PREFILL_TOKENS = 3072  # prompt tokens per prefill forward: a small model's [tok
 # time; a whole 48-prompt batch at once is slower (benchmarks/README.md)
 
 
+def remap_cache(model, fn):
+    """Replace every layer's cached keys and values, [B, Hkv, slots, D] each, by fn(them): rows dropped,
+    copied or added, slots added."""
+    for layer in model.layers:
+        cache = layer.self_attn.kv_cache
+        cache.k, cache.v = fn(cache.k), fn(cache.v)
+
+
 def compact(model, keep, *rows):
     """Keep only rows `keep` of the KV cache and of each [rows, ...] tensor in `rows`."""
-    for layer in model.layers:
-        cache = layer.self_attn.kv_cache
-        cache.k, cache.v = cache.k[keep], cache.v[keep]
+    remap_cache(model, lambda c: c[keep])
     return [r[keep] for r in rows]
-
-
-def grow_cache(model, slots: int):
-    """Lengthen every layer's KV cache to `slots` (the new slots empty)."""
-    for layer in model.layers:
-        cache = layer.self_attn.kv_cache
-        cache.k, cache.v = (F.pad(c, (0, 0, 0, slots - c.size(2))) for c in (cache.k, cache.v))  # [B, Hkv, slots, D]
 
 
 @contextlib.contextmanager
@@ -353,9 +279,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
                 logits.append(project(h[0, last], model.lm_head_weight))  # [rows, V]
             logits = torch.cat(logits)  # [B, V]
             if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
-                for layer in model.layers:
-                    cache = layer.self_attn.kv_cache
-                    cache.k, cache.v = cache.k.repeat_interleave(n, 0), cache.v.repeat_interleave(n, 0)
+                remap_cache(model, lambda c: c.repeat_interleave(n, 0))
                 logits, valid = logits.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
             rows = B * n
             position = valid.sum(-1, keepdim=True)  # [rows, 1]: next position = real tokens so far
@@ -364,12 +288,12 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
             tok = sample(logits, generator, temperature, top_k, top_p)  # [rows]
             if compile and bucket(rows, ROW_BUCKETS) > rows:  # spare rows (copies of row 0), finished from the start
                 extra = bucket(rows, ROW_BUCKETS) - rows
-                tok, valid, position = (torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
-                                        for x in (tok, valid, position))
+
+                def spare(x):  # [rows, ...] -> [rows + extra, ...]
+                    return torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
+                tok, valid, position = spare(tok), spare(valid), spare(position)
                 done = torch.cat([done, torch.ones(extra, dtype=torch.bool, device=device)])
-                for layer in model.layers:
-                    cache = layer.self_attn.kv_cache
-                    cache.k, cache.v = (torch.cat([c, c[:1].expand(extra, *c.shape[1:])]) for c in (cache.k, cache.v))
+                remap_cache(model, spare)
             out = torch.zeros(len(done), max_new_tokens, dtype=torch.long, device=device)  # spare rows: dropped
             length = torch.zeros(len(done), dtype=torch.long, device=device)  # tokens before the stop
             row_of = torch.arange(len(done), device=device)  # [b] the output row each batch row decodes
@@ -397,7 +321,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
                 # specialised on its inputs' strides)
                 if compile and T + t + 1 > cache_len:
                     cache_len = bucket(T + t + 1, CACHE_BUCKETS)
-                    grow_cache(model, cache_len)
+                    remap_cache(model, lambda c: F.pad(c, (0, 0, 0, cache_len - c.size(2))))  # new slots empty
                 keys = valid[:, :cache_len].contiguous() if compile else valid[:, :T + t + 1]
                 tok = step(tok[:, None], input_pos, position, keys[:, None, None, :])
                 input_pos += 1

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sso_mini.generate import (complete, exponential_noise, generate, generate_batched, nucleus_race, sample,
-                               shared_prefix_length, top_k_filter, widen)
+from sso_mini.generate import complete, generate, generate_batched, shared_prefix_length
+from sso_mini.sampling import exponential_noise, nucleus_race, sample, top_k_filter, widen
 
 QUESTIONS = [
     "Hi!",
@@ -316,12 +316,13 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(tiny_transformer, mon
     import torch._dynamo
 
     from sso_mini import generate as gen
+    from sso_mini import sampling
 
     torch._dynamo.reset()
     gen.compiled_steps.cache_clear()
     monkeypatch.setattr(gen, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(gen, "_eager_fallback", [])
-    monkeypatch.setattr(gen, "NUCLEUS_CANDIDATES", 4)  # so that some steps' nucleus outgrows the candidates
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 4)  # so that some steps' nucleus outgrows the candidates
     widened, real = [], gen.widen
     monkeypatch.setattr(gen, "widen", lambda token, decided, *a: widened.append(int((~decided).sum())) or
                         real(token, decided, *a))
