@@ -2,361 +2,316 @@
 
     held out = --eval-prompts prompts set aside once (never trained on)
     for t in iterations:
-        policy   = the model iteration t-1 produced (the start model for t = 0)
-        1. features  the policy picks the principles that matter for each prompt (from --principles;
-                     a set that asks for all its features leaves nothing to pick)
+        policy = the model iteration t-1 produced (the start model for t = 0)
+        1. features  the policy picks the principles that matter for each prompt (from --principles)
         2. sample    y+ ~ pi(.|x+), y- ~ pi(.|x-), y^o ~ pi(.|x)      -> iter_t/pairs.jsonl
                      the same for the held-out prompts                 -> iter_t/eval_pairs.jsonl
         3. reference log-probs of the six sequences, from the policy   -> iter_t/{,eval_}ref_logps.safetensors
         4. train one epoch: W * (L(x: y+ > y-) + theta * [L(x+: y+ > y-) + L(x-: y^o > y+)])
         5. save                                                        -> iter_t/model/ (HF folder)
-        6. evaluate  the trained policy scores the held-out records    -> eval_* metrics, iter_t/summary.json
-    after the last iteration the final policy samples the held-out prompts once more -> final/summary.json
+        6. evaluate  the trained policy scores the held-out records    -> iter_t/summary.json, metrics.jsonl
+    after the last iteration the final policy answers the held-out prompts once more -> final/summary.json
 
-v1_iteration is that; --recipe v2 (the paper's second version, v2_iteration) puts a data generator in front
-of the policy in each iteration:
-    G. generator = a copy of the policy, trained through steps 1-6 with L+ + L- instead of the loss in 4
-                                                                    -> iter_t/generator/ (model/, summary.json)
-    P. the generator samples y+ ~ G(.|x+), y- ~ G(.|x-) for the iteration's prompts; the policy trains
-       the base loss L(x: y+ > y-) on them (reference: the policy itself) -> iter_t/
-The flags and their checks are in sso_mini/flags.py.
+`sso_iteration` is steps 1-6. --recipe v2 (the paper's second version, `v2_iteration`) puts a data
+generator in front of the policy: a copy of the policy trained through steps 1-6 with L+ + L- (in
+iter_t/generator/), whose samples y+ ~ G(.|x+), y- ~ G(.|x-) the policy then learns the base loss
+L(x: y+ > y-) on, against its own start as the reference.
 
 `python train.py` runs it on SmolLM2-135M-Instruct on a CPU; `--model Qwen2-7B` on a GPU;
-`torchrun --nproc_per_node=N train.py ...` on N GPUs (FSDP2, see sso_mini/distributed.py).
-Every stage writes its output atomically and is skipped when done: an interrupted run continues with `--resume`.
+`torchrun --nproc_per_node=N train.py ...` on N GPUs (FSDP2, sso_mini/distributed.py). Every step writes its
+output atomically and is skipped when done: an interrupted run continues with `--resume`. The flags are in
+sso_mini/settings.py.
 """
 
 import contextlib
-import functools
 import json
-import random
+import os
 import shutil
 import signal
 import sys
-from dataclasses import replace
+import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 
-from sso_mini.assets import AssetError, open_run, write_json
-from sso_mini.checkpoint import CheckpointError, load_model, resolve, save_model
-from sso_mini.config import ModelConfig
-from sso_mini.eval.report import (final_generation, log_eval_row, plot_metrics, print_table, score_held_out,
-                                  summarize, timed)
-from sso_mini.eval.verified_pairs import mix_in_checkable
-from sso_mini.flags import EVAL_PROMPTS, EVAL_SHARE, LORA_THRESHOLD, OPERATIONAL, VERIFIER_SHARE, parse_args
-from sso_mini.distributed import (barrier, deal, full_state_dict, gather_objects, is_main, merge_shares,
-                                  on_main, setup, shard, teardown)
-from sso_mini.lora import adapters_disabled, apply_lora, merge_lora, micro_batch_tokens
-from sso_mini.model import Transformer
-from sso_mini.principles import PrincipleSet, load_principles
-from sso_mini.records import (build_records, check_cutoff, default_prompts, load_prompts, logprob_filter, read_jsonl,
-                              write_jsonl)
+from sso_mini import metrics
+from sso_mini.assets import AssetError, load_tensors, write_json
+from sso_mini.checkpoint import CheckpointError, load_model, save_model
+from sso_mini.records import build_records, read_jsonl, sample_plain, write_jsonl
+from sso_mini.settings import Settings, UsageError, open_run, parse_args, settle
 from sso_mini.tokenizer import Tokenizer
-from sso_mini.trainer import TrainConfig, TrainingError, bf16_is_native, score_records, train_iteration, write_config
+from sso_mini.trainer import ONE_PROCESS, TrainingError, logged_steps, score_records, train_epoch
 
 EVAL_SEED = 1_000_003  # offsets the held-out sampling seeds from the training ones
 
 
-class UsageError(ValueError):
-    """A bad argument or input file, found before any model is loaded or file written (exit 2)."""
+def main(argv=None):
+    """Parse and settle every setting, then run the recipe's iterations and the final answers."""
+    args = parse_args(argv)
+    ranks = ONE_PROCESS
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: FSDP2 over the ranks
+        from sso_mini.distributed import Ranks
+
+        ranks = Ranks()
+    try:
+        run(args, ranks)
+    finally:
+        ranks.close()
 
 
-class Inputs(NamedTuple):
-    train: list  # training prompts (records with --pairs)
-    held_out: list  # prompts (records) held out of training for the whole run
-    checks: dict  # {prompt: its IFEval instruction} for the checkable prompts (--verifier-share)
-    principles: PrincipleSet  # what steers y+ and y- (--principles)
+def run(args, ranks):
+    try:  # the inputs, the model's config and --out, before anything is written
+        s = settle(args, ranks)
+        out = open_run(s)
+    except (AssetError, CheckpointError, FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if s.device.type == "cuda":  # TF32 tensor cores for the matmuls that stay fp32 (the log-prob head)
+        torch.set_float32_matmul_precision("high")
+    if ranks.main:
+        s.stages["policy"].save(out / "train_config.json")
+        print(f"precision: {s.flags.dtype} weights{', bf16 autocast' if s.flags.autocast else ''} on {s.device}; "
+              f"{len(s.held_out)} held-out {'records' if s.flags.pairs else 'prompts'}; principles "
+              f"{s.principles.name} ({', '.join(s.principles.checked) or 'no'} rule-checked)", file=sys.stderr)
+    for t in range(s.flags.iterations):
+        policy = s.flags.model if t == 0 else out / f"iter_{t - 1}" / "model"
+        recipe = sso_iteration if s.flags.recipe == "v1" else v2_iteration
+        summary = recipe(s, t, policy, out / f"iter_{t}")
+        if ranks.main:
+            print(f"[iter_{t}] {metrics.one_line(summary)}", file=sys.stderr)
+    if ranks.main and s.held_out and not s.flags.pairs:
+        final_answers(s, out / f"iter_{s.flags.iterations - 1}" / "model", out)
+        print(f"\nrun folder: {out} (pairs, models, metrics.jsonl); the table and metrics.png: "
+              f"python -m sso_mini.eval.report {out}", file=sys.stderr)
 
 
-def choose_device_settings(args, n_ranks: int = 1):
-    """LoRA by default only where full fine-tuning cannot fit (a big model on a GPU), its frozen base in bf16;
-    full fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are native. On a GPU the
-    micro-batch token budget and gradient checkpointing follow from its free memory (lora.micro_batch_tokens);
-    on the CPU records run one per forward, without checkpointing."""
-    config = ModelConfig.from_json(resolve(args.model) / "config.json")  # the model's check, too
-    cuda = args.device.startswith("cuda")
-    if args.autocast is None:
-        args.autocast = bf16_is_native(torch.device(args.device))
-    if args.lora is None:
-        args.lora = cuda and config.num_parameters > LORA_THRESHOLD
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.lora and cuda else "float32"
-    if cuda and args.tokens_per_micro_batch is None:
-        free = torch.cuda.mem_get_info(torch.device(args.device))[0]
-        tokens, checkpointing = micro_batch_tokens(config, free, args.lora_rank if args.lora else None, n_ranks,
-                                                   args.cutoff)
-        args.tokens_per_micro_batch = tokens
-        if args.gradient_checkpointing is None:
-            args.gradient_checkpointing = checkpointing
-    args.tokens_per_micro_batch = args.tokens_per_micro_batch or 0
-    args.gradient_checkpointing = bool(args.gradient_checkpointing)
+def sso_iteration(s: Settings, t: int, policy, folder: Path, stage="policy", sampler=None) -> dict:
+    """Steps 1-6 of iteration t in `folder` (iter_t/): train `policy` with s.stages[stage] into folder/model;
+    returns folder/summary.json. Every step's output is reused when an earlier attempt wrote it. `sampler`:
+    the model folder that samples the training pairs instead of the policy (v2's generator)."""
+    if (folder / "summary.json").exists():  # finished before an interruption
+        return json.loads((folder / "summary.json").read_text())
+    cfg, ranks, trained = s.stages[stage], s.ranks, None
+    if not (folder / "model" / "model.safetensors").exists():
+        with timed(s, folder, "load"):
+            model, tokenizer = load_model(policy, dtype=s.dtype, device=s.device)
+        # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
+        # (a GPU samples from a bf16 copy of fp32 weights: `sample` loads one from the policy's folder)
+        own = policy if s.device.type == "cuda" and s.dtype != torch.bfloat16 else model
+        records = sample_pairs(s, t, folder, sampler or own, tokenizer, stage)
+        held_out = sample_pairs(s, t, folder, own, tokenizer, stage, held_out=True)
+        if ranks.size > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
+            ranks.shard(model, bf16=cfg.autocast)
+        # 3. reference log-probs: the iteration's starting weights, computed once
+        with timed(s, folder, "reference", f"reference log-probs of {len(records)} records x 6 sequences"):
+            ref = score_records(model, tokenizer, records, cfg, cache=folder / "ref_logps.safetensors",
+                                progress=s.progress, desc="reference log-probs", ranks=ranks)
+        with timed(s, folder, "eval_reference", f"reference log-probs of {len(held_out)} held-out records"):
+            score_records(model, tokenizer, held_out, cfg, cache=folder / "eval_ref_logps.safetensors",
+                          progress=s.progress, desc="reference log-probs (held out)", ranks=ranks)
+        if s.flags.lora:  # fresh adapters on the policy's weights, which stay frozen (sso_mini/lora.py)
+            from sso_mini.lora import apply_lora
+
+            apply_lora(model, s.flags.lora_rank, s.flags.lora_alpha, s.flags.lora_dropout,
+                       s.flags.lora_targets.split(","))
+        # 4. one epoch of the SSO objective
+        steps = -(-len(records) // cfg.batch_size)
+        with timed(s, folder, "train", f"one epoch, {steps} steps of {cfg.batch_size} records"):
+            train_epoch(model, tokenizer, records, ref, cfg, folder, iteration=t,
+                        metrics_path=metrics_path(s, folder, stage), progress=s.progress, ranks=ranks)
+        # 5. the trained policy becomes the next iteration's policy and reference
+        trained = save(s, model, tokenizer, folder)
+    # 6. the trained policy scores the held-out records: what the epoch did to pairs it never saw
+    return evaluate(s, stage, t, folder, trained)
 
 
-def load_inputs(args) -> Inputs:
-    """The run's prompts and principle set, checked before anything is written. Prompts: all in one fixed,
-    seeded order, a --verifier-share of them replaced by checkable ones; the first --eval-prompts are held out
-    for the whole run (never trained on), iteration t trains on the t-th slice of the rest.
-    --pairs: a seeded sample of the file's records is held out, the rest keep the file's order."""
-    principles = load_principles(args.principles)
-    if args.verifier_share is None:  # the principles' own checks measure the signal where they have any
-        args.verifier_share = 0.0 if principles.checked else VERIFIER_SHARE
-    pool = read_jsonl(args.pairs) if args.pairs else load_prompts(args.prompts) if args.prompts else default_prompts()
-    if args.eval_prompts is None:  # a small prompt file keeps most of its prompts for training
-        args.eval_prompts = 0 if args.pairs else min(EVAL_PROMPTS, int(EVAL_SHARE * len(pool)))
-    n = args.eval_prompts
-    if n >= len(pool):
-        what = f"records in {args.pairs}" if args.pairs else "prompts"
-        raise ValueError(f"--eval-prompts {n} leaves none of the {len(pool)} {what} to train on "
-                         f"(allowed: 0 to {len(pool) - 1})")
-    if args.pairs:
-        held = set(random.Random(args.seed).sample(range(len(pool)), n))
-        return Inputs([r for i, r in enumerate(pool) if i not in held], [pool[i] for i in sorted(held)], {}, principles)
-    random.Random(args.seed).shuffle(pool)
-    pool, checks = mix_in_checkable(pool, args.verifier_share, args.seed)
-    held_out, held = pool[:n], set(pool[:n])
-    return Inputs([x for x in pool[n:] if x not in held], held_out, checks, principles)  # a duplicate stays held out
+def v2_iteration(s: Settings, t: int, policy, folder: Path) -> dict:
+    """SSO v2: a data generator, a copy of the policy, learns L+ + L- on the policy's own pairs (steps 1-6 in
+    folder/generator/); then the trained generator samples the pairs (x: y+ > y-) the policy learns the base loss
+    on, against its own start as the reference."""
+    sso_iteration(s, t, policy, folder / "generator", stage="generator")
+    return sso_iteration(s, t, policy, folder, sampler=folder / "generator" / "model")
 
 
-def make_records(args, load_sampler, tokenizer, t, it, inputs, run_inputs, progress, rank, n_ranks, held_out=False,
-                 eq3=False) -> list[dict]:
-    """it/pairs.jsonl (or it/eval_pairs.jsonl): the records of load_sampler()'s model (called only if there is
-    something to sample) for these prompts, with their checks, built once. With --pairs the inputs are records
-    already; under torchrun each rank samples its share, rank 0 writes. run_inputs: the run's Inputs (principle
-    set, checks).
-    eq3: y- takes y^o's place ("raw"), so that L- prefers y- over y+ under x- (v2 Eq. 3)."""
+def sample_pairs(s: Settings, t: int, folder: Path, sampler, tokenizer, stage: str, held_out=False) -> list[dict]:
+    """folder/pairs.jsonl: the records of iteration t's training prompts (held_out: folder/eval_pairs.jsonl,
+    those of the held-out prompts), sampled once by `sampler` (a model, or a folder to load one from), with
+    their checks. With --pairs the prompts are records already. Under torchrun each rank samples its share
+    of the prompts and rank 0 writes the file."""
+    prompts = s.held_out if held_out else s.prompts_for(t)
+    if not prompts:
+        return []
     prefix = "eval_" if held_out else ""
-    pairs, stats_file = it / f"{prefix}pairs.jsonl", it / f"{prefix}data_stats.json"
-    if not on_main(pairs.exists):  # decided once: rank 0 may write the file before another rank looks
-        if args.pairs:
-            records, stats = inputs, {}
-        else:
-            what = "held-out" if held_out else "training"
-            with timed(it, "eval_sample" if held_out else "sample",
-                       f"{'feature selection and ' if run_inputs.principles.needs_selection else ''}"
-                       f"y+, y-, y^o for {len(inputs)} {what} prompts, "
-                       f"up to {args.max_new_tokens} tokens each"):
-                seed = args.seed + 7919 * rank + (EVAL_SEED if held_out else 0)
-                model = load_sampler()
-                records, stats = build_records(model, tokenizer, deal(inputs, n_ranks, rank), run_inputs.principles,
-                                               iteration=t, seed=seed,
-                                               max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
-                                               compile=args.device.startswith("cuda"), progress=progress and is_main(),
-                                               desc=f"{what} prompts")
-                if args.logprob_filter and not held_out:  # held-out records show what the policy samples
-                    records, filter_stats = logprob_filter(model, tokenizer, records, cutoff=args.cutoff)
-                    stats.update(filter_stats)
-                records, stats = merge_shares(gather_objects((records, dict(stats))))
-                checks = run_inputs.checks
-                records = [r | {"checks": checks[r["prompt"]]} if r["prompt"] in checks else r for r in records]
-        if eq3:
+    path, stats_file = folder / f"{prefix}pairs.jsonl", folder / f"{prefix}data_stats.json"
+    # one answer for every rank (asked on rank 0): another rank could look after rank 0 wrote the file
+    if not s.ranks.first(path.exists):
+        with timed(s, folder, "eval_sample" if held_out else "sample",
+                   f"y+, y-, y^o for {len(prompts)} {'held-out' if held_out else 'training'} prompts, up to "
+                   f"{s.flags.max_new_tokens} tokens each"):
+            records, stats = (prompts, {}) if s.flags.pairs else sample(s, t, prompts, sampler, tokenizer, held_out)
+        if stage == "generator" and s.flags.neg_chosen == "y_neg":  # L- prefers y- over y+ (v2 Eq. 3)
             records = [r | {"raw": r["rejected"], "capped": {**r["capped"], "raw": r["capped"]["rejected"]}}
                        for r in records]
         if not records:
-            raise ValueError(f"iteration {t}: every {prefix}pair was filtered out ({dict(stats)})")
-        if is_main():
-            write_json(stats_file, {**stats, "records": len(records)})  # read back below: a cut file is refused
-            write_jsonl(pairs, records)
-        barrier()
-    records, stats = read_jsonl(pairs), json.loads(stats_file.read_text())
-    if len(records) != stats.get("records", len(records)):
-        raise ValueError(f"{pairs} holds {len(records)} of its {stats['records']} records: delete it to sample again")
-    if is_main():
-        print(f"[{it.name}] {len(records)} {prefix}pairs in {pairs}: {stats}", file=sys.stderr)
+            raise ValueError(f"iteration {t}: every pair of {path.name} was filtered out ({stats})")
+        if s.ranks.main:
+            write_json(stats_file, stats | {"records": len(records)})  # a pairs file cut short is refused below
+            write_jsonl(path, records)
+        s.ranks.wait()
+    records, stats = read_jsonl(path), json.loads(stats_file.read_text())
+    if len(records) != stats["records"]:
+        raise ValueError(f"{path} holds {len(records)} of its {stats['records']} records: delete it to sample again")
+    if s.ranks.main:
+        print(f"[{path.parent.name}] {len(records)} pairs in {path}: {stats}", file=sys.stderr)
     return records
 
 
-def run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank=0, n_ranks=1, sampler=None):
-    """Steps 1-5 for iteration t; each step's output is reused if an earlier attempt wrote it. `sampler`: a model
-    folder that samples the training records instead of the policy (v2's generator). Returns the trained
-    (model, tokenizer) for the held-out pass; None under torchrun (every rank loads the folder)."""
-    with timed(it, "load"):
-        model, tokenizer = load_model(policy, dtype=dtype, device=args.device)
+def sample(s: Settings, t: int, prompts: list, sampler, tokenizer, held_out: bool) -> tuple[list[dict], dict]:
+    """The records of `prompts` (every rank samples its share) with each checkable prompt's check, and the
+    counts of what was kept and dropped."""
+    model = sampler if isinstance(sampler, torch.nn.Module) else \
+        load_model(sampler, dtype=torch.bfloat16 if s.device.type == "cuda" else s.dtype, device=s.device)[0]
+    seed = s.flags.seed + 7919 * s.ranks.rank + (EVAL_SEED if held_out else 0)
+    records, counts = build_records(model, tokenizer, s.ranks.share(prompts), s.principles, iteration=t, seed=seed,
+                                    max_new_tokens=s.flags.max_new_tokens, batch_size=s.flags.sample_batch_size,
+                                    compile=s.device.type == "cuda", progress=s.progress and s.ranks.main,
+                                    desc="held-out prompts" if held_out else "training prompts")
+    if s.flags.logprob_filter and not held_out:  # held-out records show what the policy samples
+        from sso_mini.records import logprob_filter
 
-    # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
-    k, pool = args.prompts_per_iteration, inputs.train  # iteration t trains on the t-th slice, wrapping round
-    prompts = pool if args.pairs else [pool[(t * k + i) % len(pool)] for i in range(min(k, len(pool)))]
-    sample_dtype = torch.bfloat16 if args.device.startswith("cuda") else dtype  # a GPU samples from bf16 weights
-    samplers = {}  # the models that sample (v2: the generator for the training records), loaded when needed
-
-    def sampling(folder):
-        if folder == policy and sample_dtype == dtype:
-            return model
-        if folder not in samplers:
-            with timed(it, "load"):
-                samplers[folder] = load_model(folder, dtype=sample_dtype, device=args.device)[0]
-        return samplers[folder]
-
-    eq3 = cfg.form == "generator" and args.neg_pair == "eq3"
-    records = make_records(args, lambda: sampling(sampler or policy), tokenizer, t, it, prompts, inputs, progress,
-                           rank, n_ranks, eq3=eq3)
-    eval_records = make_records(args, lambda: sampling(policy), tokenizer, t, it, inputs.held_out, inputs, progress,
-                                rank, n_ranks, held_out=True, eq3=eq3) if inputs.held_out else []
-    samplers.clear()
-    torch.manual_seed(args.seed + t)
-    if args.lora:  # fresh adapters on the merged weights of the last iteration (after sampling: they start at zero)
-        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                   targets=args.lora_targets.split(","))
-    if n_ranks > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
-        shard(model, bf16=args.autocast)
-
-    # 3. reference log-probs: the iteration's starting weights (LoRA: the frozen base), computed once
-    with adapters_disabled(model) if args.lora else contextlib.nullcontext():
-        with timed(it, "reference", f"reference log-probs of {len(records)} records x 6 sequences"):
-            ref = score_records(model, tokenizer, records, cfg, cache=it / "ref_logps.safetensors",
-                                progress=progress, desc="reference log-probs")
-        if eval_records:
-            with timed(it, "eval_reference", f"reference log-probs of {len(eval_records)} held-out records"):
-                score_records(model, tokenizer, eval_records, cfg, cache=it / "eval_ref_logps.safetensors",
-                              progress=progress, desc="reference log-probs (held out)")
-
-    # 4. one epoch of the SSO objective
-    with timed(it, "train", f"one epoch, {-(-len(records) // args.batch_size)} steps of {args.batch_size} records"):
-        train_iteration(model, tokenizer, records, ref, cfg, it, iteration=t, metrics_path=metrics_path,
-                        progress=progress)
-
-    # 5. the trained policy becomes the next iteration's policy and reference
-    trained = model
-    if n_ranks > 1:  # gather the shards into one plain model on rank 0
-        state = full_state_dict(model)
-        if is_main():
-            trained = Transformer.from_state_dict(model.config, state)
-    elif args.lora:
-        trained = merge_lora(model)
-    if is_main():
-        if args.device.startswith("cuda"):  # the peak GPU memory, beside the data stats
-            stats = json.loads((it / "data_stats.json").read_text())
-            write_json(it / "data_stats.json", {**stats, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30})
-        with timed(it, "save"):
-            save_model(trained, tokenizer, it / "model")
-        shutil.rmtree(it / "resume", ignore_errors=True)
-    barrier()
-    return (trained, tokenizer) if n_ranks == 1 else None
+        records, filtered = logprob_filter(model, tokenizer, records, cutoff=s.flags.cutoff)
+        counts.update(filtered)
+    records, counts = merge(s.ranks.gather((records, dict(counts))))
+    return [r | {"checks": s.checks[r["prompt"]]} if r["prompt"] in s.checks else r for r in records], counts
 
 
-def stage_configs(args) -> dict:
-    """The TrainConfig of each stage of the recipe. v1: "policy", the SSO objective. v2: "generator", L+ + L-
-    (the data generator's loss), and "policy", the base loss on the base pair alone."""
-    cfg = TrainConfig(loss_type=args.loss, form=args.form, use_w=not args.no_w, use_g=not args.no_g,
-                      theta=args.theta, alpha=args.alpha, beta=args.beta, lr=args.lr, batch_size=args.batch_size,
-                      micro_batch_size=args.micro_batch_size, cutoff=args.cutoff, seed=args.seed,
-                      tokens_per_micro_batch=args.tokens_per_micro_batch or None,
-                      gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
-                      autocast=args.autocast)  # the flags above take their defaults from TrainConfig
-    if args.recipe == "v1":
-        return {"policy": cfg}
-    return {"generator": replace(cfg, form="generator", terms=tuple(args.generator_terms.split(","))),
-            "policy": replace(cfg, use_w=False, use_g=False)}
+def merge(shares) -> tuple[list, dict]:
+    """[(records, stats)] from each rank -> all records (rank 0's first) and summed stats (the slowest
+    rank's sampling time)."""
+    records, stats = [r for part, _ in shares for r in part], {}
+    for _, part in shares:
+        for k, v in part.items():
+            stats[k] = max(stats.get(k, 0), v) if k == "sample_seconds" else stats.get(k, 0) + v
+    return records, stats
 
 
-def v1_iteration(stage, cfgs, it, metrics_path) -> dict:
-    """SSO v1: the policy samples its own pairs and trains the SSO objective on them (steps 1-6)."""
-    return stage(cfgs["policy"], it=it, metrics_path=metrics_path)
+def save(s: Settings, model, tokenizer, folder: Path):
+    """folder/model: the trained weights as a Hugging Face folder (LoRA: merged into the base; torchrun: gathered
+    on rank 0); the resume state is no longer needed. Returns the plain model (None on ranks other than 0)."""
+    if s.ranks.size > 1:
+        from sso_mini.model import Transformer
+
+        state = s.ranks.full_state_dict(model)
+        model = Transformer.from_state_dict(model.config, state) if s.ranks.main else None
+    elif s.flags.lora:
+        from sso_mini.lora import merge_lora
+
+        model = merge_lora(model)
+    if s.ranks.main:
+        with timed(s, folder, "save"):
+            save_model(model, tokenizer, folder / "model")
+        shutil.rmtree(folder / "resume", ignore_errors=True)
+    s.ranks.wait()
+    return model
 
 
-def v2_iteration(stage, cfgs, it, metrics_path) -> dict:
-    """SSO v2: a data generator, a copy of the policy, learns L+ + L- on the policy's own pairs (steps 1-6 in
-    it/generator/); then the trained generator samples the pairs (x: y+ > y-) the policy learns the base loss on,
-    against its own start as the reference."""
-    stage(cfgs["generator"], it=it / "generator", metrics_path=it / "generator" / "metrics.jsonl")
-    return stage(cfgs["policy"], it=it, metrics_path=metrics_path, sampler=it / "generator" / "model")
-
-
-def run_stage(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress, rank, n_ranks, sampler=None):
-    """Train `policy` into it/model with `cfg` unless that is done, then the held-out pass and it/summary.json
-    (returned; None on ranks other than 0). Every step is skipped when an earlier attempt finished it."""
-    if (it / "summary.json").exists():  # finished before an interruption
-        return json.loads((it / "summary.json").read_text())
-    it.mkdir(parents=True, exist_ok=True)
-    trained = None
-    if not (it / "model" / "model.safetensors").exists():
-        trained = run_iteration(args, cfg, t, it, policy, dtype, inputs, metrics_path, progress and is_main(), rank,
-                                n_ranks, sampler)
-    score_held_out(it, cfg, lambda: trained or load_model(it / "model", dtype=dtype, device=args.device),
-                   progress and is_main())
-    if not is_main():
+def evaluate(s: Settings, stage: str, t: int, folder: Path, trained=None) -> dict:
+    """Step 6: the trained policy (`trained`, or folder/model) scores the held-out records; folder/summary.json holds
+    the iteration's numbers (metrics.py) and metrics.jsonl their row. None on ranks other than 0."""
+    cfg, tokenizer = s.stages[stage], Tokenizer.from_folder(folder / "model")
+    held_out = read_jsonl(folder / "eval_pairs.jsonl") if s.held_out else []
+    if held_out:
+        with timed(s, folder, "eval_score", f"the trained policy scores {len(held_out)} held-out records"):
+            policy_logps = cached(folder / "eval_logps.safetensors")
+            if policy_logps is None:
+                model = trained or load_model(folder / "model", dtype=s.dtype, device=s.device)[0]
+                policy_logps = score_records(model, tokenizer, held_out, cfg, cache=folder / "eval_logps.safetensors",
+                                             progress=s.progress, desc="held-out log-probs (trained)",
+                                             ranks=s.ranks)
+    if not s.ranks.main:
         return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    history = [r for r in rows if r["iteration"] == t and r.get("split", "train") == "train"]
-    summary = summarize(t, it, history, Tokenizer.from_folder(it / "model"), cfg, inputs.principles,
-                        sampled=not args.pairs and cfg.form != "generator")  # v2: the policy stage reports it
-    summary["recipe"] = {"recipe": args.recipe, "form": cfg.form, "use_w": cfg.use_w, "use_g": cfg.use_g,
-                         **({"terms": list(cfg.terms), "neg_pair": args.neg_pair} if cfg.form == "generator" else {})}
-    if summary["eval"]:
-        log_eval_row(metrics_path, summary, len(history))
-    write_json(it / "summary.json", summary)
+    records, stats = read_jsonl(folder / "pairs.jsonl"), json.loads((folder / "data_stats.json").read_text())
+    history = logged_steps(metrics_path(s, folder, stage), t)
+    summary = metrics.summarize(t, records, stats, history, tokenizer, s.principles)
+    sampled = not s.flags.pairs and stage == "policy"  # the policy's own answers (not a generator's)
+    if held_out:
+        ref_logps = cached(folder / "eval_ref_logps.safetensors")
+        summary["eval"] = metrics.held_out(tokenizer, held_out, policy_logps, ref_logps, cfg, s.principles)
+    if held_out and sampled:
+        summary["generation"] = metrics.plain_answers(tokenizer, held_out)
+        summary["behaviour"] = metrics.pass_rates(held_out, s.principles)
+    if sampled:  # the reference pass is the policy that sampled these records
+        ref_logps = cached(folder / "ref_logps.safetensors")
+        summary["onpolicy"] = metrics.on_policy(tokenizer, records, ref_logps, cfg.cutoff)
+    seconds = json.loads((folder / "timing.json").read_text())
+    summary["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
+    summary["recipe"] = {"recipe": s.flags.recipe, "form": cfg.form, "use_w": cfg.use_w, "use_g": cfg.use_g,
+                         **({"terms": list(cfg.terms), "neg_chosen": s.flags.neg_chosen}
+                            if stage == "generator" else {})}
+    if held_out:
+        metrics.log_row(metrics_path(s, folder, stage), summary, len(history))
+    write_json(folder / "summary.json", summary)
     return summary
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if not args.ablation:
-        return run(args)
-    from sso_mini.eval.ablation import run_ablation
-
-    out = Path("runs/ablation" if args.out == "runs/sso" else args.out)
-    result = run_ablation(run, args, out)
-    print((out / "ablation.md").read_text())
-    print(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, figures {out}/ablation_{{signals,length}}.png")
-    return result
+def metrics_path(s: Settings, folder: Path, stage: str) -> Path:
+    """The run's metrics.jsonl; v2's generator logs its own steps in iter_t/generator/metrics.jsonl."""
+    return folder / "metrics.jsonl" if stage == "generator" else s.out / "metrics.jsonl"
 
 
-def run(args):
-    """The SSO loop on parsed settings (train.py's flags as an argparse.Namespace)."""
-    progress = not args.no_progress
-    rank, n_ranks = setup()
-    if n_ranks > 1 and args.batch_size % n_ranks:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the world size {n_ranks} (allowed: k*N)")
-    try:  # the inputs, the model's config and --out, before anything is written
-        inputs = load_inputs(args)
-        choose_device_settings(args, n_ranks)
-        if not args.pairs:  # the prompts' token counts: the model folder's tokenizer, not its weights
-            check_cutoff(Tokenizer.from_folder(resolve(args.model)), inputs.train + inputs.held_out, args.cutoff,
-                         args.max_new_tokens)
-        if n_ranks > 1 and args.lora:
-            raise ValueError("--lora is single-GPU only; under torchrun FSDP2 shards a full fine-tune (--no-lora)")
-        out = on_main(lambda: open_run(Path(args.out), {k: v for k, v in vars(args).items() if k not in OPERATIONAL},
-                                       args.resume))
-    except (AssetError, CheckpointError, FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    if args.device.startswith("cuda"):  # TF32 tensor cores for the matmuls that stay fp32 (a full fine-tune's
-        torch.set_float32_matmul_precision("high")  # fp32 log-prob head on one GPU)
-    cfgs = stage_configs(args)
-    if is_main():
-        write_config(out / "train_config.json", cfgs["policy"])
-        print(f"precision: {args.dtype} weights{', bf16 autocast' if args.autocast else ''} on {args.device}; "
-              f"{len(inputs.held_out)} held-out {'records' if args.pairs else 'prompts'}; principles "
-              f"{inputs.principles.name} ({', '.join(inputs.principles.checked) or 'no'} rule-checked)",
+def final_answers(s: Settings, last: Path, out: Path):
+    """final/summary.json: the last policy answers the held-out prompts once more (y^o): its plain answers,
+    and per checked feature their change from the start model's answers to the same prompts."""
+    final = out / "final"
+    if not (final / "summary.json").exists():
+        with timed(s, final, "eval_sample", f"the final policy answers the {len(s.held_out)} held-out prompts (y^o)"):
+            model, tokenizer = load_model(last, dtype=s.dtype, device=s.device)
+            seed = s.flags.seed + EVAL_SEED + 1000 * (s.flags.iterations + 1)
+            answers = sample_plain(model, tokenizer, s.held_out, seed=seed, max_new_tokens=s.flags.max_new_tokens,
+                                   batch_size=s.flags.sample_batch_size, compile=s.device.type == "cuda",
+                                   progress=s.progress)
+            write_jsonl(final / "generation.jsonl", answers)
+        seconds = json.loads((final / "timing.json").read_text())
+        start = read_jsonl(out / "iter_0" / "eval_pairs.jsonl")
+        write_json(final / "summary.json", {
+            "iteration": s.flags.iterations, "generation": metrics.plain_answers(tokenizer, answers),
+            "behaviour": metrics.pass_rates(answers, s.principles),
+            "vs_start": metrics.pass_rate_change(start, answers, s.principles) if s.principles.checked else {},
+            "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}})
+    summary = json.loads((final / "summary.json").read_text())
+    metrics.log_row(out / "metrics.jsonl", summary, 0, split="final")
+    for f, c in summary["vs_start"].items():
+        print(f"\n{f}: the held-out plain answers y^o pass its check {100 * c['start']:.0f}% at the start, "
+              f"{100 * c['end']:.0f}% after the last iteration ({100 * c['difference']:+.0f} points on {c['n']} "
+              f"prompts: {c['became_passing']} now pass, {c['became_failing']} no longer do; exact McNemar "
+              f"p = {c['p_exact']:.2g})", file=sys.stderr)
+
+
+def cached(path: Path):
+    """The log-probs a score_records cache holds, or None (missing or damaged: never used)."""
+    try:
+        return load_tensors(path)["logps"]
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def timed(s: Settings, folder: Path, stage: str, what: str = ""):
+    """Say what runs (and what the same stage took last iteration); add its wall time to folder/timing.json
+    (a stage finished over two attempts, or run in several parts, adds up)."""
+    if s.ranks.main and what:
+        t = int(folder.name.split("_")[1]) if folder.name.startswith("iter_") else None  # not final/, generator/
+        last = folder.with_name(f"iter_{t - 1}") / "timing.json" if t else None
+        before = json.loads(last.read_text()).get(stage) if last and last.exists() else None
+        print(f"[{folder.name}] {stage}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""),
               file=sys.stderr)
-    dtype = getattr(torch, args.dtype)
-    metrics_path, summaries = out / "metrics.jsonl", []
-    recipe = {"v1": v1_iteration, "v2": v2_iteration}[args.recipe]
-    for t in range(args.iterations):
-        it, policy = out / f"iter_{t}", args.model if t == 0 else out / f"iter_{t - 1}" / "model"
-        stage = functools.partial(run_stage, args, t=t, policy=policy, dtype=dtype, inputs=inputs, progress=progress,
-                                  rank=rank, n_ranks=n_ranks)
-        summary = recipe(stage, cfgs, it, metrics_path)
-        if is_main():
-            summaries.append(summary)
-            plot_metrics(out, summaries)
-
-    if not is_main():
-        return
-    final = None
-    if inputs.held_out and not args.pairs:  # the last policy answers the held-out prompts once more
-        last = out / f"iter_{args.iterations - 1}" / "model"
-        final = final_generation(out / "final", lambda: load_model(last, dtype=dtype, device=args.device),
-                                 inputs.held_out, args.iterations, inputs.principles,
-                                 out / "iter_0" / "eval_pairs.jsonl",
-                                 seed=args.seed + EVAL_SEED + 1000 * (args.iterations + 1),
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.sample_batch_size,
-                                 compile=args.device.startswith("cuda"), progress=progress)
-        log_eval_row(metrics_path, final, 0, split="final")
-        plot_metrics(out, summaries + [final])
-    print_table(summaries, final)
-    print(f"\nrun folder: {out}\n  pairs:   {out}/iter_*/pairs.jsonl (held out: eval_pairs.jsonl)\n  models:  "
-          f"{out}/iter_*/model/\n  metrics: {metrics_path}\n  plot:    {out / 'metrics.png'}")
+    start = time.perf_counter()
+    yield
+    if s.ranks.main:
+        path = folder / "timing.json"
+        seconds = json.loads(path.read_text()) if path.exists() else {}
+        seconds[stage] = round(seconds.get(stage, 0) + time.perf_counter() - start, 1)
+        write_json(path, seconds)
 
 
 def cli(argv=None) -> int:
@@ -372,11 +327,9 @@ def cli(argv=None) -> int:
         print("error: interrupted; the same command with --resume continues from the last saved step", file=sys.stderr)
         return 130
     except (AssetError, CheckpointError, OSError, ValueError, TrainingError) as e:  # OSError: a full disk names it
-        if is_main():  # every rank fails alike; rank 0 says why
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank fails alike; rank 0 says why
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
-    finally:
-        teardown()
 
 
 if __name__ == "__main__":

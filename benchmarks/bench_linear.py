@@ -1,11 +1,11 @@
-"""The CPU matmul of every linear layer: sso_mini.model.project (oneDNN) against F.linear (MKL).
+"""The CPU matmul of every linear layer while sampling: sso_mini.fast_cpu.onednn (oneDNN) against F.linear (MKL).
 
     python benchmarks/bench_linear.py          # fp32, 2 threads, SmolLM2-135M's layer shapes
 
 Rows M = 1, 8, 32 are decode steps at those batch sizes; M = 1,100 is a prefill. Each timing
 walks through enough distinct weights (~300 MB) that they come from memory, as they do when a
 decode step runs the whole model. The sampler runs q, k, v and gate, up as one matmul each
-(generate.fused_projections), so those are the shapes timed.
+(fast_cpu.fused), so those are the shapes timed.
 
 For one row it also times the other one-row products torch ships (oneDNN on a transposed copy of
 the weight, torch.mv) and ends with the batch-1 ceiling: a decode step that read every weight at
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sso_mini.model import project  # noqa: E402
+from sso_mini.fast_cpu import onednn  # noqa: E402
 from bench_generate import read_bandwidth  # noqa: E402  (benchmarks/ is this script's own folder)
 
 # name: (out, in), calls per decode step of SmolLM2-135M (30 layers, tied lm_head)
@@ -52,18 +52,18 @@ def main():
           "| oneDNN, transposed copy us | torch.mv us |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     step_seconds, step_bytes = 0.0, 0
-    with torch.inference_mode():  # where model.project takes oneDNN (sampling)
+    with torch.inference_mode():  # as while sampling
         for name, ((out_f, in_f), calls) in SHAPES.items():
             weights = [torch.randn(out_f, in_f) for _ in range(max(1, 300 * 2**20 // (4 * out_f * in_f)))]
             for M in map(int, args.rows.split(",")):
                 x = torch.randn(M, in_f)
                 repeats = max(1, 2000 // (M * len(weights)))
                 mkl = seconds_per_call(F.linear, x, weights, repeats)
-                ours = seconds_per_call(project, x, weights, repeats)
+                ours = seconds_per_call(onednn, x, weights, repeats)
                 others = "| - | - |"
                 if M == 1:  # the other layouts one row can take; the same dot products
                     copies = [W.t().contiguous() for W in weights]  # [in, out]
-                    flipped = seconds_per_call(lambda x, Wt: project(x, Wt.t()), x, copies, repeats)
+                    flipped = seconds_per_call(lambda x, Wt: onednn(x, Wt.t()), x, copies, repeats)
                     mv = seconds_per_call(lambda x, W: torch.mv(W, x[0]), x, weights, repeats)
                     others = f"| {flipped * 1e6:.0f} | {mv * 1e6:.0f} |"
                     step_seconds += calls * min(mkl, ours, flipped, mv)

@@ -30,13 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sso_mini.batches import micro_batches, row_length  # noqa: E402
+from sso_mini.batches import collate_groups, micro_batches, row_length  # noqa: E402
 from sso_mini.checkpoint import load_model  # noqa: E402
 from sso_mini.config import PRESETS  # noqa: E402
 from sso_mini.lora import apply_lora  # noqa: E402
 from sso_mini.losses import sso_loss  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
-from sso_mini.trainer import bf16_is_native, score  # noqa: E402
+from sso_mini.logprobs import packed_logprobs  # noqa: E402
+from sso_mini.trainer import bf16_is_native  # noqa: E402
 
 DENSE_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # NVIDIA datasheets, dense (no sparsity)
 
@@ -101,7 +102,10 @@ def run(model, records, micro, device, mixed, flex):
     t, tokens = time.perf_counter(), 0
     for mb in micro:
         groups = [g for i in mb for g in records[i]]
-        logp, n, ntok = score(model, groups, device, mixed, flex=flex)
+        batch = collate_groups(groups, device)  # one packed row, as trainer.score lays it out
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+            logp, n = packed_logprobs(model, batch, flex=flex)
+        ntok = batch["input_ids"].numel()
         loss, _ = sso_loss(logp.float().view(len(mb), 6), ref[mb], n.view(len(mb), 6))
         (loss * len(mb) / len(records)).backward()
         tokens += ntok

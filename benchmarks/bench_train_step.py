@@ -30,9 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sso_mini.checkpoint import load_model  # noqa: E402
-from sso_mini.logprobs import sequence_logprobs  # noqa: E402
 from sso_mini.losses import sso_loss  # noqa: E402
-from sso_mini.trainer import autocast, score  # noqa: E402
+from sso_mini.trainer import score  # noqa: E402
 
 
 def batch(T, vocab, prompt_len):
@@ -60,7 +59,7 @@ def shared_groups(ids, prompt_len):
 
 
 def step_ours(model, groups, ref, bf16):
-    logp, n, _ = score(model, groups, torch.device("cpu"), bf16)
+    logp, n, _ = score(model, groups, bf16)
     loss, _ = sso_loss(logp.view(1, 6), ref, n.view(1, 6))
     loss.backward()
 
@@ -68,7 +67,7 @@ def step_ours(model, groups, ref, bf16):
 def step_official(model, ref_model, ids, attention, response, bf16):
     logps, ref_logps, counts = [], [], []
     for pair in (slice(0, 2), slice(2, 4), slice(4, 6)):  # three separate forwards
-        with autocast(torch.device("cpu"), bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             lp, n = full_logit_logprobs(model, ids[pair], attention[pair], response[pair])
             with torch.no_grad():  # a live reference forward per batch
                 rp, _ = full_logit_logprobs(ref_model, ids[pair], attention[pair], response[pair])
@@ -86,7 +85,7 @@ def child(variant, T, prompt_len, steps, threads, bf16):
     ids, attention, response = batch(T, model.config.vocab_size, prompt_len)
     groups = shared_groups(ids, prompt_len)
     with torch.no_grad():
-        ref = sequence_logprobs(model, ids, attention, response)[0].view(1, 6)  # the cached reference
+        ref = full_logit_logprobs(model, ids, attention, response)[0].view(1, 6)  # the cached reference
     if variant == "ours":
         fn = lambda: step_ours(model, groups, ref, bf16)  # noqa: E731
     else:

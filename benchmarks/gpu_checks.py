@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sso_mini.batches import collate_groups  # noqa: E402
 from sso_mini.checkpoint import load_model  # noqa: E402
 from sso_mini.config import ModelConfig  # noqa: E402
-from sso_mini.generate import MAX_GRAPHS, generate_batched  # noqa: E402
+from sso_mini.compiled import MAX_GRAPHS  # noqa: E402
+from sso_mini.generate import generate_batched  # noqa: E402
 from sso_mini.logprobs import packed_logprobs, token_logprobs  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
 from sso_mini.records import SAMPLING, default_prompts  # noqa: E402
@@ -96,7 +97,7 @@ def flex_backward():
     grads = {}
     for flex in (True, False):
         model.zero_grad()
-        logp, _ = packed_logprobs(model, **batch, flex=flex)
+        logp, _ = packed_logprobs(model, batch, flex=flex)
         logp.sum().backward()
         grads[flex] = (logp.detach(), [p.grad.clone() for p in model.parameters()])
     value = (grads[True][0] - grads[False][0]).abs().max().item()

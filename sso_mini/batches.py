@@ -20,7 +20,6 @@ end-of-turn token (response_ids).
 
 import torch
 
-from .distributed import deal, rank, world_size
 from .tokenizer import end_of_turn_id, prompt_ids
 
 # (column name, the prompt's system-message field or None for the plain x, the response field)
@@ -141,24 +140,18 @@ def micro_batches(ids, tokens: dict, max_records: int, max_tokens: int | None = 
     return out
 
 
-def pack(tokenizer, records, steps: list[list[int]], cutoff: int, micro_batch_size: int,
-         tokens_per_micro_batch: int | None = None) -> list[list[tuple[list, list[int], float]]]:
-    """Every step's records as this rank's micro-batches, built once before any loop: for each step (a list of
-    record ids), a list of (groups, ids, weight): the prompt-sharing groups of records `ids`, in order (one
-    packed row, collate_groups), and the micro-batch's share of the step's records. Under torchrun a step's
-    records are dealt out across ranks, and a rank with fewer micro-batches than the busiest adds spare ones of
-    weight 0: every forward of a sharded model is a collective, so every rank must run as many."""
+def pack(tokenizer, records, steps: list[list[int]], cfg) -> list[list[tuple]]:
+    """Every step's records as micro-batches, laid out once before any loop: for each step (a list of record
+    ids), a list of (groups, ids, share): the prompt-sharing groups of records `ids` in order (one packed
+    row, collate_groups) and `share`, the micro-batch's fraction of the step's records (its loss's weight in
+    the step's mean). cfg: cutoff, micro_batch_size,
+    tokens_per_micro_batch."""
     eot = end_of_turn_id(tokenizer)
-    groups = {i: record_groups(tokenizer, records[i], cutoff, eot) for ids in steps for i in ids}
+    groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot) for ids in steps for i in ids}
     tokens = {i: row_length(g) for i, g in groups.items()}
-    n, r = world_size(), rank()
-    out = []
-    for ids in steps:
-        shares = [micro_batches(deal(ids, n, k), tokens, micro_batch_size, tokens_per_micro_batch) for k in range(n)]
-        mine = [(mb, len(mb) / len(ids)) for mb in shares[r]]
-        mine += [([ids[0]], 0.0)] * (max(map(len, shares)) - len(mine))  # spare rounds
-        out.append([([g for i in mb for g in groups[i]], mb, weight) for mb, weight in mine])
-    return out
+    return [[([g for i in mb for g in groups[i]], mb, len(mb) / len(ids))
+             for mb in micro_batches(ids, tokens, cfg.micro_batch_size, cfg.tokens_per_micro_batch)]
+            for ids in steps]
 
 
 def collate(sequences, pad_id) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ the per-token logsumexp, and recomputes each chunk's logits in the backward.
 
 import torch
 
-from sso_mini.model import packed_attention_mask, position_ids_from_mask
+from .model import packed_attention_mask
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 32 * 2**20  # budget of one fp32 [N, chunk] logits block
@@ -48,8 +48,8 @@ class _TokenLogprobs(torch.autograd.Function):
     stays one pass. In the backward the logsumexp is known, and a vocab chunk then yields its rows
     of grad_weight complete from one matmul over all N tokens: they are written once, straight into
     the output. Token chunks instead read-modify-write the whole [V, H] grad_weight (545 MB for
-    Qwen) once per chunk, which measured about 2x slower on 2 CPU cores, and bf16 weights need an
-    extra fp32 [V, H] accumulator. grad_hidden ([N, H], small) is the accumulated one here.
+    Qwen) once per chunk (benchmarks/README.md measures the two), and bf16 weights need an extra
+    fp32 [V, H] accumulator. grad_hidden ([N, H], small) is the accumulated one here.
     The [N, chunk] block lives in one buffer reused by every chunk: fresh allocations that large
     would be page-faulted in again each time on CPU.
     """
@@ -136,48 +136,19 @@ def token_logprobs(hidden, weight, targets, chunk_size=None):
     return _TokenLogprobs.apply(hidden, weight, targets, chunk_size)
 
 
-def sequence_logprobs(model, input_ids, attention_mask, response_mask):
-    """Summed log-prob of each row's response tokens, and how many there are.
+def packed_logprobs(model, batch: dict, flex=None):
+    """Summed log-prob and token count of each response in a packed row (batch: batches.collate_groups).
 
-    input_ids, attention_mask, response_mask: [B, T]; response_mask marks the tokens to score.
-    Token t is predicted by the hidden state at t - 1, so only those rows go through the lm_head.
-    Positions count attended tokens only, so left-padded rows see the same positions as unpadded.
-    Returns (logp_sum [B] float32, n_tokens [B] int64).
+    A token's log-prob is read from its parent's hidden state (the token before it in its own sequence),
+    so every response is scored exactly as if it followed its prompt alone. flex: attention through a
+    flex_attention block mask (default on CUDA; model.packed_attention_mask).
+    Returns (logp_sum [S] float32, n_tokens [S] int64), S = responses in the row, in order.
     """
-    if not (input_ids.shape == attention_mask.shape == response_mask.shape) or input_ids.dim() != 2:
-        raise ValueError(f"sequence_logprobs: input_ids, attention_mask and response_mask must share "
-                         f"one [B, T] shape, got {tuple(input_ids.shape)}, "
-                         f"{tuple(attention_mask.shape)}, {tuple(response_mask.shape)}")
-    response_mask = response_mask.bool()
-    if response_mask[:, 0].any():
-        raise ValueError("sequence_logprobs: response_mask marks position 0, which has no context")
-    if (response_mask & (attention_mask == 0)).any():
-        raise ValueError("sequence_logprobs: response_mask marks padding (attention_mask is 0 there)")
-    position_ids = position_ids_from_mask(attention_mask)  # [B, T]
-    hidden = model.hidden_states(input_ids, position_ids=position_ids,
-                                 attention_mask=attention_mask)  # [B, T, H]
-    scored = response_mask[:, 1:]  # [B, T-1] target positions, shifted onto their predictors
-    logp = token_logprobs(hidden[:, :-1][scored], model.lm_head_weight,
-                          input_ids[:, 1:][scored])  # [n]
-    row = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(scored)
-    logp_sum = logp.new_zeros(input_ids.shape[0]).index_add(0, row[scored], logp)  # [B]
-    return logp_sum, scored.sum(dim=1)
-
-
-def packed_logprobs(model, input_ids, position_ids, document, branch, parent, segment, flex=None):
-    """Summed log-prob and token count of each response in a prompt-sharing row (batches.collate_groups).
-
-    The same numbers as sequence_logprobs on the unpacked sequences: a token's log-prob is
-    read from its parent's hidden state (the token before it in its own sequence).
-    flex: attention through a flex_attention block mask (default on CUDA; model.packed_attention_mask).
-    Returns (logp_sum [S] float32, n_tokens [S] int64), S = responses in the batch, in order.
-    """
-    mask = packed_attention_mask(document, branch, flex)
-    hidden = model.hidden_states(input_ids, position_ids=position_ids, attention_mask=mask)  # [1, N, H]
-    scored = parent >= 0  # [G, T] the targets
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(parent)
-    predictors = hidden[rows[scored], parent[scored]]  # [n, H]
-    logp = token_logprobs(predictors, model.lm_head_weight, input_ids[scored])  # [n]
-    seg = segment[scored]
-    S = int(segment.max()) + 1
+    mask = packed_attention_mask(batch["document"], batch["branch"], flex)
+    hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], mask)  # [1, N, H]
+    scored = batch["parent"] >= 0  # [1, N] the targets
+    predictors = hidden[0, batch["parent"][scored]]  # [n, H]
+    logp = token_logprobs(predictors, model.lm_head_weight, batch["input_ids"][scored])  # [n]
+    seg = batch["segment"][scored]
+    S = int(batch["segment"].max()) + 1
     return logp.new_zeros(S).index_add(0, seg, logp), torch.bincount(seg, minlength=S)

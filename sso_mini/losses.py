@@ -23,7 +23,7 @@ CHOSEN, REJECTED, P_CHOSEN, P_REJECTED, N_CHOSEN, N_REJECTED = map(COLUMNS.index
 PAIRS = (("", CHOSEN, REJECTED), ("p_", P_CHOSEN, P_REJECTED), ("n_", N_CHOSEN, N_REJECTED))
 
 LOSS_TYPES = ("ipo", "dpo")
-FORMS = ("v1", "head", "generator")  # generator: v2's data generator (train.py --recipe v2)
+FORMS = ("v1", "w_on_g", "generator")  # w_on_g: W weighs G only; generator: v2's data generator (--recipe v2)
 TERMS = ("pos", "neg")  # the generator's L+ and L-
 DEFAULT_BETA = {"ipo": 0.2, "dpo": 0.1}  # IPO: HEAD train.sh; DPO: v2 §5.1
 
@@ -33,16 +33,16 @@ def _margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected):
     return (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)  # [B]
 
 
-def as_loss_reads(logps, lengths, loss_type):
+def loss_logps(logps, lengths, loss_type):
     """Summed log-probs as the base loss takes them: per-token means for IPO, the sums for DPO."""
     return logps / lengths.to(logps.dtype) if loss_type == "ipo" else logps
 
 
 def implicit_rewards(policy_logps, ref_logps, lengths, loss_type="ipo", beta=None):
     """[B, 6] reward = beta * (l_pi - l_ref) of every sequence, with l as the loss reads it
-    (as_loss_reads). TRL's rewards/* and the held-out signal use it."""
+    (loss_logps). TRL's rewards/* and the held-out signal use it."""
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
-    return beta * (as_loss_reads(policy_logps, lengths, loss_type) - as_loss_reads(ref_logps, lengths, loss_type))
+    return beta * (loss_logps(policy_logps, lengths, loss_type) - loss_logps(ref_logps, lengths, loss_type))
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1):
@@ -68,14 +68,15 @@ def weight_W(mean_pos, mean_neg, alpha=0.66):
 
 def steering_terms(l_pi, l_ref, base_loss, beta):
     """G's two terms, [B] each: L(x+: y+ > y-) and L(x-: y^o > y+), on [B, 6] log-probs as the base loss
-    reads them (as_loss_reads). G = their sum."""
+    reads them (loss_logps). G = their sum."""
     def L(c, r):  # base loss of the pair (column c chosen, column r rejected)
         return base_loss(l_pi[:, c], l_pi[:, r], l_ref[:, c], l_ref[:, r], beta)
 
     return L(P_CHOSEN, P_REJECTED), L(N_CHOSEN, N_REJECTED)
 
 
-def _check(policy_logps, ref_logps, lengths, loss_type, form, terms, beta, theta, alpha):
+def check_settings(loss_type, form, terms, beta, theta, alpha):
+    """Refuse a setting the objective does not define, naming what is allowed."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if form not in FORMS:
@@ -86,6 +87,9 @@ def _check(policy_logps, ref_logps, lengths, loss_type, form, terms, beta, theta
         raise ValueError(f"beta must be > 0, got {beta}")
     if theta < 0 or not 0 <= alpha <= 1:
         raise ValueError(f"theta must be >= 0 and alpha in [0, 1], got theta {theta}, alpha {alpha}")
+
+
+def check_shapes(policy_logps, ref_logps, lengths):
     for name, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps), ("lengths", lengths)):
         if t.dim() != 2 or t.shape[1] != len(COLUMNS) or t.shape != policy_logps.shape:
             raise ValueError(f"{name} must have shape [B, 6] like policy_logps "
@@ -96,46 +100,32 @@ def _check(policy_logps, ref_logps, lengths, loss_type, form, terms, beta, theta
 
 def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", use_w=True,
              use_g=True, theta=0.1, alpha=0.66, beta=None, gamma=0.1, terms=TERMS):
-    """The SSO objective on one batch of records.
+    """The SSO objective on one batch of records: (batch-mean loss, metrics as floats).
 
-    policy_logps: [B, 6] summed response log-probs under the policy (differentiable).
-    ref_logps:    [B, 6] the same under the reference (no grad needed).
-    lengths:      [B, 6] response-token counts; columns as in batches.SEQUENCES.
-
-    With L the base loss (IPO on per-token means, DPO on sums, for policy and
-    reference alike) and
-        G = L(x+, y+, y-) + L(x-, y^o, y+)
-        W = sigmoid(-(alpha * mean_logp(y+|x) + (1 - alpha) * mean_logp(y-|x)))
-    the per-example loss is
-        v1   (paper v1 / INIT code, default):  W * (L(x, y+, y-) + theta * G)
-        head (HEAD code):                      L(x, y+, y-) + W * theta * G
-        generator (v2's data generator):       L+ + L-, with
-            L+ = L(x+, y+, y-) + gamma * SFT(x+, y+)     (v2 Eq. 2)
-            L- = L(x-, y^o, y+) + gamma * SFT(x-, y^o)   (v2 Eq. 4; Eq. 3 puts y- in y^o's place)
-    with SFT = -mean_logp of the chosen side; `terms` keeps L+ ("pos"), L- ("neg") or both (v2
-    Table 3). The generator has no W and no base term, so use_w / use_g do not change it.
-
-    W is NOT detached: its gradient pushes log pi(y+|x), log pi(y-|x) up, which
-    keeps the pair on-policy. It always uses per-token means, computed per
-    example as sum/len (not the released code's broadcast, docs/algorithm.md).
-
-    Ablations (both v1 and head): use_w=False -> L + theta*G (INIT's "w/o W";
-    HEAD would silently drop G), use_g=False -> W * L, neither -> L (PBAA).
-
+    policy_logps, ref_logps, lengths: [B, 6] summed response log-probs under the policy (differentiable)
+    and the reference, and response-token counts; columns as in batches.SEQUENCES. With L the base loss
+    (IPO on per-token means, DPO on sums), G = L(x+: y+ > y-) + L(x-: y^o > y+) and W = weight_W, the
+    per-record loss is
+        v1 (the paper's v1 and first released commit, default):  W * (L(x: y+ > y-) + theta * G)
+        w_on_g (the latest released commit):                      L(x: y+ > y-) + W * theta * G
+        generator (v2's data generator), `terms` keeping L+ ("pos"), L- ("neg") or both (v2 Table 3):
+            L+ = L(x+: y+ > y-) - gamma * mean_logp(y+|x+)    (v2 Eq. 2: IPO plus SFT on the chosen side)
+            L- = L(x-: y^o > y+) - gamma * mean_logp(y^o|x-)  (v2 Eq. 4)
+    Ablations of v1 and w_on_g: use_w=False -> L + theta * G, use_g=False -> W * L, neither -> L (PBAA).
+    W is not detached: its gradient raises log pi(y+|x) and log pi(y-|x), which keeps the pair on-policy.
     beta=None picks 0.2 for IPO and 0.1 for DPO.
-    Returns (batch-mean loss, metrics) where metrics holds floats (batch means):
-        loss, raw_loss (the same loss with W set to 1), W, and for each prefix
-        "", "p_", "n_": rewards/{chosen,rejected,accuracies,margins} with
-        reward = beta * (l_pi - l_ref) normalised as the loss uses it, and
-        logps/{chosen,rejected} = the policy's SUMMED log-probs (as TRL logs).
-        For "n_", chosen is y^o and rejected is y+ (both under x-).
+
+    metrics: loss, unweighted_loss (W set to 1), W, and for each pair prefix "", "p_", "n_" (for "n_" the
+    chosen side is y^o, the rejected y+) rewards/{chosen,rejected,accuracies,margins} with reward =
+    beta * (l_pi - l_ref) as the loss reads l, and logps/{chosen,rejected}: the policy's sums, as TRL logs.
     """
-    _check(policy_logps, ref_logps, lengths, loss_type, form, terms, beta, theta, alpha)
+    check_settings(loss_type, form, terms, beta, theta, alpha)
+    check_shapes(policy_logps, ref_logps, lengths)
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
     lengths = lengths.to(policy_logps.dtype)
     mean_logps = policy_logps / lengths  # [B, 6] pi~(y|x), used by W and SFT whatever the loss
     base_loss = ipo_loss if loss_type == "ipo" else dpo_loss
-    l_pi, l_ref = as_loss_reads(policy_logps, lengths, loss_type), as_loss_reads(ref_logps, lengths, loss_type)
+    l_pi, l_ref = loss_logps(policy_logps, lengths, loss_type), loss_logps(ref_logps, lengths, loss_type)
 
     L_base = base_loss(l_pi[:, CHOSEN], l_pi[:, REJECTED], l_ref[:, CHOSEN], l_ref[:, REJECTED], beta)  # x: y+ > y-
     L_pos, L_neg = steering_terms(l_pi, l_ref, base_loss, beta)  # x+: y+ > y-,  x-: y^o > y+
@@ -145,17 +135,23 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
     if form == "generator":
         L_plus = L_pos - gamma * mean_logps[:, P_CHOSEN]  # [B]
         L_minus = L_neg - gamma * mean_logps[:, N_CHOSEN]  # [B]
-        raw = sum(term for name, term in (("pos", L_plus), ("neg", L_minus)) if name in terms)
-        loss = raw
-    elif form == "head" and use_w and use_g:
-        raw = L_base + theta * G
-        loss = L_base + W * theta * G
+        unweighted = loss = sum(term for name, term in (("pos", L_plus), ("neg", L_minus)) if name in terms)
+    elif form == "w_on_g" and use_w and use_g:
+        unweighted, loss = L_base + theta * G, L_base + W * theta * G
     else:  # v1, and every ablation of either form
-        raw = L_base + theta * G if use_g else L_base
-        loss = W * raw if use_w else raw
+        unweighted = L_base + theta * G if use_g else L_base
+        loss = W * unweighted if use_w else unweighted
 
-    stats = {"loss": loss.mean(), "raw_loss": raw.mean(), "W": W.mean()}
     rewards = implicit_rewards(policy_logps.detach(), ref_logps, lengths, loss_type, beta)  # [B, 6]
+    stats = {"loss": loss.mean(), "unweighted_loss": unweighted.mean(), "W": W.mean(),
+             **pair_stats(policy_logps, rewards)}
+    values = torch.stack([v.detach().float() for v in stats.values()]).tolist()  # one device sync
+    return loss.mean(), dict(zip(stats, values))
+
+
+def pair_stats(policy_logps, rewards) -> dict:
+    """Batch means of each pair's rewards and the policy's summed log-probs, as TRL's DPOTrainer names them."""
+    stats = {}
     for prefix, c, r in PAIRS:
         chosen, rejected = rewards[:, c], rewards[:, r]  # [B]
         stats[f"{prefix}rewards/chosen"] = chosen.mean()
@@ -164,5 +160,4 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
         stats[f"{prefix}rewards/margins"] = (chosen - rejected).mean()
         stats[f"{prefix}logps/chosen"] = policy_logps[:, c].mean()
         stats[f"{prefix}logps/rejected"] = policy_logps[:, r].mean()
-    values = torch.stack([v.detach().float() for v in stats.values()]).tolist()  # one device sync
-    return loss.mean(), dict(zip(stats, values))
+    return stats

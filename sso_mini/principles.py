@@ -174,65 +174,85 @@ def load_principles(name_or_file) -> PrincipleSet:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from None
+    try:
+        return parse_set(path, data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
-    def bad(where, message):
-        return ValueError(f"{path}: {where}{message}")
 
+def parse_set(path: Path, data: dict) -> PrincipleSet:
     known = {"description", "features_per_prompt", "extra", "feature", "example"}
     if set(data) - known:
-        raise bad("", f"unknown field(s) {', '.join(sorted(set(data) - known))} (allowed: {', '.join(sorted(known))})")
+        raise ValueError(f"unknown field(s) {', '.join(sorted(set(data) - known))} "
+                         f"(allowed: {', '.join(sorted(known))})")
     rows = data.get("feature")
     if not isinstance(rows, list) or not rows:
-        raise bad("", "no features (give at least one [[feature]] table)")
+        raise ValueError("no features (give at least one [[feature]] table)")
     features = {}
     for i, row in enumerate(rows):
-        where = f"feature {row.get('name', i + 1)!r}: " if isinstance(row, dict) else f"feature {i + 1}: "
-        if not isinstance(row, dict):
-            raise bad(where, "must be a table")
-        unknown = set(row) - set(TEXT_FIELDS) - {"check"}
-        if unknown:
-            raise bad(where, f"unknown field(s) {', '.join(sorted(unknown))} "
-                             f"(allowed: {', '.join(TEXT_FIELDS)}, check)")
-        for field in TEXT_FIELDS:
-            if not isinstance(row.get(field), str) or not row[field].strip():
-                raise bad(where, f"field '{field}' is missing or empty (a non-empty string)")
-        if row["name"] in features:
-            raise bad(where, "the name is used twice")
-        check = row.get("check", [])
-        if not isinstance(check, list):
-            raise bad(where, "field 'check' must be a list of conditions, e.g. [{rule = \"ended\"}]")
-        for condition in check:
-            error = rules.condition_error(condition)
-            if error:
-                raise bad(where, f"field 'check': {error}")
-        features[row["name"]] = Feature(**{k: row[k] for k in TEXT_FIELDS}, check=tuple(check))
-
-    extra, p = data.get("extra"), 0.0
-    if extra is not None:
-        if not isinstance(extra, dict) or set(extra) != {"feature", "probability"}:
-            raise bad("", "field 'extra' needs exactly: feature (a feature's name), probability (0 to 1)")
-        p = extra["probability"]
-        if extra["feature"] not in features:
-            raise bad("", f"field 'extra': {extra['feature']!r} is not one of the features")
-        if not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise bad("", f"field 'extra': probability {p!r} is not a number from 0 to 1")
-        extra = extra["feature"]
+        feature = parse_feature(row, i)
+        if feature.name in features:
+            raise ValueError(f"feature {feature.name!r}: the name is used twice")
+        features[feature.name] = feature
+    extra, p = parse_extra(data.get("extra"), features)
     selectable = [name for name in features if name != extra]
     if not selectable:
-        raise bad("", "no feature the policy can pick (every feature is the extra one)")
+        raise ValueError("no feature the policy can pick (every feature is the extra one)")
     k = data.get("features_per_prompt", len(selectable))
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(selectable):
-        raise bad("", f"features_per_prompt {k!r} is out of range (allowed: 1 to {len(selectable)}, "
-                      f"the number of features the policy can pick)")
+        raise ValueError(f"features_per_prompt {k!r} is out of range (allowed: 1 to {len(selectable)}, "
+                         f"the number of features the policy can pick)")
+    examples = parse_examples(data.get("example", []), selectable)
+    if k < len(selectable) and not examples:
+        raise ValueError(f"features_per_prompt {k} < {len(selectable)} features: the policy picks, so give at "
+                         "least one [[example]] (query, features) for its selection prompt")
+    return PrincipleSet(name=path.stem, source=path, features=features, features_per_prompt=k, extra=extra,
+                        extra_probability=float(p), examples=examples)
+
+
+def parse_feature(row, i: int) -> Feature:
+    """The i-th [[feature]] table: every text field, and its check's conditions as rules.py reads them."""
+    where = f"feature {row.get('name', i + 1)!r}: " if isinstance(row, dict) else f"feature {i + 1}: "
+    if not isinstance(row, dict):
+        raise ValueError(where + "must be a table")
+    unknown = set(row) - set(TEXT_FIELDS) - {"check"}
+    if unknown:
+        raise ValueError(where + f"unknown field(s) {', '.join(sorted(unknown))} "
+                                 f"(allowed: {', '.join(TEXT_FIELDS)}, check)")
+    for field in TEXT_FIELDS:
+        if not isinstance(row.get(field), str) or not row[field].strip():
+            raise ValueError(where + f"field '{field}' is missing or empty (a non-empty string)")
+    check = row.get("check", [])
+    if not isinstance(check, list):
+        raise ValueError(where + "field 'check' must be a list of conditions, e.g. [{rule = \"ended\"}]")
+    for condition in check:
+        error = rules.condition_error(condition)
+        if error:
+            raise ValueError(where + f"field 'check': {error}")
+    return Feature(**{k: row[k] for k in TEXT_FIELDS}, check=tuple(check))
+
+
+def parse_extra(extra, features: dict) -> tuple[str | None, float]:
+    """The [extra] table: (the feature added at random, its probability), or (None, 0)."""
+    if extra is None:
+        return None, 0.0
+    if not isinstance(extra, dict) or set(extra) != {"feature", "probability"}:
+        raise ValueError("field 'extra' needs exactly: feature (a feature's name), probability (0 to 1)")
+    if extra["feature"] not in features:
+        raise ValueError(f"field 'extra': {extra['feature']!r} is not one of the features")
+    p = extra["probability"]
+    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"field 'extra': probability {p!r} is not a number from 0 to 1")
+    return extra["feature"], p
+
+
+def parse_examples(rows: list, selectable: list) -> tuple:
+    """The [[example]] tables of the selection prompt: ((query, (feature, ...)), ...)."""
     examples = []
-    for i, ex in enumerate(data.get("example", [])):
+    for i, ex in enumerate(rows):
         if (not isinstance(ex, dict) or set(ex) != {"query", "features"} or not isinstance(ex["query"], str)
                 or not isinstance(ex["features"], list) or not ex["features"]
                 or any(f not in selectable for f in ex["features"])):
-            raise bad(f"example {i + 1}: ", f"needs a query (a string) and features (names from {selectable})")
+            raise ValueError(f"example {i + 1}: needs a query (a string) and features (names from {selectable})")
         examples.append((ex["query"], tuple(ex["features"])))
-    if k < len(selectable) and not examples:
-        raise bad("", f"features_per_prompt {k} < {len(selectable)} features: the policy picks, so give at least "
-                      "one [[example]] (query, features) for its selection prompt")
-    return PrincipleSet(name=path.stem, source=path, features=features, features_per_prompt=k, extra=extra,
-                        extra_probability=float(p), examples=tuple(examples))
+    return tuple(examples)

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from .assets import fetch_wheel_member, write_atomic
-from .batches import collate, is_capped, response_ids, truncate
+from .batches import collate_groups, is_capped, response_ids, truncate
 from .generate import generate_batched
-from .logprobs import sequence_logprobs
+from .logprobs import packed_logprobs
 from .principles import STOP
 from .tokenizer import chat, end_of_turn_id, prompt_ids
 
@@ -97,7 +97,8 @@ def default_prompts(max_chars=200) -> list[str]:
 # --- sampling ----------------------------------------------------------------------------
 
 
-def select_features(model, tokenizer, principles, prompts, rng, *, seed, batch_size, progress, desc="prompts"):
+def select_features(model, tokenizer, principles, prompts, rng, *, seed=0, batch_size=None, progress=False,
+                    desc="prompts"):
     """The policy itself names the features that matter for each prompt (when the set leaves a choice)."""
     answers = [None] * len(prompts)
     if principles.needs_selection:
@@ -185,35 +186,17 @@ def build_records(model, tokenizer, prompts, principles, *, iteration=0, seed=0,
     return records, stats
 
 
-def check_cutoff(tokenizer, prompts, cutoff: int, max_new_tokens: int):
-    """ValueError unless a training sequence (--cutoff) holds the longest plain prompt and a full response."""
-    longest = max(len(prompt_ids(tokenizer, "", x)) for x in prompts)
-    if cutoff < longest + max_new_tokens + 1:  # + 1: the end-of-turn token of a finished response
-        raise ValueError(f"--cutoff {cutoff} cannot hold the longest prompt ({longest} tokens with its chat template) "
-                         f"and a {max_new_tokens}-token response (allowed: >= {longest + max_new_tokens + 1})")
-
-
 def sample_plain(model, tokenizer, prompts, *, seed, max_new_tokens, batch_size=None, compile=False,
                  progress=True) -> list[dict]:
     """y_raw alone for each prompt, as build_records samples it: [{"prompt", "raw", "capped": {"raw"}}].
 
-    How the policy behaves on its own, with no principle (generation_stats reads it).
+    How the policy behaves on its own, with no principle (metrics.plain_answers reads it).
     """
     outs = generate_batched(model, [prompt_ids(tokenizer, "", x) for x in prompts], batch_size=batch_size,
                             seed=seed, desc="sampling y^o", max_new_tokens=max_new_tokens, **SAMPLING,
                             stop_ids=tokenizer.stop_ids, compile=compile, progress=progress)
     return [{"prompt": x, "raw": clean(tokenizer.decode(ids), False), "capped": {"raw": len(ids) >= max_new_tokens}}
             for x, ids in zip(prompts, outs)]
-
-
-def generation_stats(tokenizer, records) -> dict:
-    """The plain responses y_raw: mean length in tokens, the share that ended before the cap
-    (`eos_rate`) and the share capped."""
-    capped = [is_capped(r, "raw") for r in records]
-    lengths = [len(tokenizer.encode(r["raw"])) for r in records]
-    n = max(1, len(records))
-    return {"n": len(records), "mean_length": sum(lengths) / n, "eos_rate": 1 - sum(capped) / n,
-            "capped": sum(capped) / n}
 
 
 # --- files -------------------------------------------------------------------------------
@@ -225,7 +208,8 @@ def write_jsonl(path, records):
 
 
 def read_jsonl(path, required=REQUIRED_FIELDS) -> list[dict]:
-    """The records of a JSONL file, each checked for the string fields in `required`."""
+    """The records of a JSONL file (the one reader of every .jsonl sso-mini reads), each checked for the
+    string fields in `required`; an empty file is refused."""
     records = []
     for n, line in _lines(path, "pairs"):
         r = _json_line(path, n, line)
@@ -274,7 +258,7 @@ def main(argv=None):
 
 
 @torch.no_grad()
-def logprob_filter(model, tokenizer, records, batch_size=12, cutoff=2048) -> tuple[list[dict], Counter]:
+def logprob_filter(model, tokenizer, records, cutoff=2048) -> tuple[list[dict], Counter]:
     """Keep records whose y_pos / y_neg log-probs move the right way with the principles.
 
     Mean token log-probs of y_pos and y_neg under x (o), x+ (p) and x- (n):
@@ -283,18 +267,14 @@ def logprob_filter(model, tokenizer, records, batch_size=12, cutoff=2048) -> tup
       3. a large gap: (p_pos - n_pos) and (n_neg - p_neg) above their means.
     """
     eot = end_of_turn_id(tokenizer)
-    seqs = []
-    for r in records:
-        prompts = [prompt_ids(tokenizer, s, r["prompt"]) for s in ("", r["p_system"], r["n_system"])]
-        for key in ("chosen", "rejected"):
-            y = response_ids(tokenizer, r, key, eot)
-            seqs += [truncate(p, y, cutoff) for p in prompts]
     means = []
-    for start in range(0, len(seqs), batch_size):
-        b = collate(seqs[start:start + batch_size], tokenizer.pad_id)
-        logp, n = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"])
-        means += (logp / n).tolist()
-    scores = torch.tensor(means).view(len(records), 2, 3)  # [R, (pos, neg), (o, p, n)]
+    for r in records:  # one packed row per record: y+, then y-, each under x, x+ and x-
+        prompts = [prompt_ids(tokenizer, system, r["prompt"]) for system in ("", r["p_system"], r["n_system"])]
+        groups = [(p, [y]) for key in ("chosen", "rejected") for p, y in
+                  (truncate(p, response_ids(tokenizer, r, key, eot), cutoff) for p in prompts)]
+        logp, n = packed_logprobs(model, collate_groups(groups, model.lm_head_weight.device))
+        means.append((logp / n).view(2, 3))
+    scores = torch.stack(means).cpu()  # [R, (pos, neg), (o, p, n)]
     o_pos, p_pos, n_pos = scores[:, 0].unbind(-1)
     o_neg, p_neg, n_neg = scores[:, 1].unbind(-1)
     keep = (p_pos > o_pos) & (o_pos > n_pos) & (n_neg > o_neg) & (o_neg > p_neg)
@@ -306,7 +286,3 @@ def logprob_filter(model, tokenizer, records, batch_size=12, cutoff=2048) -> tup
             keep = keep & cond(keep)
         stats[step] = int(keep.sum())
     return [r for r, k in zip(records, keep.tolist()) if k], stats
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -99,14 +99,6 @@ def verifiers():
     return evaluate_instructions, INSTRUCTION_DICT
 
 
-def instruction_conflicts() -> dict[str, set[str]]:
-    """if-verifiable's table of instruction ids that must not share a prompt (not symmetric as shipped)."""
-    verifiers()  # puts the package on sys.path
-    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_CONFLICTS
-
-    return INSTRUCTION_CONFLICTS
-
-
 def check(record: dict, response: str) -> tuple[list[bool], list[bool]]:
     """Per-instruction (strict, loose) passes of one response to an IFEval-style record
     {key, prompt, instruction_id_list, kwargs}; an empty response fails all."""

@@ -54,8 +54,8 @@ CASES = [  # (flags, what the error line must say)
     (["--lora-dropout", "1"], "--lora-dropout 1.0 is out of range (allowed: 0 to below 1)"),
     (["--device", NO_CUDA], f"--device {NO_CUDA}:"),
     (["--device", "tpu"], "--device 'tpu' is not a device (allowed: cpu, cuda, cuda:N)"),
-    (["--form", "v3"], "unknown --form 'v3' (choose from v1, head)"),
-    (["--form", "generator"], "unknown --form 'generator' (choose from v1, head)"),  # --recipe v2 trains it
+    (["--form", "v3"], "unknown --form 'v3' (choose from v1, w_on_g)"),
+    (["--form", "generator"], "unknown --form 'generator' (choose from v1, w_on_g)"),  # --recipe v2 trains it
     (["--recipe", "v3"], "argument --recipe: invalid choice: 'v3'"),
     (["--generator-terms", "pos,base"], "--generator-terms 'pos,base': give pos, neg or pos,neg"),
     (["--recipe", "v2", "--pairs", "{tmp}/pairs.jsonl"], "--recipe v2 samples the policy's pairs with its generator"),
@@ -125,7 +125,7 @@ def test_a_start_that_fails_reading_the_weights_can_be_retried_as_is(inputs, tmp
     assert train.cli(["--model", str(broken), *common]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith(f"error: {broken}: unreadable weights (")  # one line, no traceback
-    assert (out / "run.json").exists() and not any((out / "iter_0").iterdir())  # nothing of the run was written
+    assert (out / "run.json").exists() and not any(out.glob("iter_0/*"))  # nothing of the run was written
     shutil.rmtree(broken)
     shutil.copytree(model, broken)  # the user repairs the folder and runs the same command again
     assert train.cli(["--model", str(broken), *common]) == 0, capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_mtbench_first_turns_without_math_and_coding():
 
 def test_onpolicy_logprob_against_full_logits(smollm2):
     model, tok = smollm2
-    got = evaluate.onpolicy_logprob(model, tok, RECORDS, batch_size=3)
+    got = evaluate.onpolicy_logprob(model, tok, RECORDS)
 
     def mean_logp(prompt, y):
         context = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]))

@@ -75,8 +75,8 @@ def test_shared_prefix_runs_once_and_changes_nothing(smollm2, monkeypatch):
     monkeypatch.setattr(model, "hidden_states",
                         lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or run(ids, *a, **k))
     batched = generate(model, prompts, max_new_tokens=12, temperature=0, progress=False)
-    own = sum(len(p) - P for p in prompts)
-    assert shapes[:2] == [(1, P), (1, own)]  # the prefix once, then the rows' own tokens packed, no padding
+    own = max(len(p) - P for p in prompts)
+    assert shapes[:2] == [(1, P), (3, own)]  # the prefix once, then the rows' own tokens, left-padded
     monkeypatch.undo()
     for p, ours in zip(prompts, batched):
         assert ours == generate(model, [p], max_new_tokens=12, temperature=0, progress=False)[0]
@@ -85,8 +85,8 @@ def test_shared_prefix_runs_once_and_changes_nothing(smollm2, monkeypatch):
 
 
 def test_prefill_in_chunks_changes_no_token(smollm2, chat_prompts, greedy32, monkeypatch):
-    """With a small PREFILL_TOKENS the prompts are prefilled a few rows per forward (into their own cache
-    rows), and every row decodes as it does with the whole batch prefilled at once."""
+    """With a small PREFILL_TOKENS the prompts are prefilled a few rows per forward (each chunk into its own
+    cache, joined after), and every row decodes as it does with the whole batch prefilled at once."""
     import sso_mini.generate as gen
 
     model, tok = smollm2
@@ -94,14 +94,14 @@ def test_prefill_in_chunks_changes_no_token(smollm2, chat_prompts, greedy32, mon
     monkeypatch.setattr(gen, "PREFILL_TOKENS", budget)
     prefills = []
     run = model.hidden_states
-    monkeypatch.setattr(model, "hidden_states", lambda ids, *a, **k: (prefills.append(ids.shape[1]) if ids.shape[1]
-                                                                       > 1 else None) or run(ids, *a, **k))
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *a, **k: (prefills.append(tuple(ids.shape))
+                                                                       if ids.shape[1] > 1 else None) or run(ids, *a, **k))
     chunked = generate(model, chat_prompts, max_new_tokens=32, temperature=0, stop_ids=tok.stop_ids, progress=False)
     P = shared_prefix_length(chat_prompts)  # (the chat template's system header, prefilled once first)
-    own = [len(p) - P for p in chat_prompts]
-    assert P > 0 and prefills[0] == P
-    assert len(prefills) >= 4 and sum(prefills[1:]) == sum(own)  # several forwards, every token once
-    assert all(n <= budget or n in own for n in prefills[1:])  # over the budget only a row alone
+    own = max(len(p) - P for p in chat_prompts)
+    assert P > 0 and prefills[0] == (1, P)
+    assert len(prefills) >= 4 and sum(rows for rows, _ in prefills[1:]) == len(chat_prompts)  # every row once
+    assert all(length == own and (rows * own <= budget or rows == 1) for rows, length in prefills[1:])
     assert chunked == greedy32
 
 
@@ -208,7 +208,7 @@ def test_cache_is_cleared_after_an_error(smollm2, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(g, "decode_step", boom)
+    monkeypatch.setattr(g, "decode_one_token", boom)
     with pytest.raises(RuntimeError, match="boom"):
         generate(model, [[1, 2, 3]], max_new_tokens=4, progress=False)
     assert all(layer.self_attn.kv_cache is None for layer in model.layers)
@@ -315,13 +315,14 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(tiny_transformer, mon
     they give the same tokens; a nucleus wider than the candidates widens."""
     import torch._dynamo
 
+    from sso_mini import compiled
     from sso_mini import generate as gen
     from sso_mini import sampling
 
     torch._dynamo.reset()
-    gen.compiled_steps.cache_clear()
-    monkeypatch.setattr(gen, "COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(gen, "_eager_fallback", [])
+    compiled.compiled_step.cache_clear()
+    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiled, "_eager_fallback", [])
     monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 4)  # so that some steps' nucleus outgrows the candidates
     widened, real = [], gen.widen
     monkeypatch.setattr(gen, "widen", lambda token, decided, *a: widened.append(int((~decided).sum())) or
@@ -334,7 +335,7 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(tiny_transformer, mon
         assert runs[0] == runs[1] and len(set(map(tuple, runs[0]))) > 1
     assert sum(widened) > 0
     torch._dynamo.reset()
-    gen.compiled_steps.cache_clear()
+    compiled.compiled_step.cache_clear()
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -342,6 +343,7 @@ def test_shrinking_batches_give_each_prompt_its_own_greedy_tokens(tiny_transform
     """Rows that stop early are dropped from the batch (and, compiled, the batch is padded to one of
     ROW_BUCKETS and the cache to one of CACHE_BUCKETS): every row still gets exactly the greedy tokens it gets
     alone."""
+    from sso_mini import compiled
     from sso_mini import generate as gen
 
     model = tiny_transformer(std=0.3)
@@ -362,7 +364,7 @@ def test_shrinking_batches_give_each_prompt_its_own_greedy_tokens(tiny_transform
     assert got == expected
     assert shapes and all(b & (b - 1) == 0 and b < 20 for b in shapes)  # it shrank, to powers of two
     if compile:  # ... never below the smallest row bucket
-        assert min(shapes) == gen.ROW_BUCKETS[0]
+        assert min(shapes) == compiled.ROW_BUCKETS[0]
 
 
 def test_fused_projections_change_no_token_and_are_dropped_after(monkeypatch):
@@ -380,7 +382,7 @@ def test_fused_projections_change_no_token_and_are_dropped_after(monkeypatch):
             p.normal_(0, 0.3)
     used = []
     forward = Attention.forward
-    monkeypatch.setattr(Attention, "forward", lambda self, *a, **k: used.append(self.qkv is not None) or
+    monkeypatch.setattr(Attention, "forward", lambda self, *a, **k: used.append("qkv" in vars(self)) or
                         forward(self, *a, **k))
     prompt = [3, 14, 15, 9, 2, 6]
     got = generate(model, [prompt], max_new_tokens=10, temperature=0, progress=False)[0]
@@ -390,17 +392,17 @@ def test_fused_projections_change_no_token_and_are_dropped_after(monkeypatch):
         for _ in range(10):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert got == ids[len(prompt):]
-    assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in model.layers)
+    assert not any("qkv" in vars(layer.self_attn) or "gate_up" in vars(layer.mlp) for layer in model.layers)
     # generate_batched concatenates the weights once for all its batches, and drops them after
     seen = []
-    monkeypatch.setattr(Attention, "forward", lambda self, *a, **k: seen.append(self.qkv[0]) or
+    monkeypatch.setattr(Attention, "forward", lambda self, *a, **k: seen.append(self.qkv) or
                         forward(self, *a, **k))
     batched = generate_batched(model, [prompt, prompt[:4], prompt[:2]], batch_size=1, max_new_tokens=3,
                                temperature=0, progress=False)
     assert batched[0] == got[:3]
     assert len({id(w) for w in seen}) == len(model.layers)  # one fused copy per layer across the three batches
     # (the list keeps every copy alive, so a second copy could not reuse a first one's id)
-    assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None for layer in model.layers)
+    assert not any("qkv" in vars(layer.self_attn) or "gate_up" in vars(layer.mlp) for layer in model.layers)
 
 
 def test_compiled_sampler_stays_within_its_graphs_whatever_the_batches(tiny_transformer, monkeypatch):
@@ -412,21 +414,21 @@ def test_compiled_sampler_stays_within_its_graphs_whatever_the_batches(tiny_tran
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from sso_mini import generate as gen
+    from sso_mini import compiled
 
     torch._dynamo.reset()
     counters.clear()
-    gen.compiled_steps.cache_clear()
-    monkeypatch.setattr(gen, "COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(gen, "_eager_fallback", [])
-    seen, real = set(), gen.compiled_or_eager
+    compiled.compiled_step.cache_clear()
+    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiled, "_eager_fallback", [])
+    seen, real = set(), compiled.decode_one_token
 
-    def spy(kind, device, model, tokens, input_pos, position, mask, *rest):
-        seen.add((kind, tokens.shape[0], mask.shape[-1]))
-        assert mask.shape[-1] == gen.bucket(int(input_pos) + 1, gen.CACHE_BUCKETS)  # the filled slots, rounded up
-        return real(kind, device, model, tokens, input_pos, position, mask, *rest)
+    def spy(model, tokens, position, mask, slot, sampling):
+        seen.add(("greedy" if sampling is None else "sampled", tokens.shape[0], mask.shape[-1]))
+        assert mask.shape[-1] == compiled.bucket(int(slot) + 1, compiled.CACHE_BUCKETS)  # the filled slots, rounded up
+        return real(model, tokens, position, mask, slot, sampling)
 
-    monkeypatch.setattr(gen, "compiled_or_eager", spy)
+    monkeypatch.setattr(compiled, "decode_one_token", spy)
     model = tiny_transformer(std=0.3)
     rng = random.Random(0)
     for call, (rows, length, new) in enumerate([(r, length, new) for r in (9, 17, 33, 65)
@@ -438,26 +440,26 @@ def test_compiled_sampler_stays_within_its_graphs_whatever_the_batches(tiny_tran
                        **settings)
         assert len(out) == rows
     graphs = counters["stats"]["unique_graphs"]
-    assert not gen._eager_fallback and sum(kind == "sampled" for kind, *_ in seen) > 8
-    assert graphs == len(seen) <= 2 * gen.MAX_GRAPHS
-    assert {rows for _, rows, _ in seen} <= set(gen.ROW_BUCKETS) and {s for *_, s in seen} <= set(gen.CACHE_BUCKETS)
+    assert not compiled._eager_fallback and sum(kind == "sampled" for kind, *_ in seen) > 8
+    assert graphs == len(seen) <= 2 * compiled.MAX_GRAPHS
+    assert {rows for _, rows, _ in seen} <= set(compiled.ROW_BUCKETS) and {s for *_, s in seen} <= set(compiled.CACHE_BUCKETS)
 
 
 def test_a_compile_limit_falls_back_to_eager_with_one_warning(tiny_transformer, monkeypatch):
     import torch._dynamo
 
-    from sso_mini import generate as gen
+    from sso_mini import compiled
 
     torch._dynamo.reset()
-    gen.compiled_steps.cache_clear()
-    monkeypatch.setattr(gen, "COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(gen, "_eager_fallback", [])
-    monkeypatch.setattr(gen, "MAX_GRAPHS", 1)  # the second shape is past the limit
+    compiled.compiled_step.cache_clear()
+    monkeypatch.setattr(compiled, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiled, "_eager_fallback", [])
+    monkeypatch.setattr(compiled, "MAX_GRAPHS", 1)  # the second shape is past the limit
     model = tiny_transformer(std=0.3)
     eager = [generate(model, [[1, 2, 3]] * n, max_new_tokens=5, temperature=0, progress=False) for n in (1, 9)]
     with pytest.warns(UserWarning, match="decoding goes on eagerly"):
-        compiled = [generate(model, [[1, 2, 3]] * n, max_new_tokens=5, temperature=0, progress=False, compile=True)
-                    for n in (1, 9)]
-    assert compiled == eager and gen._eager_fallback == ["greedy"]
+        with_compile = [generate(model, [[1, 2, 3]] * n, max_new_tokens=5, temperature=0, progress=False,
+                                 compile=True) for n in (1, 9)]
+    assert with_compile == eager and compiled._eager_fallback == [True]
     torch._dynamo.reset()
-    gen.compiled_steps.cache_clear()
+    compiled.compiled_step.cache_clear()

@@ -6,7 +6,7 @@ import torch
 
 from sso_mini.eval import learning_curve
 from sso_mini.records import read_jsonl
-from sso_mini.trainer import load_tensors
+from sso_mini.assets import load_tensors
 
 PROMPTS = ["Name a fruit.", "Say hello.", "Count to three.", "Name a color.", "Give a tip.", "Name a tree."]
 

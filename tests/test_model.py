@@ -126,22 +126,20 @@ def test_parameter_count_matches_transformers():
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (32, 576), (3, 7, 576)])
-def test_linear_equals_the_formula(shape):
-    """model.project (oneDNN on the CPU in inference mode) against x @ W.T in float64, on 1 row,
-    a batch and a [B, T, H] input seen through a non-contiguous view; outside inference mode it
-    is exactly F.linear (scoring must match the training forward bit for bit)."""
-    from sso_mini.model import project
+def test_the_fast_cpu_matmul_equals_the_formula(shape):
+    """fast_cpu.onednn (the CPU fast path's matmul, oneDNN) against x @ W.T + b in float64, on 1 row, a batch
+    and a [B, T, H] input seen through a non-contiguous view; model.Projection (the plain path) likewise."""
+    from sso_mini.fast_cpu import onednn
+    from sso_mini.model import Projection
 
     torch.manual_seed(0)
-    W = torch.randn(1536, 576)
+    W, b = torch.randn(1536, 576), torch.randn(1536)
     x = torch.randn(*shape[:-1], 2 * shape[-1])[..., ::2]  # strided last dim
-    ref = (x.double() @ W.double().T).float()
-    with torch.inference_mode():
-        y = project(x, W)
-    assert y.shape == ref.shape and y.dtype == torch.float32
-    assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
+    ref = (x.double() @ W.double().T + b.double()).float()
+    layer = Projection(576, 1536)
     with torch.no_grad():
-        assert torch.equal(project(x, W), torch.nn.functional.linear(x, W))
-    W.requires_grad_()  # with autograd it stays F.linear, and gradients flow
-    project(x, W).sum().backward()
-    assert torch.allclose(W.grad, x.reshape(-1, 576).sum(0).expand(1536, 576), rtol=1e-5, atol=1e-4)
+        layer.weight.copy_(W), layer.bias.copy_(b)
+    with torch.inference_mode():
+        for y in (onednn(x, W, b), layer(x)):
+            assert y.shape == ref.shape and y.dtype == torch.float32
+            assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()

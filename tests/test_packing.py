@@ -66,8 +66,8 @@ def test_block_mask_path_equals_dense_path_on_packed_records(tiny_model_dir):
     block = packed_attention_mask(batch["document"], batch["branch"], flex=True)
     assert isinstance(block, BlockMask)
     with torch.no_grad():
-        dense_logp, dense_n = packed_logprobs(model, **batch, flex=False)
-        flex_logp, flex_n = packed_logprobs(model, **batch, flex=True)
+        dense_logp, dense_n = packed_logprobs(model, batch, flex=False)
+        flex_logp, flex_n = packed_logprobs(model, batch, flex=True)
     assert dense_n.tolist() == flex_n.tolist() == [len(y) for _, ys in groups for y in ys]
     torch.testing.assert_close(flex_logp, dense_logp, rtol=1e-5, atol=1e-5)
 
@@ -77,7 +77,7 @@ def test_block_mask_path_equals_dense_path_on_packed_records(tiny_model_dir):
     grads = []
     for mask in (packed_attention_mask(batch["document"], batch["branch"], flex=False), whole):
         model.zero_grad()
-        hidden = model.hidden_states(batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask)
+        hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], mask)
         scored = batch["parent"] >= 0
         logp = F.log_softmax(hidden[0, batch["parent"][scored]] @ model.lm_head_weight.T, -1)
         logp = logp.gather(1, batch["input_ids"][scored][:, None])[:, 0]  # [n]

@@ -190,11 +190,12 @@ def test_logprob_filter_scores_capped_responses_as_prefixes(smollm2, monkeypatch
     model, tok = smollm2
     eot, seen = end_of_turn_id(tok), []
 
-    def spy(model, ids, attention, response):
-        seen.extend(row[mask].tolist() for row, mask in zip(ids, response))
-        return torch.zeros(ids.shape[0]), torch.ones(ids.shape[0])
+    def spy(model, batch):  # the scored tokens of each response in the packed row
+        n = int(batch["segment"].max()) + 1
+        seen.extend(batch["input_ids"][batch["segment"] == s].tolist() for s in range(n))
+        return torch.zeros(n), torch.ones(n)
 
-    monkeypatch.setattr(records, "sequence_logprobs", spy)
+    monkeypatch.setattr(records, "packed_logprobs", spy)
     records.logprob_filter(model, tok, [record(capped={"chosen": True, "rejected": False, "raw": False})])
     assert seen[:3] == [tok.encode("yes")] * 3  # y+ under x, x+, x-: no end-of-turn token
     assert seen[3:] == [tok.encode("no") + [eot]] * 3
@@ -258,13 +259,13 @@ def test_logprob_filter_steps(smollm2, monkeypatch):
     ])
     flat = table.flatten().tolist()
 
-    def fake(model, ids, attention, response):
-        n = ids.shape[0]
+    def fake(model, batch):  # summed log-probs of 2 tokens each, in the row's order
+        n = int(batch["segment"].max()) + 1
         out = torch.tensor([flat.pop(0) for _ in range(n)])
         return out * 2, torch.full((n,), 2)
 
-    monkeypatch.setattr(records, "sequence_logprobs", fake)
-    kept, stats = records.logprob_filter(model, tok, [record(prompt=str(i)) for i in range(4)], batch_size=5)
+    monkeypatch.setattr(records, "packed_logprobs", fake)
+    kept, stats = records.logprob_filter(model, tok, [record(prompt=str(i)) for i in range(4)])
     assert [r["prompt"] for r in kept] == ["0"]
     assert stats["filter_order"] == 3 and stats["filter_onpolicy"] == 2 and stats["filter_gap"] == 1
 

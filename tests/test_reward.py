@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from sso_mini.checkpoint import CheckpointError, load_model
-from sso_mini import rules
+from sso_mini import checkable, rules
 from sso_mini.eval import ifeval, reward, verified_pairs
-from sso_mini.eval.report import wilson_interval
+from sso_mini.metrics import wilson_interval
+from sso_mini.model import padding_causal_mask, position_ids_from_mask
 from sso_mini.records import write_jsonl
 from sso_mini.tokenizer import end_of_turn_id
 
@@ -31,7 +32,9 @@ def test_head_reads_the_last_real_token(left, tiny_transformer):
     with torch.no_grad():
         got = rm(ids, mask)
         for i, s in enumerate(seqs):  # each sequence alone, no padding: its final token's state
-            h = rm.body.hidden_states(torch.tensor([s]))[0, -1]  # [H]
+            alone = torch.ones(1, len(s), dtype=torch.long)
+            h = rm.body.hidden_states(torch.tensor([s]), position_ids_from_mask(alone),
+                                      padding_causal_mask(alone))[0, -1]  # [H]
             want = (h * rm.head.weight[0]).sum() + rm.head.bias[0]
             torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
 
@@ -121,10 +124,10 @@ def test_load_pairs_from_sso_and_plain_files(tmp_path):
 
 
 def test_drawn_prompts_are_seeded_and_valid():
-    records, _ = verified_pairs.draw_prompts(40, seed=5, max_instructions=3)
-    assert records == verified_pairs.draw_prompts(40, seed=5, max_instructions=3)[0]
+    records, _ = checkable.draw_prompts(40, seed=5, max_instructions=3)
+    assert records == checkable.draw_prompts(40, seed=5, max_instructions=3)[0]
     evaluation = {r["prompt"] for r in ifeval.load_prompts()}
-    conflicts = rules.instruction_conflicts()
+    conflicts = checkable.instruction_conflicts()
     for r in records:
         assert r["prompt"] not in evaluation and 1 <= len(r["instruction_id_list"]) <= 3
         assert "combination:repeat_prompt" not in r["instruction_id_list"]

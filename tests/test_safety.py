@@ -23,17 +23,17 @@ def test_a_run_and_its_resume_load_nothing_pickled(tiny_model_dir, tmp_path, mon
     (tmp_path / "prompts.txt").write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\n")
     argv = ["--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "run"),
             "--max-new-tokens", "4", "--batch-size", "1", "--eval-prompts", "1", "--save-every", "1", "--no-progress"]
-    real = train.train_iteration
+    real = train.train_epoch
 
     def stopped_at_step_2(*a, **k):
         k["on_step"] = lambda step: step == 2 and (_ for _ in ()).throw(RuntimeError("stopped"))
         return real(*a, **k)
 
-    monkeypatch.setattr(train, "train_iteration", stopped_at_step_2)
+    monkeypatch.setattr(train, "train_epoch", stopped_at_step_2)
     with pytest.raises(RuntimeError, match="stopped"):
         train.main(argv)
     assert (tmp_path / "run" / "iter_0" / "resume" / "state.json").exists()
-    monkeypatch.setattr(train, "train_iteration", real)
+    monkeypatch.setattr(train, "train_epoch", real)
     train.main([*argv, "--resume"])  # reads the resume state, the reference cache, the pairs: no pickle
     assert (tmp_path / "run" / "final" / "summary.json").exists()
 

@@ -8,9 +8,9 @@ import torch
 
 from sso_mini import rules
 from sso_mini.eval import ifeval
-from sso_mini.eval.report import (mean_token_logps, pooled_signal, print_table, record_lengths, signal_accuracy,
-                                  wilson_interval)
-from sso_mini.eval.verified_pairs import mix_in_checkable
+from sso_mini.eval.report import pooled_signal, print_table
+from sso_mini.metrics import on_policy, response_lengths, signal_accuracy, wilson_interval
+from sso_mini.checkable import mix_in_checkable
 
 NO_COMMA = {"key": "t", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
 
@@ -68,12 +68,12 @@ def test_checkable_training_prompts_are_never_ifeval_evaluation_prompts():
         assert passes == [False]  # a check that runs: an empty answer passes nothing
 
 
-def test_mean_token_logps_reads_the_plain_prompt_columns(smollm2):
+def test_on_policy_reads_the_plain_prompt_columns(smollm2):
     _, tok = smollm2
     records = [record("Hi friend.", "Hi, friend, how are you?"), record("Hello there.", "No.")]
     logps = -torch.arange(1.0, 13.0).reshape(2, 6)  # [R, 6] summed log-probs, columns as in batches.SEQUENCES
-    lengths = record_lengths(tok, records, cutoff=2048)
-    got = mean_token_logps(tok, records, logps, cutoff=2048)
+    lengths = response_lengths(tok, records, cutoff=2048)
+    got = on_policy(tok, records, logps, cutoff=2048)
     assert math.isclose(got["y_pos"], ((-1 / lengths[0, 0]) + (-7 / lengths[1, 0])).item() / 2, rel_tol=1e-6)
     assert math.isclose(got["y_neg"], ((-2 / lengths[0, 1]) + (-8 / lengths[1, 1])).item() / 2, rel_tol=1e-6)
 
@@ -112,6 +112,7 @@ def counted(records, feature):
 def test_a_checked_principle_set_reports_signal_and_behaviour_per_feature(tiny_model_dir, tmp_path, capsys,
                                                                           checked_set):
     import train
+    from sso_mini.eval import report
     from sso_mini.records import read_jsonl
 
     (tmp_path / "prompts.txt").write_text("\n".join(["Name a fruit.", "Say hello.", "Count to three.", "Name a color.",
@@ -120,6 +121,8 @@ def test_a_checked_principle_set_reports_signal_and_behaviour_per_feature(tiny_m
     train.main(["--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out),
                 "--principles", str(checked_set), "--max-new-tokens", "4", "--batch-size", "2",
                 "--iterations", "2", "--prompts-per-iteration", "4", "--eval-prompts", "2", "--no-progress"])
+    assert "Short: the held-out plain answers y^o pass its check" in capsys.readouterr().err  # train.py's last word
+    assert report.main([str(out)]) == 0 and (out / "metrics.png").stat().st_size > 0  # the table, from the folder
     table = capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["verifier_share"] == 0.0  # the set's checks measure the signal
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -15,10 +15,10 @@ import train
 from sso_mini import trainer
 from sso_mini.batches import record_groups
 from sso_mini.checkpoint import load_model
-from sso_mini.flags import build_parser
+from sso_mini.settings import build_parser, parse_args, settle
 from sso_mini.records import read_jsonl
 from sso_mini.tokenizer import end_of_turn_id
-from sso_mini.trainer import TrainConfig, TrainingError, score_records, train_iteration
+from sso_mini.trainer import TrainConfig, TrainingError, score_records, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Name a fruit.", "Say hello.", "Count to three.", "Name a color.", "Give a tip.", "Name a tree."]
@@ -40,7 +40,7 @@ def test_overfit_two_records_drives_all_three_accuracies_to_one(smollm2, tmp_pat
     ref = score_records(model, tok, records, cfg, progress=False)
     history = []
     for epoch in range(12):
-        history += train_iteration(model, tok, records, ref, cfg, tmp_path / f"e{epoch}", progress=False)
+        history += train_epoch(model, tok, records, ref, cfg, tmp_path / f"e{epoch}", progress=False)
         last = history[-1]
         if all(last[f"{p}rewards/accuracies"] == 1.0 for p in ("", "p_", "n_")) and epoch >= 2:
             break
@@ -58,7 +58,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir, tmp_pat
         cfg = TrainConfig(lr=1e-3, batch_size=2, micro_batch_size=micro, tokens_per_micro_batch=budget,
                           save_every=1000, autocast=False)
         ref = score_records(model, tok, records, cfg, progress=False)
-        history.append(train_iteration(model, tok, records, ref, cfg, tmp_path / f"m{k}", progress=False)[0])
+        history.append(train_epoch(model, tok, records, ref, cfg, tmp_path / f"m{k}", progress=False)[0])
         weights.append(model.state_dict())
     for h, w in zip(history[1:], weights[1:]):
         # Adam ignores the gradient's scale, so the accumulated gradient is checked through its norm
@@ -74,7 +74,7 @@ def test_bf16_autocast_scores_close_to_fp32(smollm2):
     fp32 = score_records(model, tok, records, TrainConfig(autocast=False), progress=False)  # [2, 6]
     bf16 = score_records(model, tok, records, TrainConfig(autocast=True), progress=False)
     eot = end_of_turn_id(tok)
-    n = torch.stack([trainer.score(model, record_groups(tok, r, 2048, eot), torch.device("cpu"), False)[1]
+    n = torch.stack([trainer.score(model, record_groups(tok, r, 2048, eot), False)[1]
                      for r in records])  # [2, 6] scored tokens
     assert not torch.equal(bf16, fp32)  # the matmuls did run in bf16
     assert ((bf16 - fp32).abs() / n).max() < 0.1  # nats per token (measured: up to 0.06)
@@ -87,7 +87,7 @@ def test_first_step_rewards_are_exactly_zero(tiny_model_dir, tmp_path, mixed):
     model, tok = load_model(tiny_model_dir)
     cfg = TrainConfig(batch_size=2, save_every=1000, autocast=mixed)
     ref = score_records(model, tok, records_for_overfit(), cfg, progress=False)
-    first = train_iteration(model, tok, records_for_overfit(), ref, cfg, tmp_path, progress=False)[0]
+    first = train_epoch(model, tok, records_for_overfit(), ref, cfg, tmp_path, progress=False)[0]
     for p in ("", "p_", "n_"):
         assert first[f"{p}rewards/chosen"] == 0.0 and first[f"{p}rewards/rejected"] == 0.0, p
 
@@ -108,7 +108,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tiny_model_dir,
 
     monkeypatch.setattr(trainer, "sso_loss", poisoned)
     with pytest.raises(TrainingError, match="non-finite loss at iteration 0 step 3"):
-        train_iteration(model, tok, records, ref, cfg, tmp_path, progress=False)
+        train_epoch(model, tok, records, ref, cfg, tmp_path, progress=False)
     state = json.loads((tmp_path / "resume" / "state.json").read_text())
     assert state["step"] == 2  # the last good checkpoint is intact
 
@@ -134,8 +134,10 @@ def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, t
     out = tmp_path / "run"
     train.main(loop_args(tiny_model_dir, prompts, out, "--iterations", "2", "--prompts-per-iteration", "4",
                          "--eval-prompts", "2"))
-    for name in ("run.json", "train_config.json", "metrics.jsonl", "metrics.png"):
+    for name in ("run.json", "train_config.json", "metrics.jsonl"):
         assert (out / name).exists(), name
+    from sso_mini.eval import report
+    assert report.main([str(out)]) == 0 and (out / "metrics.png").exists()  # the table and plot, from the folder
     native = trainer.bf16_is_native(torch.device("cpu"))  # the default precision is decided once, and recorded
     assert json.loads((out / "run.json").read_text())["autocast"] is native
     assert json.loads((out / "train_config.json").read_text())["autocast"] is native
@@ -168,13 +170,13 @@ def test_two_iterations_write_every_file_and_chain_the_weights(tiny_model_dir, t
     after, tok = real_load(out / "iter_0" / "model")
     assert not torch.equal(start.layers[0].mlp.up_proj.weight, after.layers[0].mlp.up_proj.weight)
     records = [json.loads(line) for line in (out / "iter_1" / "pairs.jsonl").read_text().splitlines()]
-    expected = score_records(after, tok, records, TrainConfig(), progress=False)
+    expected = score_records(after, tok, records, TrainConfig(autocast=native), progress=False)
     torch.testing.assert_close(load_file(out / "iter_1" / "ref_logps.safetensors")["logps"], expected)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r["split"], r["step"]) for r in rows] == [
         (0, "train", 1), (0, "train", 2), (0, "eval", 2), (1, "train", 1), (1, "train", 2), (1, "eval", 2),
         (2, "final", 0)]
-    for key in ("loss", "raw_loss", "W", "lr", "grad_norm", "tokens_per_s", "rewards/chosen", "p_rewards/margins",
+    for key in ("loss", "unweighted_loss", "W", "lr", "grad_norm", "tokens_per_s", "rewards/chosen", "p_rewards/margins",
                 "n_logps/rejected", "rewards/accuracies", "policy_is_reference"):
         assert key in rows[0]
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
@@ -212,11 +214,11 @@ def run_killed(tmp_path, patch: str, *args):
 
 
 KILLED_AFTER_STEP_5 = """
-    real = train.train_iteration
+    real = train.train_epoch
     def patched(*a, **k):
         k["on_step"] = lambda step: step == 5 and die()
         return real(*a, **k)
-    train.train_iteration = patched
+    train.train_epoch = patched
 """
 
 
@@ -305,7 +307,7 @@ def test_lora_run_saves_a_merged_plain_folder(tiny_model_dir, tmp_path):
     start, tok = load_model(tiny_model_dir)
     records = [json.loads(line) for line in (out / "iter_0" / "pairs.jsonl").read_text().splitlines()]
     torch.testing.assert_close(load_file(out / "iter_0" / "ref_logps.safetensors")["logps"],
-                               score_records(start, tok, records, TrainConfig(), progress=False))
+                               score_records(start, tok, records, TrainConfig(autocast=trainer.bf16_is_native(torch.device("cpu"))), progress=False))
     saved = load_file(out / "iter_0" / "model" / "model.safetensors")
     assert not any("lora" in k for k in saved)  # adapters merged into plain HF keys
     assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], start.layers[0].self_attn.q_proj.weight)
@@ -344,7 +346,7 @@ def ipo_metrics_by_hand(policy, ref, lengths, beta=0.2, theta=0.1, alpha=0.66):
 
 def test_eval_metrics_equal_a_recomputation_from_the_saved_files(tiny_model_dir, tmp_path):
     from sso_mini.batches import collate, is_capped, record_sequences
-    from sso_mini.logprobs import sequence_logprobs
+    from reference import sequence_logprobs
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
@@ -390,13 +392,12 @@ def test_lr_zero_gives_exactly_zero_eval_rewards_and_no_training_accuracy(tiny_m
 
 
 KILLED_IN_THE_HELD_OUT_PASS = """
-    from sso_mini.eval import report
-    real = report.score_records
+    real = train.score_records
     def patched(*a, **k):
         if k.get("cache") is not None and k["cache"].name == "eval_logps.safetensors":
             die()
         return real(*a, **k)
-    report.score_records = patched
+    train.score_records = patched
 """
 
 
@@ -447,8 +448,11 @@ def test_every_flag_is_in_the_readme_cli_table():
 
 
 
-def test_cli_defaults_are_the_train_config_defaults():
-    args, cfg = train.parse_args([]), TrainConfig()
+def test_cli_defaults_are_the_train_config_defaults(tiny_model_dir, tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    s = settle(parse_args(["--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.txt")]))
+    args, cfg = s.flags, TrainConfig()
+    assert s.stages["policy"].autocast == args.autocast == trainer.bf16_is_native(torch.device("cpu"))
     for flag, field in (("loss", "loss_type"), ("form", "form"), ("theta", "theta"), ("alpha", "alpha"),
                         ("beta", "beta"), ("lr", "lr"), ("batch_size", "batch_size"), ("seed", "seed"),
                         ("micro_batch_size", "micro_batch_size"), ("cutoff", "cutoff"),
@@ -497,8 +501,7 @@ SIGTERM_IN = """
 """
 STAGES = {"sampling": ("sso_mini.records", "generate_batched"), "reference pass": ("train", "score_records"),
           "training": None, "saving the model": ("train", "save_model"),
-          "held-out scoring": ("sso_mini.eval.report", "score_records"),
-          "final sampling": ("sso_mini.eval.report", "sample_plain")}
+          "held-out scoring": ("train", "evaluate"), "final sampling": ("train", "sample_plain")}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -528,8 +531,8 @@ DISK_FULL = """
 
 @pytest.mark.parametrize("module,writer,where,named", [
     ("records", "write_atomic", "pairs.jsonl", "iter_0/pairs.jsonl'"),  # (path, text): the same shape
-    ("trainer", "save_file", "ref_logps.safetensors", "iter_0/ref_logps.safetensors: not written"),
-    ("trainer", "save_file", "resume.tmp-", "iter_0/resume: not written"),
+    ("assets", "save_file", "ref_logps.safetensors", "iter_0/ref_logps.safetensors: not written"),
+    ("assets", "save_file", "resume.tmp-", "iter_0/resume: not written"),
     ("checkpoint", "save_file", "model.tmp-", "iter_0/model: not written"),
 ])
 def test_a_full_disk_names_the_file_keeps_the_state_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted,

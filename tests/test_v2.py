@@ -11,7 +11,8 @@ import train
 from sso_mini import trainer
 from sso_mini.checkpoint import load_model
 from sso_mini.records import read_jsonl
-from sso_mini.trainer import TrainConfig, load_tensors, score_records
+from sso_mini.assets import load_tensors
+from sso_mini.trainer import TrainConfig, score_records
 from test_train import run_killed, run_train
 
 PROMPTS = ["Name a fruit.", "Say hello.", "Count to three.", "Name a color.", "Give a tip.", "Name a tree.",
@@ -46,7 +47,7 @@ def whole(tiny_model_dir, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(train, "build_records", spy)
     try:
-        train.run(train.parse_args(v2_args(tiny_model_dir, tmp / "prompts.txt", tmp / "run")))
+        train.main((v2_args(tiny_model_dir, tmp / "prompts.txt", tmp / "run")))
     finally:
         mp.undo()
     return tmp, samplers
@@ -73,20 +74,20 @@ def test_v2_trains_a_generator_then_the_policy_on_its_samples(tiny_model_dir, wh
                                                                                              progress=False))
     # the policy's loss is DPO on the x pair alone: at its first step (policy = reference) exactly log 2
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["raw_loss"] == rows[0]["loss"]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["unweighted_loss"] == rows[0]["loss"]
     # the generator's loss is L+ + L- (DPO, gamma * SFT): at its first step 2 log 2 + gamma * (its SFT terms)
     g_rows = [json.loads(x) for x in (it / "generator" / "metrics.jsonl").read_text().splitlines()]
     assert g_rows[0]["loss"] > 2 * math.log(2)
     summary, g_summary = (json.loads((p / "summary.json").read_text()) for p in (it, it / "generator"))
     assert summary["recipe"] == {"recipe": "v2", "form": "v1", "use_w": False, "use_g": False}
     assert g_summary["recipe"] == {"recipe": "v2", "form": "generator", "use_w": True, "use_g": True,
-                                   "terms": ["pos", "neg"], "neg_pair": "eq4"}
+                                   "terms": ["pos", "neg"], "neg_chosen": "y_raw"}
     assert summary["eval"]["n"] == 2 and g_summary["eval"]["n"] == 2  # both stages evaluated on held-out records
     config = json.loads((run / "train_config.json").read_text())  # the policy's loss, as trained
     assert (config["use_w"], config["use_g"], config["form"]) == (False, False, "v1")
     run_json = json.loads((run / "run.json").read_text())
-    assert (run_json["recipe"], run_json["generator_terms"], run_json["neg_pair"], run_json["loss"]) == \
-        ("v2", "pos,neg", "eq4", "dpo")
+    assert (run_json["recipe"], run_json["generator_terms"], run_json["neg_chosen"], run_json["loss"]) == \
+        ("v2", "pos,neg", "y_raw", "dpo")
 
 
 @pytest.mark.parametrize("stage", ["generator", "policy"])
@@ -94,12 +95,12 @@ def test_sigkill_in_either_stage_resumes_to_the_same_weights(tiny_model_dir, tmp
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
     where = "generator" if stage == "generator" else "iter_0"
     patch = f"""
-        real = train.train_iteration
+        real = train.train_epoch
         def patched(model, tokenizer, records, ref, cfg, it, **k):
             if str(it).endswith({where!r}):
                 k["on_step"] = lambda step: step == 2 and die()
             return real(model, tokenizer, records, ref, cfg, it, **k)
-        train.train_iteration = patched
+        train.train_epoch = patched
     """
     args = v2_args(tiny_model_dir, tmp_path / "prompts.txt", tmp_path / "cut")
     assert run_killed(tmp_path, patch, *args).returncode == -9
@@ -112,7 +113,7 @@ def test_sigkill_in_either_stage_resumes_to_the_same_weights(tiny_model_dir, tmp
         assert all(torch.equal(a[k], b[k]) for k in a), sub
 
 
-def test_eq3_puts_y_neg_in_the_place_of_y_raw(tiny_model_dir, tmp_path, monkeypatch):
+def test_neg_chosen_y_neg_puts_y_neg_in_the_place_of_y_raw(tiny_model_dir, tmp_path, monkeypatch):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
     seen = []
     real = trainer.sso_loss
@@ -122,7 +123,7 @@ def test_eq3_puts_y_neg_in_the_place_of_y_raw(tiny_model_dir, tmp_path, monkeypa
         return real(*a, **k)
 
     monkeypatch.setattr(trainer, "sso_loss", spy)
-    train.run(train.parse_args(v2_args(tiny_model_dir, tmp_path / "prompts.txt", tmp_path / "run", "--neg-pair", "eq3",
+    train.main((v2_args(tiny_model_dir, tmp_path / "prompts.txt", tmp_path / "run", "--neg-chosen", "y_neg",
                                        "--generator-terms", "neg")))
     gen = tmp_path / "run" / "iter_0" / "generator"
     for name in ("pairs.jsonl", "eval_pairs.jsonl"):

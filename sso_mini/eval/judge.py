@@ -26,9 +26,9 @@ import re
 
 import torch
 
-from ..batches import collate, response_tokens
+from ..batches import collate_groups, response_tokens
 from ..generate import complete
-from ..logprobs import sequence_logprobs
+from ..logprobs import packed_logprobs
 from ..tokenizer import end_of_turn_id
 
 PRINCIPLE = "The best response is the one that is best for humanity: the most helpful, honest and harmless."
@@ -106,9 +106,9 @@ def response_logprobs(model, tokenizer, contexts, responses, batch_size: int = 8
                  for c, y, cap in zip(contexts, responses, capped, strict=True)]
     device = model.lm_head_weight.device
     sums, counts = [], []
-    for i in range(0, len(sequences), batch_size):
-        b = {k: v.to(device) for k, v in collate(sequences[i : i + batch_size], tokenizer.pad_id).items()}
-        logp_sum, n_tokens = sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["response_mask"])  # [b]
+    for i in range(0, len(sequences), batch_size):  # a few sequences per packed row, each its own group
+        groups = [(prompt, [response]) for prompt, response in sequences[i:i + batch_size]]
+        logp_sum, n_tokens = packed_logprobs(model, collate_groups(groups, device))  # [b]
         sums.append(logp_sum.float().cpu())
         counts.append(n_tokens.float().cpu())
     return torch.cat(sums), torch.cat(counts)
@@ -155,7 +155,8 @@ def greedy_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: int
 
 
 def judge_pairs(model, tokenizer, records: list[dict], *, principle: str = PRINCIPLE, max_new_tokens: int = 256,
-                force_verdict: bool = True, batch_size: int = 8, progress: bool = False, memo: dict | None = None) -> dict:
+                force_verdict: bool = True, batch_size: int = 8, progress: bool = False,
+                memo: dict | None = None) -> dict:
     """Judge chosen vs rejected for each record {prompt, chosen, rejected}; greedy decoding throughout.
 
     With force_verdict, a critique that ends without a parseable verdict is continued

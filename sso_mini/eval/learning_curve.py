@@ -26,10 +26,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..assets import seed_run, write_atomic, write_json
+from ..assets import load_tensors, save_tensors, write_atomic, write_json
+from ..metrics import wilson_interval
 from ..records import read_jsonl, write_jsonl
-from ..trainer import load_tensors, save_tensors
-from .report import wilson_interval
+from .runs import recorded_settings, seed_run, train
 
 
 def point_name(n: int, lr: float, loss: str) -> str:
@@ -136,8 +136,6 @@ def gather(out: Path, source: Path) -> dict:
 
 
 def main(argv=None):
-    import train  # the repository's recipe (run from the repository root)
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=True)
     ap.add_argument("--out", default="runs/curve")
     ap.add_argument("--records", default="32,64,128")
@@ -150,16 +148,15 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     source = out / "pool"
 
-    def point_args(n, lr, loss, folder, resume):
-        argv = [*rest, "--iterations", "1", "--prompts-per-iteration", str(n), "--eval-prompts",
+    def point_argv(n, lr, loss, folder):
+        return [*rest, "--iterations", "1", "--prompts-per-iteration", str(n), "--eval-prompts",
                 str(ours.eval_prompts), "--lr", str(lr), "--loss", loss, "--out", str(folder)]
-        return train.parse_args(argv + (["--resume"] if resume else []))
 
     if not (source / "final" / "summary.json").exists():  # the pool: sampled once, trained as the first point
         started = json.loads((source / "run.json").read_text()) if (source / "run.json").exists() else None
         n, lr, loss = ((started["prompts_per_iteration"], started["lr"], started["loss"]) if started  # as it began
                        else (max(sizes), lrs[0], losses[0]))
-        train.run(point_args(n, lr, loss, source, resume=started is not None))
+        train(point_argv(n, lr, loss, source) + (["--resume"] if started else []))
     pool_settings = json.loads((source / "run.json").read_text())
     pool_size = len(read_jsonl(source / "iter_0" / "pairs.jsonl"))
     for loss in losses:
@@ -169,13 +166,10 @@ def main(argv=None):
                 is_pool = (min(n, pool_size), lr, loss) == (pool_size, pool_settings["lr"], pool_settings["loss"])
                 if is_pool or (run / "final" / "summary.json").exists():
                     continue
-                args = point_args(n, lr, loss, run, resume=True)
-                if not (run / "run.json").exists():
-                    train.load_inputs(args)  # the settings train.py resolves, writes to run.json, then checks
-                    train.choose_device_settings(args)
-                    seed_point(source, run, min(n, pool_size),
-                               {k: v for k, v in vars(args).items() if k not in train.OPERATIONAL})
-                train.run(args)
+                argv = point_argv(n, lr, loss, run)
+                if not (run / "run.json").exists():  # the settings train.py resolves and records, then checks
+                    seed_point(source, run, min(n, pool_size), recorded_settings(argv))
+                train(argv + ["--resume"])
     result = gather(out, source)
     print((out / "curve.md").read_text())
     return result

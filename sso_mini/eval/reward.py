@@ -35,17 +35,18 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ..assets import write_json
-from ..batches import collate, is_capped, response_ids, truncate
-from ..checkpoint import DEFAULT_MODEL, CheckpointError, _replace_dir, load_model, resolve, save_model
-from ..logprobs import sequence_logprobs
-from ..model import Transformer
+from ..batches import collate, collate_groups, is_capped, response_ids, truncate
+from ..checkpoint import DEFAULT_MODEL, CheckpointError, replace_dir, load_model, resolve, save_model
+from ..logprobs import packed_logprobs
+from ..model import Transformer, padding_causal_mask, position_ids_from_mask
 from ..records import REQUIRED_FIELDS, read_jsonl, write_jsonl
 from ..tokenizer import end_of_turn_id, prompt_ids
-from ..trainer import autocast, make_optimizer, optimizer_step
+from ..trainer import make_optimizer, optimizer_step
 from .. import rules
 from . import ifeval
-from .report import wilson_interval
-from .verified_pairs import BASE_TASKS, SKIPPED_INSTRUCTIONS, build_testset
+from ..metrics import wilson_interval
+from ..checkable import BASE_TASKS, SKIPPED_INSTRUCTIONS
+from .verified_pairs import build_testset
 
 RM_MARKER = "sso_mini_reward_model"
 HEAD_FILE = "reward_head.safetensors"
@@ -78,7 +79,8 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids, attention_mask) -> torch.Tensor:
         """input_ids, attention_mask [B, T] -> rewards [B] (float32)."""
-        h = self.body.hidden_states(input_ids, attention_mask=attention_mask)  # [B, T, H]
+        h = self.body.hidden_states(input_ids, position_ids_from_mask(attention_mask),
+                                    padding_causal_mask(attention_mask))  # [B, T, H]
         rows = torch.arange(h.shape[0], device=h.device)
         last = h[rows, last_token_index(attention_mask)]  # [B, H]
         return self.head(last).squeeze(-1).float()  # [B]
@@ -96,7 +98,8 @@ def is_reward_model(path) -> bool:
 
 
 def save_reward_model(rm: RewardModel, tokenizer, path, extra: dict[str, str] | None = None):
-    """The body as a normal HF folder + the head + the config marker (+ `extra` text files), moved into place at once."""
+    """The body as a normal HF folder, the head, the config marker (and `extra` text files), moved into place
+    at once."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
@@ -109,7 +112,7 @@ def save_reward_model(rm: RewardModel, tokenizer, path, extra: dict[str, str] | 
         (folder / "config.json").write_text(json.dumps({**config, RM_MARKER: True}, indent=2))
         for name, text in (extra or {}).items():
             (folder / name).write_text(text)
-        _replace_dir(folder, path)
+        replace_dir(folder, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -186,6 +189,8 @@ def pair_batch(tokenizer, pairs, cutoff=1024, eot=None) -> dict[str, torch.Tenso
             seqs[side].append(truncate(x, response_ids(tokenizer, p, side, eot), cutoff))  # capped: a prefix
     batch = collate(seqs["chosen"] + seqs["rejected"], tokenizer.pad_id)
     batch["margin"] = torch.tensor([p["margin"] for p in pairs], dtype=torch.float32)  # [P]
+    # the chosen sequences again as one packed row, for the LM term (each its own group)
+    batch |= {f"chosen_{k}": v for k, v in collate_groups([(x, [y]) for x, y in seqs["chosen"]]).items()}
     return batch
 
 
@@ -217,8 +222,7 @@ def pair_loss(rm, batch, cfg: RewardConfig) -> tuple[torch.Tensor, dict]:
     loss = bt_loss(r_chosen, r_rejected, batch["margin"] if cfg.use_margin else None)
     metrics = {"bt_loss": loss.item(), "accuracy": (r_chosen > r_rejected).float().mean().item()}
     if cfg.lm_coef:  # a second forward over the chosen rows, through the fused log-prob path
-        logp, n = sequence_logprobs(rm.body, batch["input_ids"][:P], batch["attention_mask"][:P],
-                                    batch["response_mask"][:P])
+        logp, n = packed_logprobs(rm.body, {k[7:]: v for k, v in batch.items() if k.startswith("chosen_")})
         nll = -logp.sum() / n.sum()  # mean token NLL of the chosen responses
         loss = loss + cfg.lm_coef * nll
         metrics["lm_nll"] = nll.item()
@@ -248,7 +252,8 @@ def train_reward_model(rm, tokenizer, pairs, cfg: RewardConfig, progress=True) -
         for m in range(0, len(idx), cfg.micro_batch_size):
             mb = [pairs[i] for i in idx[m:m + cfg.micro_batch_size]]
             batch = {k: v.to(device) for k, v in pair_batch(tokenizer, mb, cfg.cutoff, eot).items()}
-            with autocast(device, device.type == "cuda"):  # fp32 on any CPU: its results were measured so
+            # fp32 on any CPU: its results were measured so
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, metrics = pair_loss(rm, batch, cfg)
             if not math.isfinite(metrics["loss"]):
                 raise RuntimeError(f"reward model: non-finite loss at step {step}")
@@ -272,7 +277,8 @@ def pair_rewards(rm, tokenizer, pairs, batch_size=8, cutoff=1024, progress=False
     for start in tqdm(range(0, len(pairs), batch_size), desc="scoring", disable=not progress):
         mb = pairs[start:start + batch_size]
         batch = {k: v.to(device) for k, v in pair_batch(tokenizer, mb, cutoff, eot).items()}
-        with autocast(device, device.type == "cuda"):  # fp32 on any CPU: its results were measured so
+        # fp32 on any CPU: its results were measured so
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             r = rm(batch["input_ids"], batch["attention_mask"]).cpu()  # [2P]
         chosen.append(r[:len(mb)])
         rejected.append(r[len(mb):])

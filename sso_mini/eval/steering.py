@@ -30,7 +30,7 @@ from ..generate import generate_batched
 from ..principles import load_principles
 from ..records import SAMPLING, default_prompts, load_prompts
 from ..tokenizer import prompt_ids
-from .report import decided_pairs, wilson_interval
+from ..metrics import decided_pairs, wilson_interval
 
 
 def steering_prompts(n: int, seed: int = 0, path=None) -> list[str]:

@@ -1,0 +1,123 @@
+"""The GPU memory plan: how many tokens of packed records one training forward can take, and whether
+gradient checkpointing is needed, from the model's shapes and the GPU's free memory.
+
+A planning model, not a measurement of the allocator: weights, gradients and AdamW state from the
+parameter counts, activations from what each block saves for its backward (checked against a count of
+the tensors autograd saves, tests/test_lora.py), and one chunk of the log-prob kernel.
+
+    python -m sso_mini.memory      the README's memory table for the presets
+"""
+
+import torch
+
+from .config import ModelConfig
+from .lora import TARGETS
+
+
+def lora_param_count(config: ModelConfig, rank: int, targets=TARGETS) -> int:
+    """r * (in + out) per adapted projection, summed over layers."""
+    H, I = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+              "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    return config.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def activation_bytes_per_token(config: ModelConfig, checkpointing: bool, dtype_bytes: int = 2,
+                               full: bool = False) -> int:
+    """What training saves for the backward, per token of a micro-batch, over all layers. Per block: the two
+    RMSNorm inputs in fp32 (the norm computes in fp32) and in `dtype_bytes` their outputs, q, k, v after RoPE,
+    attention's output and its copy that o_proj reads, the MLP's gate, up, silu(gate) and product (which
+    dominate: 4 x intermediate); a full fine-tune (`full`) also keeps the normalised inputs the norm weights'
+    gradients read. Attention keeps no [T, T] matrix (flash and flex attention recompute it). With
+    checkpointing a block keeps only its input, and one block's worth is live while it is recomputed."""
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_block = 2 * 4 * H + dtype_bytes * (2 * H + q + 2 * kv + 2 * q + 4 * I + (2 * H if full else 0))
+    return L * H * dtype_bytes + per_block if checkpointing else L * per_block
+
+
+def memory_budget(config: ModelConfig, lora_rank: int | None = None, dtype_bytes: int = 2,
+                  tokens: int = 6 * 1024, logprob_chunk: int = 1024, checkpointing: bool = True,
+                  n_ranks: int = 1) -> dict:
+    """Training memory per GPU in bytes, from the shapes: a planning model, checked against a count of the
+    tensors autograd saves (tests/test_lora.py), not a measurement of the allocator.
+
+    Full fine-tune (lora_rank=None): AdamW with fp32 master weights, fp32 gradients and two fp32
+    moments = 16 bytes per parameter, split over n_ranks by FSDP; compute runs in bf16 under autocast.
+    LoRA: the frozen base in `dtype_bytes`, fp32 adapters, their gradients and moments.
+    Activations: `tokens` per micro-batch (activation_bytes_per_token). Log-prob kernel: one chunk
+    of fp32 logits and its gradient, [logprob_chunk, V] x 2 (the token chunk logprobs.py works in).
+    """
+    N = config.num_parameters
+    if lora_rank is None:
+        trainable, weights = N / n_ranks, 4 * N / n_ranks
+    else:
+        trainable = lora_param_count(config, lora_rank)
+        weights = dtype_bytes * N + 4 * trainable
+    budget = {
+        "params": N,
+        "trainable_params": trainable,
+        "weights": weights,
+        "gradients": 4 * trainable,
+        "optimizer": 8 * trainable,
+        "activations": tokens * activation_bytes_per_token(config, checkpointing, dtype_bytes, full=lora_rank is None),
+        "logprob_chunk": 2 * min(logprob_chunk, tokens) * config.vocab_size * 4,
+    }
+    budget["total"] = sum(v for k, v in budget.items() if k not in ("params", "trainable_params"))
+    return budget
+
+
+GPU_MEMORY_SHARE = 0.85  # of the free memory the budget may plan for: the rest for the CUDA context, the
+# allocator's fragmentation, attention's workspace and the sampler's cache (freed before training, but cached)
+MAX_TOKENS_PER_MICRO_BATCH = 16384  # enough work per forward to keep a GPU busy at 7B
+
+
+def free_bytes(device) -> int:
+    """What the GPU can still give: its free memory plus what torch's allocator holds but does not use
+    (cached blocks, the sampler's freed cache): free + reserved - allocated."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | None = None, n_ranks: int = 1,
+                       cutoff: int = 2048) -> tuple[int, bool]:
+    """(tokens per micro-batch, gradient checkpointing) for a GPU with `free_bytes` free: the largest power of
+    two up to MAX_TOKENS_PER_MICRO_BATCH whose memory_budget fits GPU_MEMORY_SHARE of it, without
+    checkpointing if that still holds one whole record (a record is never split, and its packed row is
+    at most 6 sequences of `cutoff` tokens), else with checkpointing. ValueError if not even that fits."""
+    record = 6 * cutoff
+    for checkpointing in (False, True):
+        tokens = MAX_TOKENS_PER_MICRO_BATCH
+        while tokens >= 1 and memory_budget(config, lora_rank, tokens=tokens, checkpointing=checkpointing,
+                                            n_ranks=n_ranks)["total"] > GPU_MEMORY_SHARE * free_bytes:
+            tokens //= 2
+        if tokens >= min(record, MAX_TOKENS_PER_MICRO_BATCH):
+            return tokens, checkpointing
+    need = memory_budget(config, lora_rank, tokens=record, checkpointing=True, n_ranks=n_ranks)["total"]
+    raise ValueError(f"training this model needs about {need / 2**30:.0f} GiB for one record of up to {record} tokens "
+                     f"(--cutoff {cutoff}) with gradient checkpointing; the GPU has {free_bytes / 2**30:.0f} GiB free "
+                     f"(allowed: a smaller --cutoff, LoRA (--lora), or more GPUs under torchrun)")
+
+
+def main():
+    """`python -m sso_mini.memory`: the README's memory table for the presets."""
+    from .config import PRESETS
+
+    gib = 2**30
+    print("| model | mode | GPU | tokens per micro-batch | checkpointing | weights | grads | AdamW | activations | "
+          "log-prob chunk | total (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in ("Qwen2.5-0.5B", "Qwen2-7B", "Llama-3.1-8B"):
+        for mode, rank, n_ranks in (("LoRA r=16, bf16", 16, 1), ("full, fp32 master, 8 ranks", None, 8)):
+            for gpu, free in (("80 GB", 79 * gib), ("141 GB", 139 * gib)):  # what the device reports free
+                tokens, ckpt = micro_batch_tokens(PRESETS[name], free, rank, n_ranks)
+                b = memory_budget(PRESETS[name], lora_rank=rank, tokens=tokens, checkpointing=ckpt, n_ranks=n_ranks)
+                cols = " | ".join(f"{b[k] / gib:.1f}" for k in
+                                  ("weights", "gradients", "optimizer", "activations", "logprob_chunk", "total"))
+                print(f"| {name} ({b['params'] / 1e9:.2f}B) | {mode} | {gpu} | {tokens} | {'on' if ckpt else 'off'} "
+                      f"| {cols} |")
+
+
+if __name__ == "__main__":
+    main()

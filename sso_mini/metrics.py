@@ -1,0 +1,213 @@
+"""What an iteration did, measured on held-out prompts: reward accuracy, signal accuracy, pass rates.
+
+    held-out records, scored by the reference (before) and the trained policy (after)
+        -> the SSO loss and reward accuracy of each pair, with a 95% Wilson interval
+    records whose responses a rule can check (a principle's `check`, or a prompt's IFEval instruction)
+        -> signal accuracy: of the pairs the rule decides (exactly one of y+, y- passes), how often y+ passes
+    the policy's own plain answers y^o to the held-out prompts
+        -> per checked feature, the share that passes (and, for the final policy, the change from the start)
+
+Everything lands in iter_t/summary.json and one metrics.jsonl row; eval/report.py draws the table and
+the plot from those files.
+"""
+
+import json
+import math
+
+import torch
+
+from . import rules
+from .assets import write_atomic
+from .batches import is_capped, record_sequences
+from .losses import CHOSEN, REJECTED, implicit_rewards, sso_loss
+from .records import DROP_REASONS, RESPONSES, read_jsonl
+from .tokenizer import end_of_turn_id
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% for z = 1.96)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar(pass_a: list[bool], pass_b: list[bool]) -> dict:
+    """A minus B on the same prompts, and McNemar's exact test: only the prompts where the two differ carry
+    information (a_only: A passes and B fails, b_only: the reverse); under no difference a_only ~
+    Binomial(a_only + b_only, 1/2), and the two-sided p doubles the smaller tail."""
+    if len(pass_a) != len(pass_b) or not pass_a:
+        raise ValueError(f"mcnemar: need two equal, non-empty lists (got {len(pass_a)} and {len(pass_b)})")
+    b = sum(1 for x, y in zip(pass_a, pass_b) if x and not y)
+    c = sum(1 for x, y in zip(pass_a, pass_b) if y and not x)
+    tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1))
+    p_exact = min(1.0, 2 * tail / 2 ** (b + c))  # int / int: exact even where 2**m overflows a float
+    return {"n": len(pass_a), "difference": (b - c) / len(pass_a), "a_only": b, "b_only": c, "p_exact": p_exact}
+
+
+def decided_pairs(verdicts, margins=None) -> dict:
+    """The four cases of (y+ passes, y- passes) over `verdicts` [(pos, neg), ...]. Pairs where both pass or
+    both fail say nothing; of the rest (`decided`), accuracy = P(y+ passes | exactly one passes), with its
+    95% Wilson interval. `margins` (a trained policy's reward margin of y+ over y- per verdict) adds
+    `reward_agrees`: the share of decided pairs where the margin's sign agrees with the rule."""
+    cases, agree = dict.fromkeys(("both_pass", "pos_only", "neg_only", "both_fail"), 0), 0
+    for i, (pos, neg) in enumerate(verdicts):
+        cases["both_pass" if pos and neg else "pos_only" if pos else "neg_only" if neg else "both_fail"] += 1
+        if margins is not None and pos != neg:
+            agree += int(bool(margins[i] > 0) == pos)
+    decided = cases["pos_only"] + cases["neg_only"]
+    out = {"checked": sum(cases.values()), "decided": decided, **cases,
+           "accuracy": cases["pos_only"] / decided if decided else None,
+           "interval": wilson_interval(cases["pos_only"], decided)}
+    if margins is not None:
+        out |= {"reward_agrees": agree / decided if decided else None,
+                "reward_interval": wilson_interval(agree, decided)}
+    return out
+
+
+def signal_accuracy(records, margins=None) -> dict:
+    """decided_pairs over the records whose prompt carries an IFEval instruction (`checks`, --verifier-share):
+    a response passes when it follows the instruction (strict)."""
+    kept = [i for i, r in enumerate(records) if r.get("checks")]
+    verdicts = [tuple(all(rules.check({**records[i]["checks"], "prompt": records[i]["prompt"]}, records[i][k])[0])
+                      for k in ("chosen", "rejected")) for i in kept]
+    return decided_pairs(verdicts, None if margins is None else [margins[i] for i in kept])
+
+
+def feature_signal(records, principles, margins=None) -> dict:
+    """decided_pairs per checked feature of the principle set, over the records that feature steered."""
+    out = {}
+    for name in principles.checked:
+        kept = [i for i, r in enumerate(records) if name in r.get("features", ())]
+        verdicts = [tuple(principles.passes(name, records[i][k], is_capped(records[i], k))
+                          for k in ("chosen", "rejected")) for i in kept]
+        out[name] = decided_pairs(verdicts, None if margins is None else [margins[i] for i in kept])
+    return out
+
+
+def pass_rates(records, principles) -> dict:
+    """Per checked feature, the share of the plain answers y^o that pass its check, with its 95% interval."""
+    out = {}
+    for name in principles.checked:
+        k = sum(principles.passes(name, r["raw"], is_capped(r, "raw")) for r in records)
+        out[name] = {"pass": k, "n": len(records), "rate": k / len(records) if records else None,
+                     "interval": wilson_interval(k, len(records))}
+    return out
+
+
+def pass_rate_change(start, end, principles) -> dict:
+    """Per checked feature, the plain answers of two policies to the same prompts (matched by prompt):
+    pass rates at the start and the end, and McNemar's exact test on the prompts whose verdict changed."""
+    before = {r["prompt"]: r for r in start}
+    pairs = [(before[r["prompt"]], r) for r in end if r["prompt"] in before]
+    out = {}
+    for name in principles.checked:
+        a, b = ([principles.passes(name, r["raw"], is_capped(r, "raw")) for r in side] for side in zip(*pairs))
+        d = mcnemar(b, a)  # end against start
+        out[name] = {"n": d["n"], "start": sum(a) / d["n"], "end": sum(b) / d["n"], "difference": d["difference"],
+                     "became_passing": d["a_only"], "became_failing": d["b_only"], "p_exact": d["p_exact"]}
+    return out
+
+
+def plain_answers(tokenizer, records) -> dict:
+    """The plain answers y^o: mean length in tokens and the share that ended before the cap (`eos_rate`)."""
+    capped = sum(is_capped(r, "raw") for r in records)
+    n = max(1, len(records))
+    return {"n": len(records), "mean_length": sum(len(tokenizer.encode(r["raw"])) for r in records) / n,
+            "eos_rate": 1 - capped / n, "capped": capped / n}
+
+
+def response_lengths(tokenizer, records, cutoff: int) -> torch.Tensor:
+    """[R, 6] response-token counts of the six sequences (what the scores sum over)."""
+    eot = end_of_turn_id(tokenizer)
+    return torch.tensor([[len(y) for _, y in record_sequences(tokenizer, r, cutoff, eot)] for r in records])
+
+
+def on_policy(tokenizer, records, ref_logps, cutoff: int) -> dict:
+    """How on-policy a set of pairs is: the mean per-token log-prob of y+ and of y- under x, scored by the
+    policy that sampled them (its reference pass)."""
+    per_token = ref_logps / response_lengths(tokenizer, records, cutoff).clamp(min=1)
+    return {"y_pos": per_token[:, CHOSEN].mean().item(), "y_neg": per_token[:, REJECTED].mean().item()}
+
+
+def held_out(tokenizer, records, policy_logps, ref_logps, cfg, principles) -> dict:
+    """The held-out records scored before (ref_logps) and after (policy_logps) the epoch: the SSO loss and
+    rewards with TRL's eval_ names, a 95% interval for each pair's accuracy, and the signal accuracy with
+    the share of decided pairs the trained policy's reward margin gets right."""
+    lengths = response_lengths(tokenizer, records, cfg.cutoff)
+    _, metrics = sso_loss(policy_logps, ref_logps, lengths, **cfg.loss_settings())
+    n = len(records)
+    out = {"n": n, **{f"eval_{k}": v for k, v in metrics.items()}}
+    out["intervals"] = {k: wilson_interval(round(out[k] * n), n)
+                        for k in (f"eval_{p}rewards/accuracies" for p in ("", "p_", "n_"))}
+    reward = implicit_rewards(policy_logps, ref_logps, lengths, cfg.loss_type, cfg.beta)  # [R, 6]
+    margins = reward[:, CHOSEN] - reward[:, REJECTED]
+    out["signal"] = signal_accuracy(records, margins)
+    out["feature_signal"] = feature_signal(records, principles, margins)
+    return out
+
+
+def mean(rows, key):
+    return sum(r[key] for r in rows) / len(rows) if rows else None
+
+
+def summarize(t: int, records, stats: dict, history: list[dict], tokenizer, principles) -> dict:
+    """An iteration's training side for summary.json: what was kept, the responses' lengths, the steps
+    (means over those where the policy had moved from the reference), the training pairs' signal."""
+    moved = [h for h in history if not h["policy_is_reference"]]  # a tie with the reference is no failure
+    lengths = {k: sum(len(tokenizer.encode(r[k])) for r in records) / len(records) for k in RESPONSES}
+    return {"iteration": t, "prompts": stats.get("prompts", len(records)), "kept": len(records),
+            "dropped": {k: v for k, v in stats.items() if k in DROP_REASONS},
+            "capped": stats.get("capped", 0),
+            "sample_tokens_per_s": stats.get("sample_tokens", 0) / max(stats.get("sample_seconds", 0), 1e-9),
+            "train_tokens_per_s": mean(history, "tokens_per_s"),
+            "len_chosen": lengths["chosen"], "len_rejected": lengths["rejected"], "len_raw": lengths["raw"],
+            "loss": mean(history, "loss"), "W": mean(history, "W"), "acc": mean(moved, "rewards/accuracies"),
+            "p_acc": mean(moved, "p_rewards/accuracies"), "n_acc": mean(moved, "n_rewards/accuracies"),
+            "steps_at_reference": len(history) - len(moved), "eval": None, "generation": None, "onpolicy": None,
+            "signal": signal_accuracy(records), "feature_signal": feature_signal(records, principles)}
+
+
+def metrics_row(summary: dict) -> dict:
+    """A summary's per-iteration numbers under their metrics.jsonl names: eval_* (held-out loss and rewards),
+    eval_signal/* (the IFEval-instruction signal), per checked feature signal/F/* (training pairs),
+    eval_signal/F/* (held-out pairs) and eval_behaviour/F/pass_rate (plain answers), and generation/*."""
+    out = {f"generation/{k}": v for k, v in (summary.get("generation") or {}).items() if k != "n"}
+    out |= {f"eval_behaviour/{f}/pass_rate": b["rate"] for f, b in (summary.get("behaviour") or {}).items()}
+    ev = summary.get("eval") or {}
+    out |= {k: v for k, v in ev.items() if not isinstance(v, dict)}
+    if ev:
+        out |= {f"eval_signal/{k}": ev["signal"][k] for k in ("accuracy", "decided", "reward_agrees")}
+    for prefix, signals in (("signal", summary.get("feature_signal")), ("eval_signal", ev.get("feature_signal"))):
+        for f, g in (signals or {}).items():
+            out |= {f"{prefix}/{f}/accuracy": g["accuracy"], f"{prefix}/{f}/decided": g["decided"]}
+    return out
+
+
+def log_row(metrics_path, summary: dict, steps: int, split: str = "eval"):
+    """An iteration's held-out numbers (split "eval"), or the final policy's ("final"), as one metrics.jsonl
+    row, written once (a resumed run replaces its own row)."""
+    rows = read_jsonl(metrics_path, required=()) if metrics_path.exists() else []
+    rows = [r for r in rows if not (r.get("split") == split and r["iteration"] == summary["iteration"])]
+    rows.append({"iteration": summary["iteration"], "split": split, "step": steps, **metrics_row(summary)})
+    write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fmt_rate(b: dict | None) -> str:
+    return f"{b['rate']:.2f} [{b['interval'][0]:.2f}, {b['interval'][1]:.2f}]" if b and b["n"] else "-"
+
+
+def one_line(summary: dict) -> str:
+    """An iteration's headline: held-out reward accuracy on x, and per checked feature the signal of the
+    training pairs and the share of plain answers that pass."""
+    ev, parts = summary.get("eval"), []
+    if ev:
+        lo, hi = ev["intervals"]["eval_rewards/accuracies"]
+        parts.append(f"held-out acc x {ev['eval_rewards/accuracies']:.2f} [{lo:.2f}, {hi:.2f}] (n {ev['n']})")
+    for f, g in (summary.get("feature_signal") or {}).items():
+        acc = "-" if g["accuracy"] is None else f"{g['accuracy']:.2f}"
+        parts.append(f"{f}: signal acc {acc} ({g['decided']} decided), plain answers pass "
+                     f"{fmt_rate((summary.get('behaviour') or {}).get(f))}")
+    return "; ".join(parts)
