@@ -108,10 +108,81 @@ WRONG = {  # (exercise, a plausible wrong attempt, the case it must be caught on
 }
 
 
-def test_every_exercise_has_a_solution_here_and_a_task_with_a_hint():
+def sso_per_record(policy, ref, lengths, use_w, use_g):
+    """The same loss, one record at a time, with the reference detached and the lengths as integers."""
+    n = lengths.round().long()
+    return torch.stack([sso(policy[i:i + 1], ref[i:i + 1].detach(), n[i:i + 1], use_w, use_g)
+                        for i in range(len(policy))]).mean()
+
+
+def decode_step_sdpa(q, k, v, k_cache, v_cache, pos):
+    k_cache[:, :, pos:pos + 1].copy_(k)
+    v_cache[:, :, pos:pos + 1].copy_(v)
+    visible = (torch.arange(k_cache.size(2)) <= pos)[None, :]  # [1, S]: the query sees slots 0..pos
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible)
+
+
+CORRECT = {  # (exercise, a correct answer written differently from the library)
+    "IPO with the reference detached": ("ipo", lambda pw, pl, rw, rl, lw, ll, b: ipo(pw, pl, rw.detach(),
+                                                                                      rl.detach(), lw, ll, b)),
+    "IPO with integer lengths": ("ipo", lambda pw, pl, rw, rl, lw, ll, b: ipo(pw, pl, rw, rl, lw.round().long(),
+                                                                               ll.round().long(), b)),
+    "IPO through F.mse_loss": ("ipo", lambda pw, pl, rw, rl, lw, ll, b: F.mse_loss(
+        (pw / lw - rw / lw) - (pl / ll - rl / ll),
+        torch.full_like(pw, 1 / (2 * b)), reduction="none")),
+    "DPO through softplus": ("dpo", lambda pw, pl, rw, rl, b: F.softplus(-b * ((pw - rw) - (pl - rl)))),
+    "DPO with the reference detached": ("dpo", lambda pw, pl, rw, rl, b: dpo(pw, pl, rw.detach(), rl.detach(), b)),
+    "W through torch.lerp": ("W", lambda p, n, a: torch.sigmoid(-torch.lerp(n, p, a))),
+    "G with the reference detached": ("G", lambda lp, lr, b: G(lp, lr.detach(), b)),
+    "sso_loss as a per-record loop": ("sso_loss", sso_per_record),
+    "decode_step through SDPA": ("decode_step", decode_step_sdpa),
+    "generator_loss with the reference detached": (
+        "generator_loss", lambda p, r, n, g, t: generator_loss(p, r.detach(), n, g, t)),
+}
+
+
+def decode_step_new_caches(q, k, v, k_cache, v_cache, pos):
+    """Writes into fresh tensors: the caller's caches never see this step's keys and values."""
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    return decode_step(q, k, v, k_cache, v_cache, pos)
+
+
+def sequences_literal(record, prompt_ids, encode, eot):
+    """Reads record['capped'][key] as if every record had it."""
+    return sequences({**record, "capped": record["capped"]}, prompt_ids, encode, eot)
+
+
+WRONG_NEW = {  # (exercise, wrong attempt, the case it must be caught on, what the message must say)
+    "cache not written in place": ("decode_step", decode_step_new_caches,
+                                   "the step at slot 0 of 8, stale values after it", "k_cache after the call"),
+    "a long response_mask": ("masks", lambda s, pad: {**masks(s, pad), "response_mask": masks(s, pad)[
+        "response_mask"].long()}, "one sequence", "expected a torch.bool tensor"),
+    "code that raises": ("sequences", sequences_literal, "a record of finished answers", "raised KeyError"),
+    "a wrong sequence is named and shown as text": (
+        "sequences", lambda *a: sequences(*a, neg_chosen="rejected"), "a record of finished answers",
+        "sequence x-: y^o: its response is"),
+}
+
+
+def test_every_exercise_has_a_solution_here_and_a_task_with_graded_hints():
     assert set(SOLUTIONS) == set(EXERCISES)
     for name in EXERCISES:
-        assert exercises.task(name).startswith(f"{name}: ") and exercises.hint(name)
+        assert exercises.task(name).startswith(f"{name}: ") and 2 <= len(EXERCISES[name].hints) <= 3
+        assert len(exercises.hint(name, 3)) > len(exercises.hint(name)) > len(name) + 2  # each level adds
+
+
+@pytest.mark.parametrize("variant", CORRECT)
+def test_a_correct_answer_written_differently_passes(variant):
+    name, fn = CORRECT[variant]
+    assert check(name, fn, verbose=False)
+
+
+@pytest.mark.parametrize("attempt", WRONG_NEW)
+def test_a_newly_named_wrong_attempt_fails_saying_what_is_wrong(attempt):
+    name, fn, case, says = WRONG_NEW[attempt]
+    with pytest.raises(Mismatch) as e:
+        check(name, fn, verbose=False)
+    assert str(e.value).startswith(f"{name}: case '{case}': ") and says in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("name", EXERCISES)
@@ -134,3 +205,22 @@ def test_an_unwritten_function_is_reported_not_raised(capsys):
 
     assert check("ipo", stub) is False
     assert "ipo: not written yet" in capsys.readouterr().out
+
+
+def test_the_exercises_run_without_jupyter_from_a_file_of_answers(tmp_path, capsys):
+    answers = tmp_path / "answers.py"
+    answers.write_text("import torch\nimport torch.nn.functional as F\n\n"
+                       "def dpo(pi_w, pi_l, ref_w, ref_l, beta):\n"
+                       "    return F.softplus(-beta * ((pi_w - ref_w) - (pi_l - ref_l)))\n\n"
+                       "def W(mean_pos, mean_neg, alpha):\n"
+                       "    return torch.sigmoid(-(alpha * mean_pos + (1 - alpha) * mean_neg)).detach()\n")
+    assert exercises.main([str(answers)]) == 1  # one right, one wrong
+    out = capsys.readouterr().out
+    assert "dpo: all 4 cases agree" in out and "W: case 'random pairs, alpha 0.66': the gradient with respect to " \
+        "mean_pos is missing" in out and "1 of 2 written exercises agree with sso-mini (7 not written)" in out
+    (tmp_path / "none.py").write_text("x = 1\n")
+    assert exercises.main([str(tmp_path / "none.py")]) == 2
+    capsys.readouterr()
+    assert exercises.main(["--tasks"]) == 0
+    tasks = capsys.readouterr().out
+    assert all(f"{name}: " in tasks for name in EXERCISES)
