@@ -35,6 +35,7 @@ from sso_mini.checkpoint import load_model  # noqa: E402
 from sso_mini.config import PRESETS  # noqa: E402
 from sso_mini.lora import apply_lora  # noqa: E402
 from sso_mini.losses import sso_loss  # noqa: E402
+from sso_mini.memory import free_bytes, micro_batch_tokens  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
 from sso_mini.logprobs import packed_logprobs  # noqa: E402
 from sso_mini.trainer import bf16_is_native  # noqa: E402
@@ -123,7 +124,9 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=60)
     ap.add_argument("--principle-tokens", type=int, default=300)
     ap.add_argument("--response-tokens", type=int, default=256)
-    ap.add_argument("--tokens-per-micro-batch", type=int, default=16384)
+    ap.add_argument("--tokens-per-micro-batch", type=int,
+                    help="packed budget (default: 16384 on the CPU; on CUDA what sso_mini/memory.py plans for the "
+                         "GPU's free memory, with gradient checkpointing where the plan needs it)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per variant, after one warm-up step")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: see above)")
@@ -131,6 +134,9 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_model(args, device)
+    if args.tokens_per_micro_batch is None:  # as train.py plans it (settings.machine_defaults)
+        args.tokens_per_micro_batch, model.gradient_checkpointing = (16384, False) if device.type != "cuda" else \
+            micro_batch_tokens(model.config, free_bytes(device), args.lora_rank or None)
     mixed = bf16_is_native(device)  # bf16 autocast where it is native, as the trainer does
     records = make_records(args.records, model.config.vocab_size, args.prompt_tokens, args.principle_tokens,
                            args.response_tokens)
@@ -144,7 +150,8 @@ def main():
         peak = matmul_tflops(device, torch.bfloat16 if mixed else torch.float32)
     N, per_token = counted_params(model), 4 if args.lora_rank else 6
     print(f"{name}, {gpu or 'CPU'}, {'bf16 autocast' if mixed else 'fp32'}, {args.records} records per step "
-          f"(~{sum(tokens.values()) // args.records} tokens each), budget {args.tokens_per_micro_batch} tokens, "
+          f"(~{sum(tokens.values()) // args.records} tokens each), budget {args.tokens_per_micro_batch} tokens"
+          f"{' with gradient checkpointing' if model.gradient_checkpointing else ''}, "
           f"{'' if gpu else f'{args.threads} threads, '}MFU at {per_token} N = {per_token * N / 1e9:.2f} GFLOP/token "
           f"against {peak:.1f} TFLOPS, torch {torch.__version__}\n")
     print("| variant | forwards per step | tokens/s | MFU | peak memory GB |\n|---|---:|---:|---:|---:|")

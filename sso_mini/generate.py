@@ -248,7 +248,8 @@ def generate_batched(model, prompts, *, batch_size=None, seed=None, n=1, desc="s
     (default: default_batch_rows / n).
     """
     if batch_size is None:
-        batch_size = max(1, default_batch_rows(model, max(map(len, prompts)) + kw["max_new_tokens"]) // n)
+        longest = max(map(len, prompts)) + kw["max_new_tokens"]
+        batch_size = max(1, default_batch_rows(model, longest, kw.get("compile", False)) // n)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     starts = range(0, len(order), batch_size)
@@ -266,16 +267,28 @@ CPU_BATCH_ROWS = 48  # more rows per batch buy a CPU little: its matmuls are alr
 GPU_BATCH_ROWS = (8, 512)  # a GPU's decode step is bound by reading the weights until well past 128 rows
 
 
-def default_batch_rows(model, max_len: int) -> int:
-    """Rows per sampling batch: CPU_BATCH_ROWS on the CPU; on a GPU as many as half its free memory holds
-    (KV cache of max_len slots, and the step's fp32 logits and noise, per row), a power of two in GPU_BATCH_ROWS."""
+def default_batch_rows(model, max_len: int, compile: bool = False) -> int:
+    """Rows per sampling batch: CPU_BATCH_ROWS on the CPU; on a GPU gpu_batch_rows of what it can still give
+    (memory.free_bytes), for a KV cache of max_len slots (compiled: the cache bucket it grows to)."""
     weight = model.embed_tokens.weight
     if weight.device.type != "cuda":
         return CPU_BATCH_ROWS
-    c = model.config
-    per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * weight.element_size()
+    from .memory import free_bytes
+
+    if compile:
+        from .compiled import CACHE_BUCKETS, bucket
+
+        max_len = bucket(max_len, CACHE_BUCKETS)
+    return gpu_batch_rows(model.config, free_bytes(weight.device), max_len, weight.element_size())
+
+
+def gpu_batch_rows(config, free: int, max_len: int, element_size: int) -> int:
+    """As many rows as half of `free` bytes holds (KV cache of max_len slots, and the step's fp32 logits and
+    noise, per row), a power of two in GPU_BATCH_ROWS."""
+    c = config
+    per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * element_size
     per_row += 4 * 4 * c.vocab_size  # logits, probabilities and their copies (noise: NUCLEUS_CANDIDATES, or V)
-    rows = torch.cuda.mem_get_info(weight.device)[0] // 2 // per_row
+    rows = free // 2 // per_row
     return max(GPU_BATCH_ROWS[0], min(GPU_BATCH_ROWS[1], 1 << max(int(rows).bit_length() - 1, 0)))
 
 

@@ -61,8 +61,11 @@ class LoRALinear(nn.Module):
         if self.disabled:
             return y
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # fp32 masters, compute in x's dtype
-        delta = F.linear(F.linear(self.dropout(x), A), B)  # [..., in] -> [..., r] -> [..., out]
-        return y + self.scaling * delta
+        down = F.linear(self.dropout(x), A)  # [..., in] -> [..., r]
+        # y + scaling * down @ B.T as one addmm: the scale and the add ride on the matmul, no extra pass over y
+        out = torch.addmm(y.reshape(-1, y.size(-1)), down.reshape(-1, down.size(-1)).to(y.dtype), B.t().to(y.dtype),
+                          alpha=self.scaling)
+        return out.view(y.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha / r) B A in the base dtype (summed in fp32)."""
