@@ -33,15 +33,14 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from sso_mini import metrics
-from sso_mini.assets import AssetError, load_tensors, write_json
+from sso_mini.assets import AssetError, write_json
 from sso_mini.checkpoint import CheckpointError, load_model, save_model
 from sso_mini.records import build_records, read_jsonl, sample_plain, write_jsonl
 from sso_mini.settings import Settings, UsageError, open_run, parse_args, settle
 from sso_mini.tokenizer import Tokenizer
-from sso_mini.trainer import ONE_PROCESS, TrainingError, logged_steps, score_records, train_epoch
+from sso_mini.trainer import ONE_PROCESS, TrainingError, cached_logps, logged_steps, score_records, train_epoch
 
 EVAL_SEED = 1_000_003  # offsets the held-out sampling seeds from the training ones
 
@@ -222,7 +221,7 @@ def evaluate(s: Settings, stage: str, t: int, folder: Path, trained=None) -> dic
     held_out = read_jsonl(folder / "eval_pairs.jsonl") if s.held_out else []
     if held_out:
         with timed(s, folder, "eval_score", f"the trained policy scores {len(held_out)} held-out records"):
-            policy_logps = cached(folder / "eval_logps.safetensors")
+            policy_logps = cached_logps(folder / "eval_logps.safetensors")
             if policy_logps is None:
                 model = trained or load_model(folder / "model", dtype=s.dtype, device=s.device)[0]
                 policy_logps = score_records(model, tokenizer, held_out, cfg, cache=folder / "eval_logps.safetensors",
@@ -235,13 +234,13 @@ def evaluate(s: Settings, stage: str, t: int, folder: Path, trained=None) -> dic
     summary = metrics.summarize(t, records, stats, history, tokenizer, s.principles)
     sampled = not s.flags.pairs and stage == "policy"  # the policy's own answers (not a generator's)
     if held_out:
-        ref_logps = cached(folder / "eval_ref_logps.safetensors")
+        ref_logps = cached_logps(folder / "eval_ref_logps.safetensors")
         summary["eval"] = metrics.held_out(tokenizer, held_out, policy_logps, ref_logps, cfg, s.principles)
     if held_out and sampled:
         summary["generation"] = metrics.plain_answers(tokenizer, held_out)
         summary["behaviour"] = metrics.pass_rates(held_out, s.principles)
     if sampled:  # the reference pass is the policy that sampled these records
-        ref_logps = cached(folder / "ref_logps.safetensors")
+        ref_logps = cached_logps(folder / "ref_logps.safetensors")
         summary["onpolicy"] = metrics.on_policy(tokenizer, records, ref_logps, cfg.cutoff)
     seconds = json.loads((folder / "timing.json").read_text())
     summary["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
@@ -285,14 +284,6 @@ def final_answers(s: Settings, last: Path, out: Path):
               f"{100 * c['end']:.0f}% after the last iteration ({100 * c['difference']:+.0f} points on {c['n']} "
               f"prompts: {c['became_passing']} now pass, {c['became_failing']} no longer do; exact McNemar "
               f"p = {c['p_exact']:.2g})", file=sys.stderr)
-
-
-def cached(path: Path):
-    """The log-probs a score_records cache holds, or None (missing or damaged: never used)."""
-    try:
-        return load_tensors(path)["logps"]
-    except (OSError, SafetensorError, KeyError, ValueError):
-        return None
 
 
 @contextlib.contextmanager

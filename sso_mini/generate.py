@@ -90,11 +90,7 @@ def layout(prompts, max_new_tokens: int, compile: bool, device):
     B = len(prompts)
     P = shared_prefix_length(prompts) if B > 1 else 0
     T = P + max(len(p) - P for p in prompts)  # slots: shared prefix, then the longest suffix
-    Tmax = T + max_new_tokens
-    if compile:  # the cache's size is one of a few buckets, so a compiled step sees few shapes
-        from .compiled import CACHE_BUCKETS, bucket
-
-        Tmax = bucket(Tmax, CACHE_BUCKETS)
+    Tmax = cache_slots(T + max_new_tokens, compile)
     ids = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, Tmax, dtype=torch.bool)
     ids[:, :P], valid[:, :P] = torch.tensor(prompts[0][:P]), True
@@ -113,11 +109,8 @@ def prefill_in_chunks(model, ids, valid, P: int, compile: bool):
     slots = torch.arange(T, device=ids.device)
     # real keys at or before the query's slot; a pad query sees itself only, so no softmax row is empty
     mask = (valid[:, None, None, :T] & (slots <= slots[:, None])) | (slots == slots[:, None])  # [B, 1, T, T]
-    cache_len = valid.size(1)
-    if compile:  # the smallest bucket: grown_cache adds slots as the decode fills them
-        from .compiled import CACHE_BUCKETS, bucket
-
-        cache_len = bucket(T + 1, CACHE_BUCKETS)
+    # compiled: the smallest bucket that holds the prompts; grown_cache adds slots as the decode fills them
+    cache_len = cache_slots(T + 1, compile) if compile else valid.size(1)
     prefix = []
     if P:  # the shared prefix runs once, at batch 1
         model.setup_cache(1, P)
@@ -211,6 +204,16 @@ def check_inputs(model, prompts, settings: dict):
                          f" positions, more than the model's context of {context}")
 
 
+def cache_slots(n: int, compile: bool) -> int:
+    """The KV-cache slots n tokens take: n, or compiled the cache bucket that holds n (a compiled step then
+    sees few shapes)."""
+    if not compile:
+        return n
+    from .compiled import CACHE_BUCKETS, bucket
+
+    return bucket(n, CACHE_BUCKETS)
+
+
 def shared_prefix_length(prompts) -> int:
     """How many leading tokens all prompts share, leaving each at least one token of its own
     (the prefill must end on a row's own last token)."""
@@ -275,11 +278,8 @@ def default_batch_rows(model, max_len: int, compile: bool = False) -> int:
         return CPU_BATCH_ROWS
     from .memory import free_bytes
 
-    if compile:
-        from .compiled import CACHE_BUCKETS, bucket
-
-        max_len = bucket(max_len, CACHE_BUCKETS)
-    return gpu_batch_rows(model.config, free_bytes(weight.device), max_len, weight.element_size())
+    slots = cache_slots(max_len, compile)
+    return gpu_batch_rows(model.config, free_bytes(weight.device), slots, weight.element_size())
 
 
 def gpu_batch_rows(config, free: int, max_len: int, element_size: int) -> int:

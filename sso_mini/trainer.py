@@ -128,10 +128,7 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
                   desc="scoring", ranks=ONE_PROCESS) -> torch.Tensor:
     """[R, 6] summed log-probs of every record's six sequences under `model`, cached in `cache` (a damaged
     cache is scored again, never used)."""
-    try:
-        saved = load_tensors(cache)["logps"] if cache is not None and cache.exists() else None
-    except (SafetensorError, KeyError, ValueError):
-        saved = None
+    saved = cached_logps(cache) if cache is not None else None
     if saved is not None and saved.shape == (len(records), 6):
         return saved
     if not records:
@@ -149,6 +146,14 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     if cache is not None and ranks.main:
         save_tensors({"logps": logps}, cache)
     return logps
+
+
+def cached_logps(path: Path):
+    """The log-probs a score_records cache holds, or None (missing or damaged: never used)."""
+    try:
+        return load_tensors(path)["logps"]
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

@@ -38,15 +38,12 @@ from ..assets import write_json
 from ..batches import collate, collate_groups, is_capped, response_ids, truncate
 from ..checkpoint import DEFAULT_MODEL, CheckpointError, replace_dir, load_model, resolve, save_model
 from ..logprobs import packed_logprobs
+from ..metrics import wilson_interval
 from ..model import Transformer, padding_causal_mask, position_ids_from_mask
-from ..records import REQUIRED_FIELDS, read_jsonl, write_jsonl
+from ..records import REQUIRED_FIELDS, read_jsonl
 from ..tokenizer import end_of_turn_id, prompt_ids
 from ..trainer import make_optimizer, optimizer_step
-from .. import rules
-from . import ifeval
-from ..metrics import wilson_interval
-from ..checkable import BASE_TASKS, SKIPPED_INSTRUCTIONS
-from .verified_pairs import build_testset
+from . import ifeval, verified_pairs
 
 RM_MARKER = "sso_mini_reward_model"
 HEAD_FILE = "reward_head.safetensors"
@@ -98,8 +95,7 @@ def is_reward_model(path) -> bool:
 
 
 def save_reward_model(rm: RewardModel, tokenizer, path, extra: dict[str, str] | None = None):
-    """The body as a normal HF folder, the head, the config marker (and `extra` text files), moved into place
-    at once."""
+    """The body as a HF folder, the head and the config marker (and `extra` text files), moved into place at once."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
@@ -222,7 +218,8 @@ def pair_loss(rm, batch, cfg: RewardConfig) -> tuple[torch.Tensor, dict]:
     loss = bt_loss(r_chosen, r_rejected, batch["margin"] if cfg.use_margin else None)
     metrics = {"bt_loss": loss.item(), "accuracy": (r_chosen > r_rejected).float().mean().item()}
     if cfg.lm_coef:  # a second forward over the chosen rows, through the fused log-prob path
-        logp, n = packed_logprobs(rm.body, {k[7:]: v for k, v in batch.items() if k.startswith("chosen_")})
+        chosen_row = {k.removeprefix("chosen_"): v for k, v in batch.items() if k.startswith("chosen_")}
+        logp, n = packed_logprobs(rm.body, chosen_row)
         nll = -logp.sum() / n.sum()  # mean token NLL of the chosen responses
         loss = loss + cfg.lm_coef * nll
         metrics["lm_nll"] = nll.item()
@@ -338,26 +335,6 @@ def cmd_eval(args):
         write_json(args.json, [{"rm": str(f), **r} for f, r in zip(folders, results)])
 
 
-def cmd_build_testset(args):
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ValueError(f"{out} exists: a test set is written once (use --force to rebuild it)")
-    model, tokenizer = load_model(args.model, device=args.device)
-    settings = {"seed": args.seed, "model": str(args.model), "n_prompts": args.n_prompts, "samples": args.samples,
-                "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                "max_instructions": args.max_instructions, "base_tasks": len(BASE_TASKS),
-                "skipped_instructions": list(SKIPPED_INSTRUCTIONS), "verifiers": rules.VERIFIERS_WHEEL,
-                "label": "chosen: every instruction passes (strict); rejected: one fails; one pair per prompt"}
-    kept, counts = build_testset(model, tokenizer, args.n_prompts, seed=args.seed, samples=args.samples,
-                                 temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                 max_instructions=args.max_instructions, batch_size=args.batch_size)
-    if not kept:
-        raise ValueError(f"no prompt had both a passing and a failing answer ({counts}); nothing written")
-    write_jsonl(out, kept)
-    write_json(out.with_suffix(".recipe.json"), {**settings, "counts": counts})
-    print(f"{out}: {len(kept)} pairs; {json.dumps(counts)}")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sso_mini.eval.reward", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -398,7 +375,7 @@ def main(argv=None):
         p.add_argument("--device", default=None, help="cpu (default) or cuda")
     args = ap.parse_args(argv)
     try:
-        {"train": cmd_train, "eval": cmd_eval, "build-testset": cmd_build_testset}[args.command](args)
+        {"train": cmd_train, "eval": cmd_eval, "build-testset": verified_pairs.cmd_build_testset}[args.command](args)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         sys.exit(f"error: {err}")
 

@@ -13,12 +13,18 @@ is honest. The generators never produce the 541 IFEval evaluation prompts: the b
 are ours and the instruction arguments are random draws, seeded per prompt.
 """
 
+import json
 import random
+from pathlib import Path
 
-from ..generate import generate_batched
-from ..checkable import draw_prompts
-from ..tokenizer import prompt_ids
 from .. import rules
+from ..assets import write_json
+from ..checkable import BASE_TASKS, SKIPPED_INSTRUCTIONS, draw_prompts
+from ..checkpoint import load_model
+from ..generate import generate_batched
+from ..records import write_jsonl
+from ..tokenizer import prompt_ids
+
 
 def sample_answers(model, tokenizer, records, *, samples, temperature, top_p, max_new_tokens, seed, batch_size,
                    progress=True) -> list[list[list[int]]]:
@@ -61,3 +67,24 @@ def build_testset(model, tokenizer, n_prompts, *, seed=0, samples=4, temperature
     kept, counts = label_pairs(tokenizer, records, answers, seed=seed, max_new_tokens=max_new_tokens)
     return kept, {"prompts": len(records), "dropped_nth_paragraph": dropped, "responses": len(records) * samples,
                   **counts, "kept": len(kept)}
+
+
+def cmd_build_testset(args):
+    """`python -m sso_mini.eval.reward build-testset`: write the test set and its recipe (the settings) beside it."""
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists: a test set is written once (use --force to rebuild it)")
+    model, tokenizer = load_model(args.model, device=args.device)
+    settings = {"seed": args.seed, "model": str(args.model), "n_prompts": args.n_prompts, "samples": args.samples,
+                "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                "max_instructions": args.max_instructions, "base_tasks": len(BASE_TASKS),
+                "skipped_instructions": list(SKIPPED_INSTRUCTIONS), "verifiers": rules.VERIFIERS_WHEEL,
+                "label": "chosen: every instruction passes (strict); rejected: one fails; one pair per prompt"}
+    kept, counts = build_testset(model, tokenizer, args.n_prompts, seed=args.seed, samples=args.samples,
+                                 temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                 max_instructions=args.max_instructions, batch_size=args.batch_size)
+    if not kept:
+        raise ValueError(f"no prompt had both a passing and a failing answer ({counts}); nothing written")
+    write_jsonl(out, kept)
+    write_json(out.with_suffix(".recipe.json"), {**settings, "counts": counts})
+    print(f"{out}: {len(kept)} pairs; {json.dumps(counts)}")
