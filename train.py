@@ -176,7 +176,7 @@ def sample(s: Settings, t: int, prompts: list, sampler, tokenizer, held_out: boo
                                     compile=s.device.type == "cuda", progress=s.progress and s.ranks.main,
                                     desc="held-out prompts" if held_out else "training prompts")
     if s.flags.logprob_filter and not held_out:  # held-out records show what the policy samples
-        from sso_mini.records import logprob_filter
+        from sso_mini.logprob_filter import logprob_filter
 
         records, filtered = logprob_filter(model, tokenizer, records, cutoff=s.flags.cutoff)
         counts.update(filtered)

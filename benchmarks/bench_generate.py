@@ -8,7 +8,7 @@ Both samplers produce exactly --new-tokens tokens per row (stopping disabled) fr
 weights and left-padded prompts; tokens/s = rows x new tokens / wall time, prefill included,
 the best of --repeats runs of each, after a warm-up call (with --compile it compiles the decode
 step; its wall time is printed apart).
-With --preset the weights are random (shapes from sso_mini.config.PRESETS). The batch-1 lines
+With --preset the weights are random (shapes from sso_mini.memory.PRESETS). The batch-1 lines
 also report the fraction of the memory-bandwidth roofline: every decoded token reads all weights
 once, so the ceiling is bandwidth / weight bytes tokens/s, with the bandwidth measured here (the
 best of three sums over a 1 GiB tensor, with the same threads) unless --bandwidth-gbs gives it.
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sso_mini.checkpoint import fetch_default_model, load_model  # noqa: E402
-from sso_mini.config import PRESETS  # noqa: E402
+from sso_mini.memory import PRESETS  # noqa: E402
 from sso_mini.generate import generate  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sso_mini.batches import collate_groups, micro_batches, row_length  # noqa: E402
 from sso_mini.checkpoint import load_model  # noqa: E402
-from sso_mini.config import PRESETS  # noqa: E402
+from sso_mini.memory import PRESETS  # noqa: E402
 from sso_mini.lora import apply_lora  # noqa: E402
 from sso_mini.losses import sso_loss  # noqa: E402
 from sso_mini.memory import free_bytes, micro_batch_tokens  # noqa: E402

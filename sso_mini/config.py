@@ -7,7 +7,7 @@ loaded wrong.
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -127,36 +127,3 @@ class ModelConfig:
             d["attention_bias"] = self.qkv_bias
             d["mlp_bias"] = False
         return d
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# Shapes of the models people run SSO on (from their published config.json files).
-# Used for random-weight benchmarks at real sizes and for memory budgets.
-PRESETS = {
-    "SmolLM2-135M": ModelConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-        tie_word_embeddings=True, max_position_embeddings=8192,
-    ),
-    "Qwen2.5-0.5B": ModelConfig(
-        architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, qkv_bias=True,
-        max_position_embeddings=32768,
-    ),
-    "Qwen2-7B": ModelConfig(
-        architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, qkv_bias=True,
-        max_position_embeddings=32768,
-    ),
-    "Llama-3.1-8B": ModelConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072,
-    ),
-}

@@ -17,6 +17,12 @@ few-shot preamble), those sit in slots 0..P-1 of every row and are prefilled onc
     decode_one_token  one new token for every row
     decode            the loop: finished rows leave the batch, the rest go on
 
+Which token comes next (`sample`, `nucleus_race`): temperature, top-k, then an exponential race within
+the top-p nucleus instead of torch.multinomial. With E ~ Exp(1) drawn per token, argmax(probs / E) picks
+token i with probability probs[i]; the draws for all rows come at once with fixed shapes, and a seeded
+generator makes every row reproducible. Only a row's NUCLEUS_CANDIDATES likeliest tokens race; the rare row
+whose nucleus is wider races again over its whole vocabulary (`widen`).
+
 The CPU fast path (sso_mini/fast_cpu.py: on for eager fp32 sampling on a CPU) and `compile=True` (a GPU;
 sso_mini/compiled.py) make the same steps faster; the tokens a seed draws do not depend on them.
 """
@@ -27,7 +33,86 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import micro_batches
-from .sampling import exponential_noise, nucleus_race, probabilities, race_width, sample, widen
+
+# --- which token comes next ---------------------------------------------------------------
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th kept), the rest -> -inf."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def nucleus(ranked: torch.Tensor, p):
+    """[b, k] probabilities, most likely first -> [b, k] True: in the top-p nucleus (the mass ranked
+    above is still short of p, so the top token always stays), and [b] True: the nucleus ends
+    within these k (their mass reaches p)."""
+    cum = ranked.cumsum(dim=-1)
+    return cum - ranked < p, cum[:, -1] >= p
+
+
+def exponential_noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Exp(1) draws, strictly positive (u is clamped away from 0; u < 1 always)."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_()
+
+
+NUCLEUS_CANDIDATES = 256  # tokens per row that race for the next token before a row widens to its whole vocabulary
+
+
+def race_width(vocab_size: int, top_p: float) -> int:
+    """Exp(1) draws per row and step: one per candidate when top-p is on, one per token when it is off."""
+    return min(NUCLEUS_CANDIDATES, vocab_size) if top_p < 1.0 else vocab_size
+
+
+def nucleus_race(probs: torch.Tensor, p, noise: torch.Tensor):
+    """The exponential race within each row's top-p nucleus, among its noise.size(-1) most likely tokens:
+    [B, V] probabilities, [B, k] Exp(1) draws -> [B] ids, [B] True where the race was decided (the
+    nucleus lies within the k candidates; `widen` redoes the other rows over the whole vocabulary).
+
+    argmax(probs / E) over the kept tokens, E ~ Exp(1): kept token i wins with probability
+    probs[i] / (mass kept). Why candidates: a nucleus seldom holds more than a few dozen tokens, while
+    sorting a 49k-152k vocabulary and drawing noise for every token of it is a visible share of a decode
+    step (and, compiled, noise copied into the graph's input every step).
+    p: a number, or a 0-d tensor (the compiled step's, so that its value is no part of the graph); the
+    number 1.0 turns top-p off: every token races, unranked, and noise has one draw per token.
+    """
+    if not torch.is_tensor(p) and p >= 1.0:
+        return (probs / noise).argmax(dim=-1), torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+    k = noise.size(-1)  # top and order: [B, k], most likely first (the whole row, as `widen` asks: a sort)
+    top, order = probs.topk(k, dim=-1) if k < probs.size(-1) else probs.sort(dim=-1, descending=True)
+    kept, decided = nucleus(top, p)
+    score = (top / noise).masked_fill(~kept, -1.0)
+    return order.gather(-1, score.argmax(dim=-1, keepdim=True))[:, 0], decided
+
+
+def widen(token, decided, probs, p, generator: torch.Generator):
+    """Rows whose nucleus outgrew their candidates race again over their whole vocabulary (eager, outside
+    any compiled graph: a data-dependent batch). Same distribution as one race over every token."""
+    if not bool(decided.all()):
+        wide = probs[~decided]  # [b, V]
+        token[~decided] = nucleus_race(wide, p, exponential_noise(wide.shape, generator, wide.device))[0]
+    return token
+
+
+def probabilities(logits, temperature, top_k: int):
+    """[B, V] logits -> [B, V] fp32 probabilities after the temperature and the top-k filter."""
+    return top_k_filter(logits.float() / temperature, top_k).softmax(dim=-1)
+
+
+def sample(logits, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Next token per row: [B, V] logits -> [B] ids. Temperature 0 is greedy (no generator needed);
+    otherwise temperature, then top-k, then the race within the top-p nucleus, drawn from `generator`."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, temperature, top_k)
+    noise = exponential_noise((len(probs), race_width(probs.size(-1), top_p)), generator, probs.device)
+    return widen(*nucleus_race(probs, top_p, noise), probs, top_p, generator)
+
+
+# --- the KV-cache loop ----------------------------------------------------------------------
 
 PREFILL_TOKENS = 3072  # prompt tokens per prefill forward: a CPU's activations then stay in its caches
 
@@ -267,50 +352,17 @@ def generate_batched(model, prompts, *, batch_size=None, seed=None, n=1, desc="s
 
 
 CPU_BATCH_ROWS = 48  # more rows per batch buy a CPU little: its matmuls are already large enough
-GPU_BATCH_ROWS = (8, 512)  # a GPU's decode step is bound by reading the weights until well past 128 rows
 
 
 def default_batch_rows(model, max_len: int, compile: bool = False) -> int:
-    """Rows per sampling batch: CPU_BATCH_ROWS on the CPU; on a GPU gpu_batch_rows of what it can still give
-    (memory.free_bytes), for a KV cache of max_len slots (compiled: the cache bucket it grows to)."""
+    """Rows per sampling batch: CPU_BATCH_ROWS on the CPU; on a GPU, what half its free memory holds for a KV
+    cache of max_len slots (compiled: the cache bucket it grows to; sso_mini/memory.py)."""
     weight = model.embed_tokens.weight
     if weight.device.type != "cuda":
         return CPU_BATCH_ROWS
-    from .memory import free_bytes
+    from .memory import free_bytes, sampler_rows
 
-    slots = cache_slots(max_len, compile)
-    return gpu_batch_rows(model.config, free_bytes(weight.device), slots, weight.element_size())
-
-
-def gpu_batch_rows(config, free: int, max_len: int, element_size: int) -> int:
-    """As many rows as half of `free` bytes holds (KV cache of max_len slots, and the step's fp32 logits and
-    noise, per row), a power of two in GPU_BATCH_ROWS."""
-    c = config
-    per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * element_size
-    per_row += 4 * 4 * c.vocab_size  # logits, probabilities and their copies (noise: NUCLEUS_CANDIDATES, or V)
-    rows = free // 2 // per_row
-    return max(GPU_BATCH_ROWS[0], min(GPU_BATCH_ROWS[1], 1 << max(int(rows).bit_length() - 1, 0)))
-
-
-def complete(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, n=1, seed=None,
-             stop_strings=(), progress=True) -> list[str]:
-    """Text in, text out: each prompt is raw text (used as is, e.g. few-shot) or a list of chat
-    messages (rendered with the chat template). Returns n strings per prompt, in prompt order,
-    each cut before the first of `stop_strings`."""
-    if any(not s for s in stop_strings):
-        raise ValueError("complete: stop_strings contains an empty string")
-    ids = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            ids.append(tokenizer.encode(p))
-        elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
-            ids.append(tokenizer.encode_chat(p, add_generation_prompt=True))
-        else:
-            raise ValueError(f"complete: prompt {i} is a {type(p).__name__}; expected text or a list of messages")
-    outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    stop_ids=tokenizer.stop_ids, n=n, seed=seed, progress=progress)
-    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-    return [min((t.split(s, 1)[0] for s in stop_strings), key=len, default=t) for t in texts]
+    return sampler_rows(model.config, free_bytes(weight.device), cache_slots(max_len, compile), weight.element_size())
 
 
 def fast_path(model, compile: bool):

@@ -5,13 +5,43 @@ A planning model, not a measurement of the allocator: weights, gradients and Ada
 parameter counts, activations from what each block saves for its backward (checked against a count of
 the tensors autograd saves, tests/test_lora.py), and one chunk of the log-prob kernel.
 
-    python -m sso_mini.memory      the README's memory table for the presets
+    python -m sso_mini.memory      the README's memory table for PRESETS, the shapes of real models
 """
 
 import torch
 
 from .config import ModelConfig
 from .lora import TARGETS
+
+
+# Shapes of the models people run SSO on (from their published config.json files).
+# Used for random-weight benchmarks at real sizes and for memory budgets.
+PRESETS = {
+    "SmolLM2-135M": ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+        tie_word_embeddings=True, max_position_embeddings=8192,
+    ),
+    "Qwen2.5-0.5B": ModelConfig(
+        architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, qkv_bias=True,
+        max_position_embeddings=32768,
+    ),
+    "Qwen2-7B": ModelConfig(
+        architecture="Qwen2ForCausalLM", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False, qkv_bias=True,
+        max_position_embeddings=32768,
+    ),
+    "Llama-3.1-8B": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072,
+    ),
+}
 
 
 def lora_param_count(config: ModelConfig, rank: int, targets=TARGETS) -> int:
@@ -80,6 +110,19 @@ def free_bytes(device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+SAMPLER_ROWS = (8, 512)  # a GPU's decode step is bound by reading the weights until well past 128 rows
+
+
+def sampler_rows(config: ModelConfig, free: int, max_len: int, element_size: int) -> int:
+    """Rows per sampling batch: as many as half of `free` bytes holds (KV cache of max_len slots, and the
+    step's fp32 logits and noise, per row), a power of two in SAMPLER_ROWS."""
+    c = config
+    per_row = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_len * element_size
+    per_row += 4 * 4 * c.vocab_size  # logits, probabilities and their copies (noise: NUCLEUS_CANDIDATES, or V)
+    rows = free // 2 // per_row
+    return max(SAMPLER_ROWS[0], min(SAMPLER_ROWS[1], 1 << max(int(rows).bit_length() - 1, 0)))
+
+
 def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | None = None, n_ranks: int = 1,
                        cutoff: int = 2048) -> tuple[int, bool]:
     """(tokens per micro-batch, gradient checkpointing) for a GPU with `free_bytes` free: the largest power of
@@ -102,8 +145,6 @@ def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | No
 
 def main():
     """`python -m sso_mini.memory`: the README's memory table for the presets."""
-    from .config import PRESETS
-
     gib = 2**30
     print("| model | mode | GPU | tokens per micro-batch | checkpointing | weights | grads | AdamW | activations | "
           "log-prob chunk | total (GiB) |")

@@ -21,19 +21,14 @@ train the model to stop wherever the cap happened to fall. Files without `capped
 import json
 import random
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from .assets import fetch_wheel_member, write_atomic
-from .batches import collate_groups, is_capped, response_ids, truncate
 from .generate import generate_batched
-from .logprobs import packed_logprobs
 from .principles import STOP
-from .tokenizer import chat, end_of_turn_id, prompt_ids
+from .tokenizer import prompt_ids
 
 REQUIRED_FIELDS = ("prompt", "p_system", "n_system", "chosen", "rejected", "raw")
 DROP_REASONS = ("empty_prompt", "too_long", "identical_pair", "chosen_equals_raw", "rejected_equals_raw",
@@ -220,69 +215,3 @@ def read_jsonl(path, required=REQUIRED_FIELDS) -> list[dict]:
     if not records:
         raise ValueError(f"{path}: no records")
     return records
-
-
-def trl_record(record: dict) -> dict:
-    """One base pair (x: y+ > y-) in the conversational form TRL's DPO trainer reads as it is: `prompt` a
-    list of messages (no system message, as sso-mini samples x), `chosen` / `rejected` one assistant
-    message each, so that TRL applies the model's own chat template; the principle fields ride along."""
-    return {"prompt": chat(record.get("system", ""), record["prompt"]),
-            "chosen": [{"role": "assistant", "content": record["chosen"]}],
-            "rejected": [{"role": "assistant", "content": record["rejected"]}],
-            **{k: record[k] for k in ("p_system", "n_system", "features") if k in record}}
-
-
-def export_trl(pairs_path, out_path) -> dict:
-    """pairs.jsonl -> TRL's conversational JSONL. A pair with a capped response is left out: the chat
-    template would close it with the end-of-turn token, a finished answer where sso-mini trains a prefix."""
-    records = read_jsonl(pairs_path, required=("prompt", "chosen", "rejected"))
-    kept = [r for r in records if not (is_capped(r, "chosen") or is_capped(r, "rejected"))]
-    write_jsonl(out_path, [trl_record(r) for r in kept])
-    return {"pairs": len(records), "exported": len(kept), "left_out_capped": len(records) - len(kept)}
-
-
-def main(argv=None):
-    """`python -m sso_mini.records PAIRS OUT`: export PAIRS (a pairs.jsonl) for TRL's DPOTrainer."""
-    if len(argv) != 2:
-        print("usage: python -m sso_mini.records PAIRS.jsonl OUT.jsonl  (TRL's conversational form)", file=sys.stderr)
-        return 2
-    try:
-        print(json.dumps(export_trl(Path(argv[0]), Path(argv[1]))))
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-# --- optional log-prob preference filter (the released code's preference_filter.py) -----------
-
-
-@torch.no_grad()
-def logprob_filter(model, tokenizer, records, cutoff=2048) -> tuple[list[dict], Counter]:
-    """Keep records whose y_pos / y_neg log-probs move the right way with the principles.
-
-    Mean token log-probs of y_pos and y_neg under x (o), x+ (p) and x- (n):
-      1. ordered: p_pos > o_pos > n_pos and n_neg > o_neg > p_neg;
-      2. near on-policy: o_pos and o_neg at or above their means over the surviving records;
-      3. a large gap: (p_pos - n_pos) and (n_neg - p_neg) above their means.
-    """
-    eot = end_of_turn_id(tokenizer)
-    means = []
-    for r in records:  # one packed row per record: y+, then y-, each under x, x+ and x-
-        prompts = [prompt_ids(tokenizer, system, r["prompt"]) for system in ("", r["p_system"], r["n_system"])]
-        groups = [(p, [y]) for key in ("chosen", "rejected") for p, y in
-                  (truncate(p, response_ids(tokenizer, r, key, eot), cutoff) for p in prompts)]
-        logp, n = packed_logprobs(model, collate_groups(groups, model.lm_head_weight.device))
-        means.append((logp / n).view(2, 3))
-    scores = torch.stack(means).cpu()  # [R, (pos, neg), (o, p, n)]
-    o_pos, p_pos, n_pos = scores[:, 0].unbind(-1)
-    o_neg, p_neg, n_neg = scores[:, 1].unbind(-1)
-    keep = (p_pos > o_pos) & (o_pos > n_pos) & (n_neg > o_neg) & (o_neg > p_neg)
-    stats = Counter(filter_in=len(records), filter_order=int(keep.sum()))
-    for step, cond in (("filter_onpolicy", lambda k: (o_pos >= o_pos[k].mean()) & (o_neg >= o_neg[k].mean())),
-                       ("filter_gap", lambda k: ((p_pos - n_pos) > (p_pos - n_pos)[k].mean())
-                        & ((n_neg - p_neg) > (n_neg - p_neg)[k].mean()))):
-        if keep.any():
-            keep = keep & cond(keep)
-        stats[step] = int(keep.sum())
-    return [r for r, k in zip(records, keep.tolist()) if k], stats

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sso_mini.generate import complete, generate, generate_batched, shared_prefix_length
-from sso_mini.sampling import exponential_noise, nucleus_race, sample, top_k_filter, widen
+from sso_mini.eval.judge import complete
+from sso_mini.generate import (exponential_noise, generate, generate_batched, nucleus_race, sample,
+                               shared_prefix_length, top_k_filter, widen)
 
 QUESTIONS = [
     "Hi!",
@@ -318,13 +319,12 @@ def test_compiled_sampling_draws_what_eager_sampling_draws(tiny_transformer, mon
 
     from sso_mini import compiled
     from sso_mini import generate as gen
-    from sso_mini import sampling
 
     torch._dynamo.reset()
     compiled.compiled_step.cache_clear()
     monkeypatch.setattr(compiled, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(compiled, "_eager_fallback", [])
-    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 4)  # so that some steps' nucleus outgrows the candidates
+    monkeypatch.setattr(gen, "NUCLEUS_CANDIDATES", 4)  # so that some steps' nucleus outgrows the candidates
     widened, real = [], gen.widen
     monkeypatch.setattr(gen, "widen", lambda token, decided, *a: widened.append(int((~decided).sum())) or
                         real(token, decided, *a))
@@ -466,19 +466,18 @@ def test_a_compile_limit_falls_back_to_eager_with_one_warning(tiny_transformer, 
     compiled.compiled_step.cache_clear()
 
 
-def test_gpu_batch_rows_hold_the_bucketed_cache_in_half_the_free_memory():
+def test_sampler_rows_hold_the_bucketed_cache_in_half_the_free_memory():
     """The rows a GPU batch takes, against the per-row bytes written out here for Qwen2-7B in bf16: the KV cache
     (k and v, 28 layers, 4 KV heads of 128, 2 bytes) and the step's fp32 logits, probabilities and copies."""
     from sso_mini.compiled import CACHE_BUCKETS, bucket
-    from sso_mini.config import PRESETS
-    from sso_mini.generate import GPU_BATCH_ROWS, gpu_batch_rows
+    from sso_mini.memory import PRESETS, SAMPLER_ROWS, sampler_rows
 
     config = PRESETS["Qwen2-7B"]
     for free_gib, max_len in ((70, 2600), (70, 600), (20, 2600), (1, 4000)):
         slots = bucket(max_len, CACHE_BUCKETS)  # the cache a compiled run grows to: 4096 for 2600
         per_row = 2 * 28 * 4 * 128 * slots * 2 + 16 * 152064
         rows = free_gib * 2**30 // 2 // per_row
-        want = max(GPU_BATCH_ROWS[0], min(GPU_BATCH_ROWS[1], 2 ** int(math.log2(rows)) if rows else 1))
-        assert gpu_batch_rows(config, free_gib * 2**30, slots, 2) == want
-    assert gpu_batch_rows(config, 70 * 2**30, bucket(2100, CACHE_BUCKETS), 2) == 128 < \
-        gpu_batch_rows(config, 70 * 2**30, 2100, 2)  # sized by the bucket: fewer rows than the raw length allows
+        want = max(SAMPLER_ROWS[0], min(SAMPLER_ROWS[1], 2 ** int(math.log2(rows)) if rows else 1))
+        assert sampler_rows(config, free_gib * 2**30, slots, 2) == want
+    assert sampler_rows(config, 70 * 2**30, bucket(2100, CACHE_BUCKETS), 2) == 128 < \
+        sampler_rows(config, 70 * 2**30, 2100, 2)  # sized by the bucket: fewer rows than the raw length allows

@@ -337,7 +337,7 @@ def saved_activation_bytes(config, tokens: int, lora_rank: int | None, layers: i
 
 @pytest.mark.parametrize("lora_rank", [16, None], ids=["LoRA r=16", "full fine-tune"])
 def test_memory_model_agrees_with_a_count_of_saved_tensors_on_the_meta_device(lora_rank):
-    from sso_mini.config import PRESETS
+    from sso_mini.memory import PRESETS
     from sso_mini.memory import activation_bytes_per_token
 
     config, T = PRESETS["Qwen2-7B"], 256
@@ -351,7 +351,7 @@ def test_memory_model_agrees_with_a_count_of_saved_tensors_on_the_meta_device(lo
 
 
 def test_the_default_token_budget_for_qwen2_7b_fits_an_80_gb_gpu():
-    from sso_mini.config import PRESETS
+    from sso_mini.memory import PRESETS
     from sso_mini.memory import GPU_MEMORY_SHARE, micro_batch_tokens
 
     config, free = PRESETS["Qwen2-7B"], 79 * 2**30  # what an 80 GB H100 reports free before anything is loaded

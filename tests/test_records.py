@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sso_mini import batches, records
+from sso_mini import batches, logprob_filter, records
 from sso_mini.batches import collate, record_sequences, truncate
 from sso_mini.principles import load_principles
 from sso_mini.records import clean, drop_reason, load_prompts, read_jsonl, write_jsonl
@@ -195,8 +195,8 @@ def test_logprob_filter_scores_capped_responses_as_prefixes(smollm2, monkeypatch
         seen.extend(batch["input_ids"][batch["segment"] == s].tolist() for s in range(n))
         return torch.zeros(n), torch.ones(n)
 
-    monkeypatch.setattr(records, "packed_logprobs", spy)
-    records.logprob_filter(model, tok, [record(capped={"chosen": True, "rejected": False, "raw": False})])
+    monkeypatch.setattr(logprob_filter, "packed_logprobs", spy)
+    logprob_filter.logprob_filter(model, tok, [record(capped={"chosen": True, "rejected": False, "raw": False})])
     assert seen[:3] == [tok.encode("yes")] * 3  # y+ under x, x+, x-: no end-of-turn token
     assert seen[3:] == [tok.encode("no") + [eot]] * 3
 
@@ -264,15 +264,15 @@ def test_logprob_filter_steps(smollm2, monkeypatch):
         out = torch.tensor([flat.pop(0) for _ in range(n)])
         return out * 2, torch.full((n,), 2)
 
-    monkeypatch.setattr(records, "packed_logprobs", fake)
-    kept, stats = records.logprob_filter(model, tok, [record(prompt=str(i)) for i in range(4)])
+    monkeypatch.setattr(logprob_filter, "packed_logprobs", fake)
+    kept, stats = logprob_filter.logprob_filter(model, tok, [record(prompt=str(i)) for i in range(4)])
     assert [r["prompt"] for r in kept] == ["0"]
     assert stats["filter_order"] == 3 and stats["filter_onpolicy"] == 2 and stats["filter_gap"] == 1
 
 
 def test_trl_export_round_trips_and_renders_to_our_token_ids(smollm2, tmp_path):
     from sso_mini.batches import response_ids
-    from sso_mini.records import export_trl
+    from sso_mini.export_trl import export_trl
 
     _, tok = smollm2
     eot = end_of_turn_id(tok)
@@ -300,3 +300,18 @@ def test_trl_export_round_trips_and_renders_to_our_token_ids(smollm2, tmp_path):
         ids = tok.encode(prompt_text) + tok.encode(whole[len(prompt_text):])
         ours = prompt_ids(tok, "", r["prompt"]) + response_ids(tok, r, side, eot)  # ends with the end-of-turn
         assert ids[:len(ours)] == ours and tok.decode(ids[len(ours):]).strip() == ""  # then only a newline
+
+
+def test_trl_export_command_writes_the_file_and_refuses_bad_input(tmp_path):
+    import subprocess
+    import sys
+
+    pair = {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "No.", "capped": {"chosen": False, "rejected": False}}
+    write_jsonl(tmp_path / "pairs.jsonl", [pair])
+    done = subprocess.run([sys.executable, "-m", "sso_mini.export_trl", str(tmp_path / "pairs.jsonl"),
+                           str(tmp_path / "trl.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout) == {"pairs": 1, "exported": 1, "left_out_capped": 0}
+    assert json.loads((tmp_path / "trl.jsonl").read_text())["chosen"] == [{"role": "assistant", "content": "Hi."}]
+    bad = subprocess.run([sys.executable, "-m", "sso_mini.export_trl", str(tmp_path / "missing.jsonl"),
+                          str(tmp_path / "out.jsonl")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and not (tmp_path / "out.jsonl").exists()

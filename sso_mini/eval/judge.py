@@ -27,7 +27,7 @@ import re
 import torch
 
 from ..batches import collate_groups, response_tokens
-from ..generate import complete
+from ..generate import generate
 from ..logprobs import packed_logprobs
 from ..tokenizer import end_of_turn_id
 
@@ -133,6 +133,27 @@ def preference_strength(model, tokenizer, instructions, references, chosen, reje
 
 # ---------------------------------------------------------------------------------------
 # The judge.
+
+
+def complete(model, tokenizer, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, n=1, seed=None,
+             stop_strings=(), progress=True) -> list[str]:
+    """Text in, text out: each prompt is raw text (used as is, e.g. few-shot) or a list of chat
+    messages (rendered with the chat template). Returns n strings per prompt, in prompt order,
+    each cut before the first of `stop_strings`."""
+    if any(not s for s in stop_strings):
+        raise ValueError("complete: stop_strings contains an empty string")
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            ids.append(tokenizer.encode(p))
+        elif isinstance(p, list) and all(isinstance(m, dict) for m in p):
+            ids.append(tokenizer.encode_chat(p, add_generation_prompt=True))
+        else:
+            raise ValueError(f"complete: prompt {i} is a {type(p).__name__}; expected text or a list of messages")
+    outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    stop_ids=tokenizer.stop_ids, n=n, seed=seed, progress=progress)
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
+    return [min((t.split(s, 1)[0] for s in stop_strings), key=len, default=t) for t in texts]
 
 
 def greedy_texts(model, tokenizer, prompts, max_new_tokens: int, batch_size: int, progress: bool,
