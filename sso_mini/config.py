@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# config.json keys taken as they are: required ones, and optional ones with their defaults when absent
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_KEYS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "bos_token_id": None, "eos_token_id": None,
+                 "pad_token_id": None}
 
 
 @dataclass
@@ -53,11 +57,9 @@ class ModelConfig:
         archs = d.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"{source}: unsupported architecture {arch!r} "
-                f"(sso-mini supports {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        qwen = arch == "Qwen2ForCausalLM"
+            raise ValueError(f"{source}: unsupported architecture {arch!r} "
+                             f"(sso-mini supports {', '.join(SUPPORTED_ARCHITECTURES)})")
+        qwen, bias = arch == "Qwen2ForCausalLM", bool(d.get("attention_bias", False))
         if d.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not supported")
         if qwen and d.get("use_sliding_window"):
@@ -68,27 +70,17 @@ class ModelConfig:
             if kind != "llama3":
                 raise ValueError(f"{source}: unsupported rope_scaling type {kind!r} (only 'llama3')")
             scaling = {**scaling, "rope_type": "llama3"}
+        missing = [k for k in REQUIRED_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing {', '.join(missing)}")
         heads = d["num_attention_heads"]
-        return cls(
-            architecture=arch,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            rope_scaling=scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            qkv_bias=True if qwen else bool(d.get("attention_bias", False)),
-            o_bias=False if qwen else bool(d.get("attention_bias", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-        )
+        return cls(architecture=arch, **{k: d[k] for k in REQUIRED_KEYS},
+                   **{k: d.get(k, default) for k, default in OPTIONAL_KEYS.items()},
+                   num_key_value_heads=d.get("num_key_value_heads") or heads,
+                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                   rope_theta=float(d.get("rope_theta", 10000.0)), rope_scaling=scaling,
+                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                   qkv_bias=qwen or bias, o_bias=not qwen and bias)  # Qwen2: q/k/v bias always, none on o_proj
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -103,27 +95,10 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """The config.json that transformers reads back into the same model."""
-        d = {
-            "architectures": [self.architecture],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-        }
+        keys = (*REQUIRED_KEYS, *OPTIONAL_KEYS, "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling",
+                "tie_word_embeddings")
+        d = {"architectures": [self.architecture], "model_type": self.model_type, "hidden_act": "silu",
+             **{k: getattr(self, k) for k in keys}}
         if self.model_type == "llama":
-            d["attention_bias"] = self.qkv_bias
-            d["mlp_bias"] = False
+            d |= {"attention_bias": self.qkv_bias, "mlp_bias": False}
         return d

@@ -1,30 +1,22 @@
-"""Batched sampling with a KV cache: many prompts, n samples each.
-
-SSO samples three responses per prompt every iteration (y+, y-, y^o), so this loop is most of the
-wall time. One call lays the batch out like this (T = the longest prompt, Tmax = T + max_new_tokens):
+"""Batched sampling with a KV cache: many prompts, n samples each (SSO samples y+, y- and y^o every iteration, so
+this loop is most of the wall time). One call's KV cache (T = the longest prompt, Tmax = T + max_new_tokens):
 
     cache slot   0 ............ T-1 | T ............ Tmax-1
     row 0        pad pad  prompt 0  | new tokens ->
     row 1        prompt 1 (longest) | new tokens ->
 
-Prompts are left-padded, so every row writes its t-th new token into the same slot T+t: one slot
-index serves the whole batch and the decode steps share their shapes ([B, 1] tokens, a [B, 1, 1, S]
-mask over the S slots filled so far). RoPE positions count each row's real tokens only, and the mask
-hides pad slots. When every prompt starts with the same P tokens (a chat template's system header, a
-few-shot preamble), those sit in slots 0..P-1 of every row and are prefilled once.
+Prompts are left-padded, so every row writes its t-th new token into slot T+t: one slot index serves the whole batch
+and the decode steps share their shapes. RoPE positions count each row's real tokens only; the mask hides pad slots.
+A prefix of P tokens all prompts share (a chat template's system header) sits in slots 0..P-1 and is prefilled once.
 
     prefill           the prompts run into the cache, a few rows per forward -> each row's last logits
     decode_one_token  one new token for every row
     decode            the loop: finished rows leave the batch, the rest go on
 
-Which token comes next (`sample`, `nucleus_race`): temperature, top-k, then an exponential race within
-the top-p nucleus instead of torch.multinomial. With E ~ Exp(1) drawn per token, argmax(probs / E) picks
-token i with probability probs[i]; the draws for all rows come at once with fixed shapes, and a seeded
-generator makes every row reproducible. Only a row's NUCLEUS_CANDIDATES likeliest tokens race; the rare row
-whose nucleus is wider races again over its whole vocabulary (`widen`).
-
-The CPU fast path (sso_mini/fast_cpu.py: on for eager fp32 sampling on a CPU) and `compile=True` (a GPU;
-sso_mini/compiled.py) make the same steps faster; the tokens a seed draws do not depend on them.
+Which token comes next (`sample`): temperature, top-k, then instead of torch.multinomial an exponential race within
+the top-p nucleus: with E ~ Exp(1) per token, argmax(probs / E) picks token i with probability probs[i], for all rows
+at once with fixed shapes, reproducibly from a seeded generator. fast_cpu.py and compile=True (compiled.py) make the
+same steps faster without changing the tokens a seed draws.
 """
 
 import contextlib
@@ -46,9 +38,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def nucleus(ranked: torch.Tensor, p):
-    """[b, k] probabilities, most likely first -> [b, k] True: in the top-p nucleus (the mass ranked
-    above is still short of p, so the top token always stays), and [b] True: the nucleus ends
-    within these k (their mass reaches p)."""
+    """[b, k] probabilities, most likely first -> [b, k] True: in the top-p nucleus (the mass ranked above is short
+    of p, so the top token always stays), and [b] True: the nucleus ends within these k (their mass reaches p)."""
     cum = ranked.cumsum(dim=-1)
     return cum - ranked < p, cum[:, -1] >= p
 
@@ -59,7 +50,7 @@ def exponential_noise(shape, generator: torch.Generator, device) -> torch.Tensor
     return u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_()
 
 
-NUCLEUS_CANDIDATES = 256  # tokens per row that race for the next token before a row widens to its whole vocabulary
+NUCLEUS_CANDIDATES = 256  # a row's likeliest tokens that race; a wider nucleus races over the whole vocabulary
 
 
 def race_width(vocab_size: int, top_p: float) -> int:
@@ -68,17 +59,11 @@ def race_width(vocab_size: int, top_p: float) -> int:
 
 
 def nucleus_race(probs: torch.Tensor, p, noise: torch.Tensor):
-    """The exponential race within each row's top-p nucleus, among its noise.size(-1) most likely tokens:
-    [B, V] probabilities, [B, k] Exp(1) draws -> [B] ids, [B] True where the race was decided (the
-    nucleus lies within the k candidates; `widen` redoes the other rows over the whole vocabulary).
-
-    argmax(probs / E) over the kept tokens, E ~ Exp(1): kept token i wins with probability
-    probs[i] / (mass kept). Why candidates: a nucleus seldom holds more than a few dozen tokens, while
-    sorting a 49k-152k vocabulary and drawing noise for every token of it is a visible share of a decode
-    step (and, compiled, noise copied into the graph's input every step).
-    p: a number, or a 0-d tensor (the compiled step's, so that its value is no part of the graph); the
-    number 1.0 turns top-p off: every token races, unranked, and noise has one draw per token.
-    """
+    """The race within each row's top-p nucleus among its k = noise.size(-1) likeliest tokens: [B, V] probabilities,
+    [B, k] Exp(1) draws -> [B] ids, [B] True where decided (the nucleus lies within the k; `widen` redoes the rest).
+    Kept token i wins with probability probs[i] / (mass kept). Why candidates: a nucleus seldom holds more than a few
+    dozen tokens, while sorting the whole vocabulary and drawing noise for each token is costly (benchmarks/README.md).
+    p: a number, or a 0-d tensor (compiled: its value stays out of the graph); the number 1.0 turns top-p off."""
     if not torch.is_tensor(p) and p >= 1.0:
         return (probs / noise).argmax(dim=-1), torch.ones(len(probs), dtype=torch.bool, device=probs.device)
     k = noise.size(-1)  # top and order: [B, k], most likely first (the whole row, as `widen` asks: a sort)
@@ -89,8 +74,8 @@ def nucleus_race(probs: torch.Tensor, p, noise: torch.Tensor):
 
 
 def widen(token, decided, probs, p, generator: torch.Generator):
-    """Rows whose nucleus outgrew their candidates race again over their whole vocabulary (eager, outside
-    any compiled graph: a data-dependent batch). Same distribution as one race over every token."""
+    """Rows whose nucleus outgrew their candidates race again over the whole vocabulary (the same distribution);
+    eager, since a data-dependent batch cannot be compiled."""
     if not bool(decided.all()):
         wide = probs[~decided]  # [b, V]
         token[~decided] = nucleus_race(wide, p, exponential_noise(wide.shape, generator, wide.device))[0]
@@ -103,8 +88,7 @@ def probabilities(logits, temperature, top_k: int):
 
 
 def sample(logits, generator: torch.Generator | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    """Next token per row: [B, V] logits -> [B] ids. Temperature 0 is greedy (no generator needed);
-    otherwise temperature, then top-k, then the race within the top-p nucleus, drawn from `generator`."""
+    """Next token per row: [B, V] logits -> [B] ids. Temperature 0 is greedy (no generator needed)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = probabilities(logits, temperature, top_k)
@@ -125,11 +109,9 @@ def prefill(model, ids, positions, mask, slots):
 
 
 def decode_one_token(model, tokens, positions, mask, slot, race):
-    """The next token of every row: tokens [B, 1] at positions [B, 1], written to cache slot [1], reading
-    the slots `mask` [B, 1, 1, S] allows. race: None (greedy: [B] ids), or (noise [B, k] Exp(1) draws,
-    temperature, top_k, top_p) -> [B] ids, [B] decided, [B, V] probabilities (for `widen`). Tensors in,
-    tensors out, fixed shapes: it can be compiled (the noise is drawn outside: a graph cannot hold the
-    generator)."""
+    """Tokens [B, 1] at positions [B, 1] into cache slot [1], reading the slots `mask` [B, 1, 1, S] allows. race: None
+    (greedy: [B] ids), or (noise [B, k], temperature, top_k, top_p) -> [B] ids, [B] decided, [B, V] probabilities.
+    Tensors in and out, fixed shapes: it compiles (the noise is drawn outside, as a graph cannot hold a generator)."""
     logits = model.logits(model.hidden_states(tokens, positions, mask, slot)[:, -1])  # [B, V]
     if race is None:
         return logits.argmax(dim=-1)
@@ -141,13 +123,9 @@ def decode_one_token(model, tokens, positions, mask, slot, race):
 @torch.inference_mode()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(), n=1,
              seed=None, progress=True, compile=False, desc="sampling") -> list[list[int]]:
-    """Sample `n` completions for each prompt (lists of token ids).
-
-    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. Returns B*n lists of new token
-    ids, prompt-major (prompt 0's n samples first); a row ends at its first stop id, which is not
-    included. The same seed gives the same output for the same batch. compile=True compiles the decode
-    step (CUDA graphs on a GPU; the first call per shape pays the compile).
-    """
+    """Sample `n` completions per prompt: B*n lists of new token ids, prompt-major, each cut before its first stop id.
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. The same seed gives the same output for
+    the same batch. compile=True compiles the decode step (the first call per shape pays the compile)."""
     check_inputs(model, prompts, dict(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
                                       top_k=top_k))
     device = model.embed_tokens.weight.device
@@ -170,8 +148,7 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
 
 
 def layout(prompts, max_new_tokens: int, compile: bool, device):
-    """The batch as cache slots: ids [B, T] (a shared prefix of P tokens first, then each row's own tokens
-    left-padded), valid [B, Tmax] (the slots that hold real tokens), and P."""
+    """ids [B, T] (the shared prefix, then each row's own tokens left-padded), valid [B, Tmax] (real slots), and P."""
     B = len(prompts)
     P = shared_prefix_length(prompts) if B > 1 else 0
     T = P + max(len(p) - P for p in prompts)  # slots: shared prefix, then the longest suffix
@@ -186,9 +163,8 @@ def layout(prompts, max_new_tokens: int, compile: bool, device):
 
 
 def prefill_in_chunks(model, ids, valid, P: int, compile: bool):
-    """Every row's prompt into one KV cache of T slots (compiled: the cache's first bucket): the shared
-    prefix once at batch 1, then the rows' own tokens PREFILL_TOKENS at a time, each chunk into its own
-    cache (its prefix slots copied in), the chunks' caches joined at the end. Returns [B, V] logits."""
+    """Every prompt into one KV cache: the rows' own tokens PREFILL_TOKENS at a time, each chunk into its own cache
+    (the prefix's slots copied in), the caches joined at the end. Returns [B, V] logits."""
     B, T = ids.shape
     positions = (valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # [B, T] real tokens before each slot
     slots = torch.arange(T, device=ids.device)
@@ -197,7 +173,7 @@ def prefill_in_chunks(model, ids, valid, P: int, compile: bool):
     # compiled: the smallest bucket that holds the prompts; grown_cache adds slots as the decode fills them
     cache_len = cache_slots(T + 1, compile) if compile else valid.size(1)
     prefix = []
-    if P:  # the shared prefix runs once, at batch 1
+    if P:  # the shared prefix runs once
         model.setup_cache(1, P)
         model.hidden_states(ids[:1, :P], positions[:1, :P], mask[:1, :, :P, :P], slots[:P])
         prefix = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in model.layers]
@@ -205,7 +181,7 @@ def prefill_in_chunks(model, ids, valid, P: int, compile: bool):
     for rows in micro_batches(range(B), dict.fromkeys(range(B), T - P), B, PREFILL_TOKENS):
         r = slice(rows[0], rows[-1] + 1)
         model.setup_cache(len(rows), cache_len)
-        for layer, (k, v) in zip(model.layers, prefix):  # every row gets the prefix's keys and values
+        for layer, (k, v) in zip(model.layers, prefix):
             layer.self_attn.kv_cache.k[:, :, :P], layer.self_attn.kv_cache.v[:, :, :P] = k, v
         logits.append(prefill(model, ids[r, P:], positions[r, P:], mask[r, :, P:], slots[P:]))
         caches.append([(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in model.layers])
@@ -218,11 +194,9 @@ def prefill_in_chunks(model, ids, valid, P: int, compile: bool):
 
 def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, *, stop_ids=(), compile=False,
            progress=False, desc="sampling"):
-    """The decode loop from each row's first new token `tok` [rows], the prompts in the cache's first T slots
-    (valid [rows, Tmax]: the slots that hold real tokens): every step appends a token per row,
-    ends the rows that drew a stop id, and once half the rows have ended, the batch shrinks to the next
-    power of two above the rows still going (their cache rows move, the others are dropped). Returns
-    out [rows, max_new_tokens] and each row's length before its stop."""
+    """The loop from each row's first new token `tok` [rows], prompts in the first T cache slots: every step appends a
+    token per row and ends the rows that drew a stop id; once half have ended, the batch and its cache shrink.
+    Returns out [rows, max_new_tokens] and each row's length before its stop."""
     temperature, top_k, top_p, generator = sampling
     bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
     device, rows = tok.device, len(tok)
@@ -290,8 +264,7 @@ def check_inputs(model, prompts, settings: dict):
 
 
 def cache_slots(n: int, compile: bool) -> int:
-    """The KV-cache slots n tokens take: n, or compiled the cache bucket that holds n (a compiled step then
-    sees few shapes)."""
+    """The KV-cache slots n tokens take: n, or compiled the bucket that holds n (so a compiled step sees few shapes)."""
     if not compile:
         return n
     from .compiled import CACHE_BUCKETS, bucket
@@ -300,8 +273,7 @@ def cache_slots(n: int, compile: bool) -> int:
 
 
 def shared_prefix_length(prompts) -> int:
-    """How many leading tokens all prompts share, leaving each at least one token of its own
-    (the prefill must end on a row's own last token)."""
+    """Leading tokens all prompts share, leaving each one of its own (the prefill must end on a row's last token)."""
     first, shortest = prompts[0], min(map(len, prompts))
     P = 0
     while P < shortest - 1 and all(p[P] == first[P] for p in prompts):
@@ -314,8 +286,7 @@ def next_power_of_two(n: int) -> int:
 
 
 def remap_cache(model, fn):
-    """Replace every layer's cached keys and values, [B, Hkv, slots, D] each, by fn(them): rows dropped,
-    copied or added, slots added."""
+    """Replace every layer's cached keys and values, [B, Hkv, slots, D] each, by fn(them)."""
     for layer in model.layers:
         cache = layer.self_attn.kv_cache
         cache.k, cache.v = fn(cache.k), fn(cache.v)
@@ -329,12 +300,9 @@ def compact(model, keep, *rows):
 
 def generate_batched(model, prompts, *, batch_size=None, seed=None, n=1, desc="sampling", progress=True,
                      **kw) -> list[list[int]]:
-    """generate() over any number of prompts, in prompt order (n per prompt, prompt-major).
-
-    Longest first, in batches of similar length: few pad slots in the KV cache. Batch b is seeded with
-    seed + b, so a run is reproducible whatever the batch it lands in holds. batch_size: prompts per batch
-    (default: default_batch_rows / n).
-    """
+    """generate() over any number of prompts, in prompt order (n per prompt). Longest first, in batches of similar
+    length: few pad slots. Batch b is seeded with seed + b, so a run is reproducible whatever else its batch holds.
+    batch_size: prompts per batch (default: default_batch_rows / n)."""
     if batch_size is None:
         longest = max(map(len, prompts)) + kw["max_new_tokens"]
         batch_size = max(1, default_batch_rows(model, longest, kw.get("compile", False)) // n)
@@ -355,8 +323,8 @@ CPU_BATCH_ROWS = 48  # more rows per batch buy a CPU little: its matmuls are alr
 
 
 def default_batch_rows(model, max_len: int, compile: bool = False) -> int:
-    """Rows per sampling batch: CPU_BATCH_ROWS on the CPU; on a GPU, what half its free memory holds for a KV
-    cache of max_len slots (compiled: the cache bucket it grows to; sso_mini/memory.py)."""
+    """Rows per sampling batch: CPU_BATCH_ROWS on a CPU; on a GPU, what half its free memory holds for a KV cache of
+    max_len slots (compiled: its bucket; memory.py)."""
     weight = model.embed_tokens.weight
     if weight.device.type != "cuda":
         return CPU_BATCH_ROWS
@@ -366,8 +334,7 @@ def default_batch_rows(model, max_len: int, compile: bool = False) -> int:
 
 
 def fast_path(model, compile: bool):
-    """While sampling eagerly, sso_mini/fast_cpu.py's oneDNN matmuls (a CPU streams small weight matrices
-    faster through them; a no-op on a GPU); a compiled step picks its own kernels."""
+    """Eager sampling: fast_cpu.py's oneDNN matmuls (faster on a CPU, no-op on a GPU); a compiled step picks its own."""
     if compile:
         return contextlib.nullcontext()
     from .fast_cpu import fast_cpu

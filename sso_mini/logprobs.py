@@ -1,11 +1,9 @@
 """Log-probabilities of target tokens without ever building [tokens, vocab] logits.
 
-Preference losses need log pi(y_t | y_<t) for every response token, i.e. one entry per row of
-log_softmax(h @ W.T). The naive formula materialises the full [N, V] logits (and, in autograd,
-several more tensors of that size): 2.5 GB per tensor at N = 4096, V = 151,936. Here the lm_head
-matmul, the log-softmax and the gather are fused into one autograd Function that walks over the
-vocabulary in chunks, keeps only a [N, chunk] fp32 block alive at a time, saves just the inputs and
-the per-token logsumexp, and recomputes each chunk's logits in the backward.
+Preference losses need log pi(y_t | y_<t), one entry per row of log_softmax(h @ W.T); the naive formula builds the
+[N, V] logits, several times over in autograd (2.5 GB each at N = 4096, V = 151,936). Here the lm_head matmul, the
+log-softmax and the gather are one autograd Function that walks the vocabulary in chunks, keeps one [N, chunk] fp32
+block alive at a time, saves just the inputs and the per-token logsumexp, and recomputes each chunk in the backward.
 """
 
 import torch
@@ -24,13 +22,9 @@ def default_chunk_size(n_tokens: int, vocab_size: int) -> int:
 
 
 def _on_tensor_cores(hidden, weight) -> bool:
-    """Whether half-precision operands can enter the matmuls as they are.
-
-    A product of two bf16 (or fp16) numbers is exact in fp32, and cuBLAS sums in fp32 when asked
-    for an fp32 result (out_dtype), so on CUDA the logits equal those of upcasting first, at
-    tensor-core speed (several times faster than upcasting; benchmarks/README.md).
-    CPU has no such matmul: upcast there.
-    """
+    """Whether half-precision operands can enter the matmuls as they are: a product of two bf16 (or fp16) numbers is
+    exact in fp32 and cuBLAS sums in fp32 when asked for an fp32 result (out_dtype), so on CUDA the logits equal those
+    of upcasting first, at tensor-core speed (benchmarks/README.md). CPU has no such matmul: upcast there."""
     return hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
 
 
@@ -43,16 +37,12 @@ def _mm(a, b, out, accumulate=False):
 class _TokenLogprobs(torch.autograd.Function):
     """log_softmax(hidden @ weight.T)[i, targets[i]], chunked over the vocabulary.
 
-    Why vocab chunks rather than token chunks: the softmax needs every logit of a row, but its
-    normaliser composes exactly across chunks (logsumexp of the chunks' logsumexps), so the forward
-    stays one pass. In the backward the logsumexp is known, and a vocab chunk then yields its rows
-    of grad_weight complete from one matmul over all N tokens: they are written once, straight into
-    the output. Token chunks instead read-modify-write the whole [V, H] grad_weight (545 MB for
-    Qwen) once per chunk (benchmarks/README.md measures the two), and bf16 weights need an extra
-    fp32 [V, H] accumulator. grad_hidden ([N, H], small) is the accumulated one here.
-    The [N, chunk] block lives in one buffer reused by every chunk: fresh allocations that large
-    would be page-faulted in again each time on CPU.
-    """
+    Why vocab chunks rather than token chunks: the softmax normaliser composes exactly across chunks (logsumexp of
+    the chunks' logsumexps), so the forward stays one pass; in the backward, with the logsumexp known, one matmul over
+    all N tokens yields a vocab chunk's rows of grad_weight complete, written once into the output. Token chunks
+    would read-modify-write the whole [V, H] grad_weight once per chunk (slower; benchmarks/README.md), with an extra
+    fp32 [V, H] accumulator for bf16 weights; here only the small grad_hidden [N, H] accumulates. One [N, chunk]
+    buffer serves every chunk: fresh allocations that large would be page-faulted in again each time on CPU."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
@@ -83,8 +73,7 @@ class _TokenLogprobs(torch.autograd.Function):
         (N, H), V, C, dtype = hidden.shape, weight.shape[0], ctx.chunk_size, lse.dtype
         h = hidden if ctx.fast else hidden.to(dtype)  # [N, H] matmul operand
         g = torch.where(valid, grad_out.to(dtype), 0.0)  # [N] no gradient from ignored rows
-        # d out_i / d z_ij = g_i * (onehot_ij - p_ij) = -g_i * (p_ij - onehot_ij): the chunk block
-        # holds p - onehot, and the row scale -g_i goes onto the [N, H] sides (h_g, then grad_h)
+        # d out_i / d z_ij = -g_i * (p_ij - onehot_ij): the chunk block holds p - onehot, -g_i scales h_g and grad_h
         h_g = (h * -g[:, None]).to(h.dtype)  # [N, H]
         grad_h = h.new_zeros(N, H, dtype=dtype) if want_h else None  # [N, H] sum of (p - onehot) @ W
         grad_w = torch.empty_like(weight) if want_w else None  # [V, H] each chunk written once
@@ -113,13 +102,9 @@ class _TokenLogprobs(torch.autograd.Function):
 def token_logprobs(hidden, weight, targets, chunk_size=None):
     """log p(targets[i] | hidden[i]) under the head `weight`: [N, H], [V, H], [N] -> [N] float32.
 
-    Computed in fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64, for gradcheck); gradients come back
-    in the inputs' dtypes. On CUDA, half-precision inputs are multiplied on tensor cores with fp32
-    sums (same logits); the backward's matmul operands (p - onehot, -g * h) are then rounded to the
-    input dtype, an error of the size of the rounding of the returned gradients.
-    Targets equal to -100 give 0 and contribute no gradient. `chunk_size` is the number of
-    vocabulary rows per chunk (default: a [N, chunk] fp32 block of about CHUNK_BYTES).
-    """
+    Computed in fp32 (fp64 stays fp64, for gradcheck); gradients come back in the inputs' dtypes. For half-precision
+    CUDA inputs the backward's matmul operands (p - onehot, -g * h) are rounded to the input dtype, an error the size
+    of the returned gradients' own rounding. Targets of -100 give 0, no gradient. chunk_size: vocab rows per chunk."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: expected hidden [N, H] and weight [V, H], "
                          f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -137,13 +122,9 @@ def token_logprobs(hidden, weight, targets, chunk_size=None):
 
 
 def packed_logprobs(model, batch: dict, flex=None):
-    """Summed log-prob and token count of each response in a packed row (batch: batches.collate_groups).
-
-    A token's log-prob is read from its parent's hidden state (the token before it in its own sequence),
-    so every response is scored exactly as if it followed its prompt alone. flex: attention through a
-    flex_attention block mask (default on CUDA; model.packed_attention_mask).
-    Returns (logp_sum [S] float32, n_tokens [S] int64), S = responses in the row, in order.
-    """
+    """(logp_sum [S] float32, n_tokens [S] int64): summed log-prob and token count of each of the S responses of a
+    packed row (batch: batches.collate_groups), in order. A token's log-prob is read from its parent's hidden state
+    (the token before it in its own sequence). flex: see model.packed_attention_mask."""
     mask = packed_attention_mask(batch["document"], batch["branch"], flex)
     hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], mask)  # [1, N, H]
     scored = batch["parent"] >= 0  # [1, N] the targets

@@ -1,15 +1,9 @@
-"""Preference losses: DPO, IPO and the SSO objective (docs/algorithm.md).
+"""Preference losses: DPO, IPO and the SSO objective (docs/algorithm.md), on per-sequence log-probs (summed
+response-token log-probs and token counts), never a model, so they can be tested on hand-picked numbers.
 
-Everything here takes per-sequence log-probs (the sum of the response-token
-log-probs and the response-token counts), never a model, so the whole objective
-can be read and tested on hand-picked numbers.
-
-One SSO record gives six sequences; every [B, 6] tensor here has the columns of
-batches.SEQUENCES: chosen, rejected (x: y+ > y-), p_chosen, p_rejected (x+: y+ > y-),
-n_chosen, n_rejected (x-: y^o > y+).
-
-Under the bad principle the raw response is chosen and the good one rejected
-(not y- > y+): it keeps p- from becoming a way to elicit y- (docs/algorithm.md).
+Every [B, 6] tensor has one record's six sequences, the columns of batches.SEQUENCES: chosen, rejected (x: y+ > y-),
+p_chosen, p_rejected (x+: y+ > y-), n_chosen, n_rejected (x-: y^o > y+). Under x- the raw y^o beats y+ (not
+y- > y+), so that p- does not become a way to elicit y-.
 """
 
 import torch
@@ -39,8 +33,7 @@ def loss_logps(logps, lengths, loss_type):
 
 
 def implicit_rewards(policy_logps, ref_logps, lengths, loss_type="ipo", beta=None):
-    """[B, 6] reward = beta * (l_pi - l_ref) of every sequence, with l as the loss reads it
-    (loss_logps). TRL's rewards/* and the held-out signal use it."""
+    """[B, 6] reward beta * (l_pi - l_ref), l as loss_logps gives it (TRL's rewards/*, the held-out signal)."""
     beta = DEFAULT_BETA[loss_type] if beta is None else beta
     return beta * (loss_logps(policy_logps, lengths, loss_type) - loss_logps(ref_logps, lengths, loss_type))
 
@@ -51,24 +44,19 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1):
 
 
 def ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.2):
-    """IPO: (h - 1/(2 beta))^2 per example [B]. Pass PER-TOKEN-MEAN log-probs.
-
-    IPO regresses the margin onto a fixed target instead of pushing it to
-    infinity; with means the target does not depend on response length.
-    """
+    """IPO: (h - 1/(2 beta))^2 per example [B]. Pass PER-TOKEN-MEAN log-probs: IPO regresses the margin onto a
+    fixed target instead of pushing it to infinity, and with means that target does not depend on length."""
     return (_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2
 
 
 def weight_W(mean_pos, mean_neg, alpha=0.66):
-    """W = sigmoid(-(alpha * pi~(y+|x) + (1 - alpha) * pi~(y-|x))), [B], from the policy's per-token-mean
-    log-probs of y+ and y- under the plain prompt x. In (0.5, 1) since log-probs are negative; largest for
-    pairs the policy finds unlikely. Not detached: its gradient raises both log-probs (sso_loss)."""
+    """W = sigmoid(-(alpha * pi~(y+|x) + (1 - alpha) * pi~(y-|x))), [B], from per-token-mean log-probs under x.
+    In (0.5, 1) since log-probs are negative; largest for pairs the policy finds unlikely."""
     return torch.sigmoid(-(alpha * mean_pos + (1 - alpha) * mean_neg))
 
 
 def steering_terms(l_pi, l_ref, base_loss, beta):
-    """G's two terms, [B] each: L(x+: y+ > y-) and L(x-: y^o > y+), on [B, 6] log-probs as the base loss
-    reads them (loss_logps). G = their sum."""
+    """G's two terms, [B] each: L(x+: y+ > y-) and L(x-: y^o > y+), on [B, 6] log-probs as loss_logps gives them."""
     def L(c, r):  # base loss of the pair (column c chosen, column r rejected)
         return base_loss(l_pi[:, c], l_pi[:, r], l_ref[:, c], l_ref[:, r], beta)
 
@@ -102,10 +90,8 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
              use_g=True, theta=0.1, alpha=0.66, beta=None, gamma=0.1, terms=TERMS):
     """The SSO objective on one batch of records: (batch-mean loss, metrics as floats).
 
-    policy_logps, ref_logps, lengths: [B, 6] summed response log-probs under the policy (differentiable)
-    and the reference, and response-token counts; columns as in batches.SEQUENCES. With L the base loss
-    (IPO on per-token means, DPO on sums), G = L(x+: y+ > y-) + L(x-: y^o > y+) and W = weight_W, the
-    per-record loss is
+    policy_logps (differentiable), ref_logps: [B, 6] summed response log-probs; lengths: [B, 6] token counts. With L
+    the base loss (IPO on per-token means, DPO on sums), G = L(x+: y+ > y-) + L(x-: y^o > y+) and W = weight_W:
         v1 (the paper's v1 and first released commit, default):  W * (L(x: y+ > y-) + theta * G)
         w_on_g (the latest released commit):                      L(x: y+ > y-) + W * theta * G
         generator (v2's data generator), `terms` keeping L+ ("pos"), L- ("neg") or both (v2 Table 3):
@@ -113,11 +99,7 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
             L- = L(x-: y^o > y+) - gamma * mean_logp(y^o|x-)  (v2 Eq. 4)
     Ablations of v1 and w_on_g: use_w=False -> L + theta * G, use_g=False -> W * L, neither -> L (PBAA).
     W is not detached: its gradient raises log pi(y+|x) and log pi(y-|x), which keeps the pair on-policy.
-    beta=None picks 0.2 for IPO and 0.1 for DPO.
-
-    metrics: loss, unweighted_loss (W set to 1), W, and for each pair prefix "", "p_", "n_" (for "n_" the
-    chosen side is y^o, the rejected y+) rewards/{chosen,rejected,accuracies,margins} with reward =
-    beta * (l_pi - l_ref) as the loss reads l, and logps/{chosen,rejected}: the policy's sums, as TRL logs.
+    metrics: loss, unweighted_loss (W set to 1), W, and pair_stats of pairs "", "p_", "n_" (n_: y^o over y+).
     """
     check_settings(loss_type, form, terms, beta, theta, alpha)
     check_shapes(policy_logps, ref_logps, lengths)
@@ -150,7 +132,8 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
 
 
 def pair_stats(policy_logps, rewards) -> dict:
-    """Batch means of each pair's rewards and the policy's summed log-probs, as TRL's DPOTrainer names them."""
+    """Batch means of each pair's rewards/{chosen,rejected,accuracies,margins} and logps/{chosen,rejected} (the
+    policy's sums), as TRL's DPOTrainer names them."""
     stats = {}
     for prefix, c, r in PAIRS:
         chosen, rejected = rewards[:, c], rewards[:, r]  # [B]

@@ -1,14 +1,10 @@
-"""What an iteration did, measured on held-out prompts: reward accuracy, signal accuracy, pass rates.
+"""What an iteration did on held-out prompts, with 95% Wilson intervals; written to iter_t/summary.json and one
+metrics.jsonl row, from which eval/report.py draws the table and the plot.
 
-    held-out records, scored by the reference (before) and the trained policy (after)
-        -> the SSO loss and reward accuracy of each pair, with a 95% Wilson interval
-    records whose responses a rule can check (a principle's `check`, or a prompt's IFEval instruction)
-        -> signal accuracy: of the pairs the rule decides (exactly one of y+, y- passes), how often y+ passes
-    the policy's own plain answers y^o to the held-out prompts
-        -> per checked feature, the share that passes (and, for the final policy, the change from the start)
-
-Everything lands in iter_t/summary.json and one metrics.jsonl row; eval/report.py draws the table and
-the plot from those files.
+    held-out pairs, scored by the reference (before) and the trained policy (after) -> SSO loss, reward accuracy
+    pairs a rule decides (a principle's `check` or an IFEval instruction passes exactly one of y+, y-)
+        -> signal accuracy: how often y+ is the one that passes
+    the policy's plain answers y^o -> per checked feature, the share that passes (final policy: change from start)
 """
 
 import json
@@ -35,9 +31,8 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def mcnemar(pass_a: list[bool], pass_b: list[bool]) -> dict:
-    """A minus B on the same prompts, and McNemar's exact test: only the prompts where the two differ carry
-    information (a_only: A passes and B fails, b_only: the reverse); under no difference a_only ~
-    Binomial(a_only + b_only, 1/2), and the two-sided p doubles the smaller tail."""
+    """A minus B on the same prompts, with McNemar's exact test: only prompts where they differ count (a_only: A
+    passes, B fails; b_only: the reverse); under no difference a_only ~ Binomial(a_only + b_only, 1/2), two-sided."""
     if len(pass_a) != len(pass_b) or not pass_a:
         raise ValueError(f"mcnemar: need two equal, non-empty lists (got {len(pass_a)} and {len(pass_b)})")
     b = sum(1 for x, y in zip(pass_a, pass_b) if x and not y)
@@ -48,10 +43,8 @@ def mcnemar(pass_a: list[bool], pass_b: list[bool]) -> dict:
 
 
 def decided_pairs(verdicts, margins=None) -> dict:
-    """The four cases of (y+ passes, y- passes) over `verdicts` [(pos, neg), ...]. Pairs where both pass or
-    both fail say nothing; of the rest (`decided`), accuracy = P(y+ passes | exactly one passes), with its
-    95% Wilson interval. `margins` (a trained policy's reward margin of y+ over y- per verdict) adds
-    `reward_agrees`: the share of decided pairs where the margin's sign agrees with the rule."""
+    """The four cases of (y+ passes, y- passes) over `verdicts` [(pos, neg), ...] and the signal accuracy; `margins`
+    (a policy's reward of y+ minus y-) adds `reward_agrees`: how often its sign agrees with the decided pairs."""
     cases, agree = dict.fromkeys(("both_pass", "pos_only", "neg_only", "both_fail"), 0), 0
     for i, (pos, neg) in enumerate(verdicts):
         cases["both_pass" if pos and neg else "pos_only" if pos else "neg_only" if neg else "both_fail"] += 1
@@ -68,8 +61,7 @@ def decided_pairs(verdicts, margins=None) -> dict:
 
 
 def signal_accuracy(records, margins=None) -> dict:
-    """decided_pairs over the records whose prompt carries an IFEval instruction (`checks`, --verifier-share):
-    a response passes when it follows the instruction (strict)."""
+    """decided_pairs over the records whose prompt carries an IFEval instruction (`checks`), checked strictly."""
     kept = [i for i, r in enumerate(records) if r.get("checks")]
     verdicts = [tuple(all(rules.check({**records[i]["checks"], "prompt": records[i]["prompt"]}, records[i][k])[0])
                       for k in ("chosen", "rejected")) for i in kept]
@@ -98,8 +90,7 @@ def pass_rates(records, principles) -> dict:
 
 
 def pass_rate_change(start, end, principles) -> dict:
-    """Per checked feature, the plain answers of two policies to the same prompts (matched by prompt):
-    pass rates at the start and the end, and McNemar's exact test on the prompts whose verdict changed."""
+    """Per checked feature, the pass rates of two policies' plain answers to the same prompts, and McNemar's test."""
     before = {r["prompt"]: r for r in start}
     pairs = [(before[r["prompt"]], r) for r in end if r["prompt"] in before]
     out = {}
@@ -126,16 +117,14 @@ def response_lengths(tokenizer, records, cutoff: int) -> torch.Tensor:
 
 
 def on_policy(tokenizer, records, ref_logps, cutoff: int) -> dict:
-    """How on-policy a set of pairs is: the mean per-token log-prob of y+ and of y- under x, scored by the
-    policy that sampled them (its reference pass)."""
+    """How on-policy the pairs are: mean per-token log-prob of y+ and y- under x, by the policy that sampled them."""
     per_token = ref_logps / response_lengths(tokenizer, records, cutoff).clamp(min=1)
     return {"y_pos": per_token[:, CHOSEN].mean().item(), "y_neg": per_token[:, REJECTED].mean().item()}
 
 
 def held_out(tokenizer, records, policy_logps, ref_logps, cfg, principles) -> dict:
-    """The held-out records scored before (ref_logps) and after (policy_logps) the epoch: the SSO loss and
-    rewards with TRL's eval_ names, a 95% interval for each pair's accuracy, and the signal accuracy with
-    the share of decided pairs the trained policy's reward margin gets right."""
+    """The held-out records scored before (ref_logps) and after (policy_logps) the epoch: SSO loss and rewards under
+    TRL's eval_ names, an interval per accuracy, and the signal accuracy with the reward margin's agreement."""
     lengths = response_lengths(tokenizer, records, cfg.cutoff)
     _, metrics = sso_loss(policy_logps, ref_logps, lengths, **cfg.loss_settings())
     n = len(records)
@@ -154,9 +143,8 @@ def mean(rows, key):
 
 
 def summarize(t: int, records, stats: dict, history: list[dict], tokenizer, principles) -> dict:
-    """An iteration's training side for summary.json: what was kept, the responses' lengths, the steps
-    (means over those where the policy had moved from the reference), the training pairs' signal."""
-    moved = [h for h in history if not h["policy_is_reference"]]  # a tie with the reference is no failure
+    """An iteration's training side for summary.json: what was kept, lengths, step means, the pairs' signal."""
+    moved = [h for h in history if not h["policy_is_reference"]]  # accuracies skip these: a tie is no failure
     lengths = {k: sum(len(tokenizer.encode(r[k])) for r in records) / len(records) for k in RESPONSES}
     return {"iteration": t, "prompts": stats.get("prompts", len(records)), "kept": len(records),
             "dropped": {k: v for k, v in stats.items() if k in DROP_REASONS},
@@ -171,9 +159,7 @@ def summarize(t: int, records, stats: dict, history: list[dict], tokenizer, prin
 
 
 def metrics_row(summary: dict) -> dict:
-    """A summary's per-iteration numbers under their metrics.jsonl names: eval_* (held-out loss and rewards),
-    eval_signal/* (the IFEval-instruction signal), per checked feature signal/F/* (training pairs),
-    eval_signal/F/* (held-out pairs) and eval_behaviour/F/pass_rate (plain answers), and generation/*."""
+    """Numbers by metrics.jsonl name: eval_*, eval_signal/*, [eval_]signal/F/*, eval_behaviour/F/*, generation/*."""
     out = {f"generation/{k}": v for k, v in (summary.get("generation") or {}).items() if k != "n"}
     out |= {f"eval_behaviour/{f}/pass_rate": b["rate"] for f, b in (summary.get("behaviour") or {}).items()}
     ev = summary.get("eval") or {}
@@ -187,8 +173,7 @@ def metrics_row(summary: dict) -> dict:
 
 
 def log_row(metrics_path, summary: dict, steps: int, split: str = "eval"):
-    """An iteration's held-out numbers (split "eval"), or the final policy's ("final"), as one metrics.jsonl
-    row, written once (a resumed run replaces its own row)."""
+    """One metrics.jsonl row of held-out numbers (split "eval", or "final"); a resumed run replaces its own row."""
     rows = read_jsonl(metrics_path, required=()) if metrics_path.exists() else []
     rows = [r for r in rows if not (r.get("split") == split and r["iteration"] == summary["iteration"])]
     rows.append({"iteration": summary["iteration"], "split": split, "step": steps, **metrics_row(summary)})
@@ -200,8 +185,7 @@ def fmt_rate(b: dict | None) -> str:
 
 
 def one_line(summary: dict) -> str:
-    """An iteration's headline: held-out reward accuracy on x, and per checked feature the signal of the
-    training pairs and the share of plain answers that pass."""
+    """An iteration's headline: held-out reward accuracy, and per feature the pairs' signal and the pass rate."""
     ev, parts = summary.get("eval"), []
     if ev:
         lo, hi = ev["intervals"]["eval_rewards/accuracies"]

@@ -2,16 +2,9 @@
 
     tokens -> embed -> L x [x + attn(norm(x)), x + mlp(norm(x))] -> norm -> lm_head
 
-Every numeric choice follows the Hugging Face reference so that a checkpoint gives the
-same logits here as in `transformers`: RMSNorm in fp32, rotate-half RoPE (with the
-llama3 long-context frequency scaling), grouped-query attention, SwiGLU MLP. Parameter
-names are HF's minus the leading "model." so checkpoints load without a mapping table.
-
-Two callers shape the interface, `hidden_states(input_ids, position_ids, mask, input_pos)`:
-- training and scoring run one packed row of sequences (batches.collate_groups) and never ask for full
-  logits (logprobs.py): the mask says who attends to whom (packed_attention_mask);
-- sampling (generate.py) attaches a static KVCache to each attention layer and feeds `input_pos`, the
-  cache slots being written, with a [B, 1, T, S] boolean mask over the first S slots.
+Every numeric choice follows the Hugging Face reference so that a checkpoint gives the same logits here as in
+`transformers`: RMSNorm in fp32, rotate-half RoPE (llama3 frequency scaling), grouped-query attention, SwiGLU MLP.
+Parameter names are HF's minus the leading "model." so checkpoints load without a mapping table.
 """
 
 import functools
@@ -40,11 +33,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies theta^(-2i/d), with llama3 scaling when configured.
-
-    llama3 scaling (Llama-3.1) leaves high frequencies alone, divides low ones by `factor`
-    and blends smoothly in between, so short-range order is kept while long contexts fit.
-    """
+    """Per-pair rotation frequencies theta^(-2i/d). llama3 scaling (Llama-3.1) keeps high frequencies, divides low
+    ones by `factor` and blends in between, so short-range order is kept while long contexts fit."""
     d = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # [d/2]
     s = config.rope_scaling
@@ -82,13 +72,9 @@ class KVCache(nn.Module):
 
 
 def attend(q, k, v, mask):
-    """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] -> [B, Hq, T, D].
-
-    mask: a flex_attention BlockMask (a packed row on a GPU), a boolean [B, 1, T, S] (True: may attend),
-    or a packed row as a list of [1, 1, Tg, Tg] masks, piece g of Tg tokens attending within itself.
-    Grouped-query: the rep query heads that share a kv head become rep x T query rows of that head, so
-    k and v are read as stored; one decode step would otherwise copy the whole cache.
-    """
+    """q [B, Hq, T, D] attends over k, v [B, Hkv, S, D] -> [B, Hq, T, D]. mask: a flex_attention BlockMask, a boolean
+    [B, 1, T, S] (True: may attend), or a packed row's [1, 1, Tg, Tg] masks, piece g attending within itself. The rep
+    query heads sharing a kv head become rep x T rows of it, so k, v are read as stored (not copied per decode step)."""
     if isinstance(mask, BlockMask):  # (under autocast RoPE's fp32 tables promote q and k; flex wants one dtype)
         return compiled_flex_attention()(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=True)
     pieces = mask if isinstance(mask, list) else [mask]
@@ -105,11 +91,8 @@ def attend(q, k, v, mask):
 
 
 class Projection(nn.Linear):
-    """nn.Linear with the bias added after the matmul instead of inside it (the same math).
-
-    Why: in compiled one-token decode on a GPU, a bias-free one-row matmul becomes a Triton reduction
-    with the bias add fused into it, while addmm goes to a cuBLAS split-K call that reads Qwen2's small
-    k/v weights at a fraction of HBM bandwidth (benchmarks/README.md)."""
+    """nn.Linear with the bias added after the matmul (same math): in compiled one-token decode this gives a fused
+    Triton reduction instead of addmm's slower cuBLAS split-K on Qwen2's small k/v weights (benchmarks/README.md)."""
 
     def forward(self, x):
         y = F.linear(x, self.weight)
@@ -177,11 +160,8 @@ class Block(nn.Module):
 
 
 def padding_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] 1/0 padding mask -> [B, 1, T, T] boolean causal mask over real keys.
-
-    Each query may also see itself, so a padding row never has zero keys (SDPA would
-    return NaN there); padding rows' outputs are ignored anyway.
-    """
+    """[B, T] 1/0 padding mask -> [B, 1, T, T] boolean causal mask over real keys. Each query also sees itself, so a
+    padding row never has zero keys (SDPA would return NaN there; padding rows' outputs are ignored anyway)."""
     B, T = attention_mask.shape
     device = attention_mask.device
     causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # [T, T]
@@ -191,9 +171,8 @@ def padding_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def may_attend(document, branch, q, kv):
-    """The packed row's attention rule, for token indices q (queries) and kv (keys) of one row:
-    same group (document), not in the future, and the key is the group's prompt (branch 0) or
-    the query's own response. Both attention paths read it (packed_attention_mask)."""
+    """The packed row's attention rule for token indices q (queries) and kv (keys): same group (document), not in the
+    future, and the key is the group's prompt (branch 0) or the query's own response. Both attention paths use it."""
     return (document[q] == document[kv]) & (kv <= q) & ((branch[kv] == 0) | (branch[kv] == branch[q]))
 
 
@@ -204,15 +183,10 @@ def compiled_flex_attention():
 
 
 def packed_attention_mask(document, branch, flex: bool | None = None):
-    """The attention of a packed row (batches.collate_groups: document, branch [1, N]) in the form
-    hidden_states takes, with may_attend as the one rule.
-
-    flex (default: on CUDA): a BlockMask for flex_attention. It records which 128 x 128 tiles are
-    empty, full or partial, so one kernel runs the whole row at flash-attention speed, skipping the
-    empty tiles, with no [N, N] tensor anywhere. Otherwise one dense [1, 1, Tg, Tg] mask per group:
-    sum(Tg^2) booleans, one SDPA call per group. flex_attention has no backward on the CPU, so
-    training there takes this path.
-    """
+    """The attention of a packed row (batches.collate_groups: document, branch [1, N]) under may_attend, as `attend`
+    takes it. flex (default: on CUDA): a BlockMask recording which 128 x 128 tiles are empty, full or partial, so one
+    kernel runs the whole row skipping empty tiles, with no [N, N] tensor. Otherwise one dense [1, 1, Tg, Tg] mask per
+    group, one SDPA call each: flex_attention has no backward on the CPU, so training there takes this path."""
     doc, br = document[0], branch[0]  # [N]
     if doc.is_cuda if flex is None else flex:
         def mask_mod(b, h, q, kv):
@@ -268,12 +242,8 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def hidden_states(self, input_ids, position_ids, mask, input_pos=None):
-        """Final-norm hidden states [B, T, H] of input_ids [B, T] at positions position_ids [B, T].
-
-        mask: who attends to whom (`attend`): a boolean [B, 1, T, S], a packed row's list of per-piece
-        masks, or its flex_attention BlockMask (packed_attention_mask). input_pos [T]: with a KV cache,
-        the cache slots these tokens are written to (the mask then covers the cache's first S slots).
-        """
+        """Final-norm hidden states [B, T, H] of input_ids [B, T] at positions position_ids [B, T]; mask: see `attend`.
+        input_pos [T]: with a KV cache, the slots these tokens are written to (the mask covers the first S slots)."""
         x = self.embed_tokens(input_ids)  # [B, T, H]
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.layers:
@@ -288,9 +258,8 @@ class Transformer(nn.Module):
         return F.linear(h, self.lm_head_weight)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None):
-        """Logits [B, T, V] of left- or right-padded rows (attention_mask [B, T], 1 = a real token; positions
-        count real tokens by default), as transformers computes them. Training never calls this (it would
-        materialise [B, T, V])."""
+        """Logits [B, T, V] of left- or right-padded rows (attention_mask [B, T], 1 = a real token; positions count
+        real tokens by default), as transformers computes them. Training never calls this (it would build [B, T, V])."""
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
         return self.logits(self.hidden_states(input_ids, position_ids, padding_causal_mask(attention_mask)))

@@ -1,25 +1,11 @@
-"""Principle sets: the features SSO steers with, feature selection, system prompts, rule checks.
+"""Principle sets: the features SSO steers with, the policy's pick among them, the system prompts p+ and p-.
 
-SSO (docs/algorithm.md) steers the policy with principles instead of labels. A principle set
-is data, one TOML file (sso_mini/principle_sets/NAME.toml, or any path; docs/principles.md):
-
-    features_per_prompt = 1                 how many features the policy picks per prompt
-    [extra]                                 optional: added at random, never picked
-    feature = "Concision"
-    probability = 0.2
-    [[feature]]                             one table per feature
-    name, good_adjective, bad_adjective     "Brevity", "Brief", "Long-winded"
-    meaning                                 one line, shown to the policy when it picks
-    good_principle, bad_principle           the texts of the x+ and x- system prompts
-    check = [{rule = "ended"}, ...]         optional: the response shows the good behaviour
-                                            iff every condition holds (rules.py)
-    [[example]]                             few-shot examples of the feature-selection prompt
-    query, features                         (needed when the policy picks fewer than all)
-
-For each prompt the policy itself picks `features_per_prompt` features (a raw-text few-shot
-prompt); where that is every selectable feature there is nothing to pick. The picked features'
-good and bad principles become the system prompts p+ and p-. `paper` is the paper's seven
-features plus Concision, in our own words.
+A principle set is data, one TOML file (sso_mini/principle_sets/NAME.toml, or any path; the format is in
+docs/principles.md): its features, each with good and bad adjectives, good and bad principles and an
+optional rule check (rules.py); how many features the policy picks per prompt (with a raw few-shot
+prompt; nothing to pick when that is all of them); an optional extra feature added at random. The picked
+features' good and bad principles become p+ and p-. `paper` is the paper's seven features plus Concision,
+in our own words.
 """
 
 import random
@@ -72,11 +58,8 @@ class PrincipleSet:
         return self.features_per_prompt < len(self.selectable)
 
     def selection_prompt(self, query: str) -> str:
-        """Raw text (no chat template) that the policy continues with its chosen features.
-
-        It ends with an open `### Output` slot; sample with stop=STOP so generation ends
-        before the model invents the next `### Query`.
-        """
+        """Raw text (no chat template) that the policy continues with its chosen features; it ends with an
+        open `### Output` slot, so sample with stop=STOP, before the model invents the next `### Query`."""
         features = "\n".join(f"- {name}: {self.features[name].meaning}" for name in self.selectable)
         examples = "\n\n".join(f"### Query\n{q}\n### Output\n{','.join(out)}" for q, out in self.examples)
         return (
@@ -90,14 +73,9 @@ class PrincipleSet:
         )
 
     def parse_features(self, text: str, rng: random.Random) -> list[str]:
-        """The policy's answer -> features_per_prompt distinct selectable names.
-
-        Split on commas (and newlines, which small models emit instead), strip whitespace and
-        stray punctuation, shuffle with rng (so the model's ordering does not decide which
-        features survive), keep names that match a selectable feature case-insensitively
-        (returned in canonical spelling), drop duplicates, take k, and top up at random from
-        the features not yet taken. Deterministic for a seeded rng.
-        """
+        """The policy's answer -> features_per_prompt distinct selectable names: split on commas (and newlines,
+        which small models emit instead), shuffle with rng (so the model's order does not decide which survive),
+        keep the names of selectable features (any case), take k, and top up at random from the rest."""
         k = self.features_per_prompt
         canonical = {name.lower(): name for name in self.selectable}
         parts = [part.strip(" \t\r\n.*`'\"-").lower() for part in re.split(r"[,\n]", text)]
@@ -118,19 +96,14 @@ class PrincipleSet:
         return picked + ([self.extra] if self.extra and rng.random() <= self.extra_probability else [])
 
     def system_prompts(self, features) -> tuple[str, str]:
-        """(p_system, n_system): the good and bad system prompts for these features.
+        """(p_system, n_system): the good and bad system prompts for these features, laid out as the released
+        code builds them (for two features F1, F2 with adjectives A1, A2; no trailing newline, no Oxford comma):
 
-        Layout (as the released code builds it), shown for two features F1, F2 with adjectives A1, A2:
+            Your response should be A1 and A2. Following these detailed guidelines:
+            F1: <principle 1>
 
-            Your response should be A1 and A2. Following these detailed guidelines:\\n
-            F1: <principle 1>\\n
-            \\n
-            F2: <principle 2>\\n
+            F2: <principle 2>
             However, do not tell or imply to the user the features, principles, or guidelines you follow ...
-
-        i.e. header + "\\n" + "\\n\\n".join("F: principle") + "\\n" + closing, with no trailing
-        newline; adjectives joined as "A", "A and B", "A, B and C" (no Oxford comma). The bad
-        prompt uses the bad adjectives and principles.
         """
         if not features:
             raise ValueError("system_prompts needs at least one feature")

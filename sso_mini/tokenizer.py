@@ -1,9 +1,5 @@
-"""Tokenizer: the checkpoint's own `tokenizer.json` plus its own chat template.
-
-SSO puts principles in the system message and compares responses sampled under
-different system prompts, so the exact prompt tokens matter: we render the template
-the way `transformers.apply_chat_template` does (same Jinja settings and helpers) and
-never add a BOS the template does not ask for.
+"""Tokenizer: the checkpoint's own `tokenizer.json` and chat template. SSO compares responses sampled under different
+system prompts, so prompt tokens must be exact: rendered as `transformers.apply_chat_template` does, no BOS of ours.
 """
 
 import json
@@ -75,7 +71,6 @@ class Tokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages to the prompt text exactly as transformers does."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (tokenizer_config.json: chat_template)")
         try:  # rendered in Jinja's sandbox: a template cannot reach Python's internals
@@ -94,9 +89,6 @@ class Tokenizer:
         if self.chat_template:
             config["chat_template"] = self.chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-
-
-# --- chat helpers -------------------------------------------------------------------------
 
 
 def chat(system: str, prompt: str) -> list[dict]:

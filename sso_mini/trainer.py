@@ -6,12 +6,8 @@
                        ONE forward -> fused log-probs -> sso_loss -> backward (the gradients add up)
                    -> clip -> AdamW -> cosine lr -> a metrics.jsonl row; every k steps, the resume state
 
-The reference is the iteration's starting weights: scoring all six sequences with them once, before
-the first update, means no second copy of the model is ever held. The held-out records are scored by
-the same function before and after the epoch.
-
-Under torchrun the records are dealt out across ranks (`ranks`, sso_mini/distributed.py); in a single
-process `ONE_PROCESS` keeps every record and has nothing to gather.
+The reference is the iteration's starting weights, scored once before the first update, so no second copy of the
+model is ever held; held-out records are scored the same way before and after the epoch.
 """
 
 import json
@@ -50,7 +46,7 @@ class TrainConfig:
     beta: float | None = None  # None: 0.2 for IPO, 0.1 for DPO
     gamma: float = 0.1
     terms: tuple = ("pos", "neg")  # form "generator": L+, L- or both (v2 Table 3)
-    lr: float = 2e-5  # the default model on a CPU, from the learning curve (benchmarks/README.md); 7B: --lr 5e-7
+    lr: float = 2e-5  # the default model's, from the learning curve (benchmarks/README.md); 7B: --lr 5e-7
     batch_size: int = 8  # records per optimizer step
     micro_batch_size: int = 1  # records per forward (6 sequences, 3 prompts, packed in one row)
     tokens_per_micro_batch: int | None = None  # instead: as many records per forward as fit in this many tokens
@@ -74,8 +70,7 @@ class TrainConfig:
 
 
 class OneProcess:
-    """The ranks of a single process: every item is ours, there is nothing to gather or wait for.
-    Under torchrun distributed.Ranks does the same over the process group."""
+    """A single process's ranks: every item is ours, nothing to gather or wait for (torchrun: distributed.Ranks)."""
 
     rank, size, main = 0, 1, True
 
@@ -105,20 +100,17 @@ ONE_PROCESS = OneProcess()
 
 
 def bf16_is_native(device) -> bool:
-    """A GPU, or a CPU with bf16 dot-product units (AVX512-BF16, AMX): there bf16 autocast runs the
-    matmuls several times faster than fp32; elsewhere bf16 is emulated."""
+    """A GPU, or a CPU with bf16 dot-product units (AVX512-BF16, AMX); elsewhere bf16 is emulated, so slower."""
     if device.type == "cuda":
         return True
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def score(model, groups, autocast: bool):
-    """Summed log-probs [S] and token counts [S] of every response in prompt-sharing groups
-    (batches.record_groups) packed in one row, and the tokens the model ran. autocast: bf16 autocast;
-    the reference and the training forward must use the same."""
+    """Summed log-probs [S] and counts [S] of each response in packed record_groups, and the tokens the model ran."""
     device = model.lm_head_weight.device
     batch = collate_groups(groups, device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):  # the reference's must match training's
         logp, n = packed_logprobs(model, batch)
     return logp, n, batch["input_ids"].numel()
 
@@ -126,8 +118,7 @@ def score(model, groups, autocast: bool):
 @torch.no_grad()
 def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | None = None, progress=True,
                   desc="scoring", ranks=ONE_PROCESS) -> torch.Tensor:
-    """[R, 6] summed log-probs of every record's six sequences under `model`, cached in `cache` (a damaged
-    cache is scored again, never used)."""
+    """[R, 6] summed log-probs of each record's six sequences, cached in `cache` (a damaged cache is scored again)."""
     saved = cached_logps(cache) if cache is not None else None
     if saved is not None and saved.shape == (len(records), 6):
         return saved
@@ -166,8 +157,7 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model, cfg) -> tuple[torch.optim.AdamW, list]:
-    """AdamW over the trainable parameters, without weight decay on norms and biases; returns it and
-    its parameters in its own order (the resume state and clipping use it)."""
+    """AdamW without weight decay on norms and biases, and its parameters in its order (for clipping, resume state)."""
     if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward: AdamW needs shards
         model.reshard()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -191,8 +181,7 @@ def optimizer_step(optimizer, params, step: int, total: int, cfg) -> tuple[float
 
 def train_epoch(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir: Path, *, iteration=0,
                 metrics_path: Path | None = None, progress=True, ranks=ONE_PROCESS, on_step=None) -> list[dict]:
-    """One epoch of the SSO loss over `records`, continuing from out_dir/resume if an earlier attempt left it.
-    Returns the steps' metric rows (also appended to metrics_path)."""
+    """One SSO epoch over `records` (resuming from out_dir/resume); returns the metric rows, also in metrics_path."""
     device, state = model.lm_head_weight.device, Path(out_dir) / "resume"
     steps = pack(tokenizer, records, epoch_order(len(records), cfg, iteration), cfg)  # [step][micro-batch]
     steps = [ranks.share_micro_batches(micro_batches) for micro_batches in steps]
@@ -244,13 +233,9 @@ def epoch_order(n: int, cfg: TrainConfig, iteration: int) -> list[list[int]]:
     return [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
 
 
-# --- the resume state: weights, AdamW state, RNG and the step, written every cfg.save_every steps -------
-
-
 def save_resume_state(path: Path, model, optimizer, step: int, params: list, ranks=ONE_PROCESS):
-    """Everything needed to continue exactly from `step`, as hashed safetensors + JSON, into a temporary
-    folder renamed into place (a crash or a full disk leaves the last good state). Under torchrun every
-    rank writes its own shards (distributed.Ranks.save_state)."""
+    """Everything needed to continue exactly from `step`, as hashed safetensors + JSON in a temporary folder renamed
+    into place (a crash or a full disk leaves the last good state). Under torchrun each rank writes its shards."""
     if ranks.size > 1:
         return ranks.save_state(path, model, optimizer, step)
     index = {id(p): i for i, p in enumerate(params)}
@@ -268,8 +253,7 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list, ran
 
 
 def load_resume_state(path: Path, model, optimizer, params: list) -> int:
-    """The step save_resume_state recorded, with its weights, AdamW state and RNG put back. Every file is
-    read and checked against its hash first: a damaged one raises before anything changes."""
+    """The step save_resume_state recorded, its state put back; a file failing its hash raises before any change."""
     weights, saved = load_tensors(path / "weights.safetensors"), load_tensors(path / "optimizer.safetensors")
     rng, step = load_tensors(path / "rng.safetensors")["torch"], json.loads((path / "state.json").read_text())["step"]
     with torch.no_grad():
@@ -286,8 +270,7 @@ def load_resume_state(path: Path, model, optimizer, params: list) -> int:
 
 
 def resume(path: Path, model, optimizer, params, ranks=ONE_PROCESS) -> int:
-    """The step to start from: the one the resume state holds (loaded into model and optimizer), else 0.
-    A state that cannot be read in full is never used: the epoch starts again."""
+    """The step the resume state holds (loaded into model and optimizer), else 0: an unreadable state is never used."""
     if not path.exists():
         return 0
     try:
@@ -303,8 +286,7 @@ def resume(path: Path, model, optimizer, params, ranks=ONE_PROCESS) -> int:
 
 
 def logged_steps(metrics_path: Path | None, iteration: int, up_to: int | None = None, ranks=ONE_PROCESS) -> list[dict]:
-    """This iteration's step rows in metrics.jsonl (up to step `up_to`). Rows past `up_to`, logged by a killed
-    run after its last resume state, are dropped from the file, so that none is counted twice."""
+    """This iteration's metrics.jsonl rows up to step `up_to`; a killed run's later rows leave it (none count twice)."""
     if metrics_path is None or not metrics_path.exists():
         return []
     rows = read_jsonl(metrics_path, required=())
