@@ -95,7 +95,7 @@ def sso_iteration(s: Settings, t: int, policy, folder: Path, stage="policy", sam
         with timed(s, folder, "load"):
             model, tokenizer = load_model(policy, dtype=s.dtype, device=s.device)
         # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
-        # (a GPU samples from a bf16 copy of fp32 weights: `sample` loads one from the policy's folder)
+        # (a GPU samples from a bf16 copy of fp32 weights: `sample_records` loads one from the policy's folder)
         own = policy if s.device.type == "cuda" and s.dtype != torch.bfloat16 else model
         records = sample_pairs(s, t, folder, sampler or own, tokenizer, stage)
         held_out = sample_pairs(s, t, folder, own, tokenizer, stage, held_out=True)
@@ -147,7 +147,8 @@ def sample_pairs(s: Settings, t: int, folder: Path, sampler, tokenizer, stage: s
         with timed(s, folder, "eval_sample" if held_out else "sample",
                    f"y+, y-, y^o for {len(prompts)} {'held-out' if held_out else 'training'} prompts, up to "
                    f"{s.flags.max_new_tokens} tokens each"):
-            records, stats = (prompts, {}) if s.flags.pairs else sample(s, t, prompts, sampler, tokenizer, held_out)
+            records, stats = (prompts, {}) if s.flags.pairs else \
+                sample_records(s, t, prompts, sampler, tokenizer, held_out)
         if stage == "generator" and s.flags.neg_chosen == "y_neg":  # L- prefers y- over y+ (v2 Eq. 3)
             records = [r | {"raw": r["rejected"], "capped": {**r["capped"], "raw": r["capped"]["rejected"]}}
                        for r in records]
@@ -165,7 +166,7 @@ def sample_pairs(s: Settings, t: int, folder: Path, sampler, tokenizer, stage: s
     return records
 
 
-def sample(s: Settings, t: int, prompts: list, sampler, tokenizer, held_out: bool) -> tuple[list[dict], dict]:
+def sample_records(s: Settings, t: int, prompts: list, sampler, tokenizer, held_out: bool) -> tuple[list[dict], dict]:
     """The records of `prompts` (every rank samples its share) with each checkable prompt's check, and the
     counts of what was kept and dropped."""
     model = sampler if isinstance(sampler, torch.nn.Module) else \

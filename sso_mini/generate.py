@@ -13,10 +13,10 @@ A prefix of P tokens all prompts share (a chat template's system header) sits in
     decode_one_token  one new token for every row
     decode            the loop: finished rows leave the batch, the rest go on
 
-Which token comes next (`sample`): temperature, top-k, then instead of torch.multinomial an exponential race within
-the top-p nucleus: with E ~ Exp(1) per token, argmax(probs / E) picks token i with probability probs[i], for all rows
-at once with fixed shapes, reproducibly from a seeded generator. fast_cpu.py and compile=True (compiled.py) make the
-same steps faster without changing the tokens a seed draws.
+Which token comes next (`sample` for the first, `decode_one_token` for the rest): temperature, top-k, then instead
+of torch.multinomial an exponential race within the top-p nucleus: with E ~ Exp(1) per token, argmax(probs / E)
+picks token i with probability probs[i], for all rows at once with fixed shapes, reproducibly from a seeded generator.
+fast_cpu.py and compile=True (compiled.py) make the same steps faster without changing the tokens a seed draws.
 """
 
 import contextlib
@@ -195,7 +195,8 @@ def prefill_in_chunks(model, ids, valid, P: int, compile: bool):
 def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, *, stop_ids=(), compile=False,
            progress=False, desc="sampling"):
     """The loop from each row's first new token `tok` [rows], prompts in the first T cache slots: every step appends a
-    token per row and ends the rows that drew a stop id; once half have ended, the batch and its cache shrink.
+    token per row and ends the rows that drew a stop id; when the rows still going fit a smaller power of two, the
+    batch and its cache shrink to it.
     Returns out [rows, max_new_tokens] and each row's length before its stop."""
     temperature, top_k, top_p, generator = sampling
     bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", disable=not progress, leave=False)

@@ -19,7 +19,7 @@ PAIRS = (("", CHOSEN, REJECTED), ("p_", P_CHOSEN, P_REJECTED), ("n_", N_CHOSEN, 
 LOSS_TYPES = ("ipo", "dpo")
 FORMS = ("v1", "w_on_g", "generator")  # w_on_g: W weighs G only; generator: v2's data generator (--recipe v2)
 TERMS = ("pos", "neg")  # the generator's L+ and L-
-DEFAULT_BETA = {"ipo": 0.2, "dpo": 0.1}  # IPO: HEAD train.sh; DPO: v2 §5.1
+DEFAULT_BETA = {"ipo": 0.2, "dpo": 0.1}  # IPO: the released code's train.sh; DPO: v2 §5.1
 
 
 def _margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected):

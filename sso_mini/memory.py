@@ -5,7 +5,7 @@ A planning model, not a measurement of the allocator: weights, gradients and Ada
 parameter counts, activations from what each block saves for its backward (checked against a count of
 the tensors autograd saves, tests/test_lora.py), and one chunk of the log-prob kernel.
 
-    python -m sso_mini.memory      the README's memory table for PRESETS, the shapes of real models
+    python -m sso_mini.memory      the memory table of docs/scale.md for PRESETS, the shapes of real models
 """
 
 import torch
@@ -144,7 +144,7 @@ def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | No
 
 
 def main():
-    """`python -m sso_mini.memory`: the README's memory table for the presets."""
+    """`python -m sso_mini.memory`: the memory table of docs/scale.md for the presets."""
     gib = 2**30
     print("| model | mode | GPU | tokens per micro-batch | checkpointing | weights | grads | AdamW | activations | "
           "log-prob chunk | total (GiB) |")

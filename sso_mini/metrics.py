@@ -35,11 +35,13 @@ def mcnemar(pass_a: list[bool], pass_b: list[bool]) -> dict:
     passes, B fails; b_only: the reverse); under no difference a_only ~ Binomial(a_only + b_only, 1/2), two-sided."""
     if len(pass_a) != len(pass_b) or not pass_a:
         raise ValueError(f"mcnemar: need two equal, non-empty lists (got {len(pass_a)} and {len(pass_b)})")
-    b = sum(1 for x, y in zip(pass_a, pass_b) if x and not y)
-    c = sum(1 for x, y in zip(pass_a, pass_b) if y and not x)
-    tail = sum(math.comb(b + c, k) for k in range(min(b, c) + 1))
-    p_exact = min(1.0, 2 * tail / 2 ** (b + c))  # int / int: exact even where 2**m overflows a float
-    return {"n": len(pass_a), "difference": (b - c) / len(pass_a), "a_only": b, "b_only": c, "p_exact": p_exact}
+    a_only = sum(1 for a, b in zip(pass_a, pass_b) if a and not b)
+    b_only = sum(1 for a, b in zip(pass_a, pass_b) if b and not a)
+    m = a_only + b_only
+    tail = sum(math.comb(m, k) for k in range(min(a_only, b_only) + 1))
+    p_exact = min(1.0, 2 * tail / 2**m)  # int / int: exact even where 2**m overflows a float
+    return {"n": len(pass_a), "difference": (a_only - b_only) / len(pass_a), "a_only": a_only, "b_only": b_only,
+            "p_exact": p_exact}
 
 
 def decided_pairs(verdicts, margins=None) -> dict:
@@ -95,10 +97,12 @@ def pass_rate_change(start, end, principles) -> dict:
     pairs = [(before[r["prompt"]], r) for r in end if r["prompt"] in before]
     out = {}
     for name in principles.checked:
-        a, b = ([principles.passes(name, r["raw"], is_capped(r, "raw")) for r in side] for side in zip(*pairs))
-        d = mcnemar(b, a)  # end against start
-        out[name] = {"n": d["n"], "start": sum(a) / d["n"], "end": sum(b) / d["n"], "difference": d["difference"],
-                     "became_passing": d["a_only"], "became_failing": d["b_only"], "p_exact": d["p_exact"]}
+        start_pass, end_pass = ([principles.passes(name, r["raw"], is_capped(r, "raw")) for r in side]
+                                for side in zip(*pairs))
+        d = mcnemar(end_pass, start_pass)  # a_only: passes at the end only
+        out[name] = {"n": d["n"], "start": sum(start_pass) / d["n"], "end": sum(end_pass) / d["n"],
+                     "difference": d["difference"], "became_passing": d["a_only"], "became_failing": d["b_only"],
+                     "p_exact": d["p_exact"]}
     return out
 
 

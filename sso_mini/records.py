@@ -6,7 +6,7 @@ system prompt p+, y_neg under the bad one p-, and y_raw under no system message 
 filtered triples are written one JSON line each; batches.py turns them into training sequences:
 
     {"prompt", "system": "", "p_system", "n_system", "chosen": y_pos, "rejected": y_neg, "raw": y_raw, "features",
-     "iteration", "seed", "capped": {"chosen": bool, "rejected": bool, "raw": bool}}  (absent: nothing was capped)
+     "iteration", "seed", "capped": {"chosen": bool, "rejected": bool, "raw": bool}}  (absent in a hand-made file: none)
 
 A response that hit `max_new_tokens` is *capped* and stays a prefix wherever scored (no end-of-turn token, no "."):
 log pi(prefix | x) fairly scores what the policy said; an invented ending would teach it to stop where the cap fell.

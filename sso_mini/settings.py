@@ -3,7 +3,8 @@ work, and the run folder whose run.json records them.
 
 Resolving decides every default that depends on the machine or the data (LoRA above 3B on a GPU, bf16
 autocast where it is native, the held-out share of a small prompt file, the GPU's micro-batch plan), so
-nothing downstream rewrites a setting. A bad flag or input file stops here with one `error:` line.
+nothing downstream rewrites a setting (the sampler's rows, unless given, follow each batch's lengths). A bad
+flag or input file stops here with one `error:` line.
 """
 
 import argparse

@@ -44,7 +44,7 @@ class TrainConfig:
     theta: float = 0.1
     alpha: float = 0.66
     beta: float | None = None  # None: 0.2 for IPO, 0.1 for DPO
-    gamma: float = 0.1
+    gamma: float = 0.1  # weight of the SFT term in v2's generator loss L+ and L- (v2 Eq. 2, 4)
     terms: tuple = ("pos", "neg")  # form "generator": L+, L- or both (v2 Table 3)
     lr: float = 2e-5  # the default model's, from the learning curve (benchmarks/README.md); 7B: --lr 5e-7
     batch_size: int = 8  # records per optimizer step
