@@ -102,7 +102,8 @@ def sso_iteration(s: Settings, t: int, policy, folder: Path, stage="policy", sam
         if ranks.size > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
             ranks.shard(model, bf16=cfg.autocast)
         # 3. reference log-probs: the iteration's starting weights, computed once
-        with timed(s, folder, "reference", f"reference log-probs of {len(records)} records x 6 sequences"):
+        with timed(s, folder, "reference", f"reference log-probs of {len(records)} records x "
+                                                         f"{len(cfg.columns)} sequences"):
             ref = score_records(model, tokenizer, records, cfg, cache=folder / "ref_logps.safetensors",
                                 progress=s.progress, desc="reference log-probs", ranks=ranks)
         with timed(s, folder, "eval_reference", f"reference log-probs of {len(held_out)} held-out records"):

@@ -60,13 +60,18 @@ def record_sequences(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[lis
             for _, system, response in SEQUENCES]
 
 
-def record_groups(tokenizer, record, cutoff=2048, eot=None) -> list[tuple[list[int], list[list[int]]]]:
-    """The six sequences as three prompt-sharing groups: (x: y+, y-), (x+: y+, y-), (x-: y^o, y+), responses in
-    SEQUENCES order. Two sequences whose prompts `cutoff` trimmed differently become two groups."""
+def record_groups(tokenizer, record, cutoff=2048, eot=None, columns=range(6)) -> list[tuple[list, list[list]]]:
+    """The sequences in `columns` (SEQUENCES indices; all six by default) as prompt-sharing groups: (x: y+, y-),
+    (x+: y+, y-), (x-: y^o, y+), responses in column order. Two sequences whose prompts `cutoff` trimmed differently,
+    or a pair of which one column is read, make one group per sequence."""
     seqs = record_sequences(tokenizer, record, cutoff, eot)
     groups = []
-    for (prompt_a, y_a), (prompt_b, y_b) in zip(seqs[0::2], seqs[1::2]):
-        groups += [(prompt_a, [y_a, y_b])] if prompt_a == prompt_b else [(prompt_a, [y_a]), (prompt_b, [y_b])]
+    for pair in ((0, 1), (2, 3), (4, 5)):
+        kept = [seqs[c] for c in pair if c in columns]
+        if len(kept) == 2 and kept[0][0] == kept[1][0]:
+            groups.append((kept[0][0], [kept[0][1], kept[1][1]]))
+        else:
+            groups += [(prompt, [y]) for prompt, y in kept]
     return groups
 
 
@@ -124,9 +129,10 @@ def micro_batches(ids, tokens: dict, max_records: int, max_tokens: int | None = 
 def pack(tokenizer, records, steps: list[list[int]], cfg) -> list[list[tuple]]:
     """Every step's records as micro-batches, laid out once before any loop: per step (a list of record ids), a list of
     (groups, ids, share): the groups of records `ids` in order (one packed row) and `share`, their fraction of the
-    step's records (their loss's weight in the step's mean). cfg: cutoff, micro_batch_size, tokens_per_micro_batch."""
+    step's records (their loss's weight in the step's mean). cfg: cutoff, columns (those the loss reads),
+    micro_batch_size, tokens_per_micro_batch."""
     eot = end_of_turn_id(tokenizer)
-    groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot) for ids in steps for i in ids}
+    groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot, cfg.columns) for ids in steps for i in ids}
     tokens = {i: row_length(g) for i, g in groups.items()}
     return [[([g for i in mb for g in groups[i]], mb, len(mb) / len(ids))
              for mb in micro_batches(ids, tokens, cfg.micro_batch_size, cfg.tokens_per_micro_batch)]

@@ -55,6 +55,22 @@ def weight_W(mean_pos, mean_neg, alpha=0.66):
     return torch.sigmoid(-(alpha * mean_pos + (1 - alpha) * mean_neg))
 
 
+def columns_read(form="v1", use_g=True, terms=TERMS) -> tuple:
+    """The columns the objective reads, the only ones scoring runs: v1 and w_on_g all six; without G (w/o G, PBAA,
+    v2's policy stage) the base pair, which is also W's input; the generator the pairs of its terms."""
+    if form == "generator":
+        return tuple(c for name, pair in zip(TERMS, ((P_CHOSEN, P_REJECTED), (N_CHOSEN, N_REJECTED)))
+                     if name in terms for c in pair)
+    return tuple(range(len(COLUMNS))) if use_g else (CHOSEN, REJECTED)
+
+
+def full_columns(values, columns, fill: float):
+    """[B, k] values of `columns` -> [B, 6], `fill` in the columns no one scored."""
+    out = values.new_full((len(values), len(COLUMNS)), fill)
+    out[:, list(columns)] = values
+    return out
+
+
 def steering_terms(l_pi, l_ref, base_loss, beta):
     """G's two terms, [B] each: L(x+: y+ > y-) and L(x-: y^o > y+), on [B, 6] log-probs as loss_logps gives them."""
     def L(c, r):  # base loss of the pair (column c chosen, column r rejected)
@@ -99,7 +115,9 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
             L- = L(x-: y^o > y+) - gamma * mean_logp(y^o|x-)  (v2 Eq. 4)
     Ablations of v1 and w_on_g: use_w=False -> L + theta * G, use_g=False -> W * L, neither -> L (PBAA).
     W is not detached: its gradient raises log pi(y+|x) and log pi(y-|x), which keeps the pair on-policy.
-    metrics: loss, unweighted_loss (W set to 1), W, and pair_stats of pairs "", "p_", "n_" (n_: y^o over y+).
+    Columns the form does not read (columns_read) may hold NaN: they were never scored, and no term they reach
+    enters the loss. metrics: loss, unweighted_loss (W set to 1), W, and pair_stats of pairs "", "p_", "n_" (n_:
+    y^o over y+), each where its columns are read.
     """
     check_settings(loss_type, form, terms, beta, theta, alpha)
     check_shapes(policy_logps, ref_logps, lengths)
@@ -125,17 +143,18 @@ def sso_loss(policy_logps, ref_logps, lengths, *, loss_type="ipo", form="v1", us
         loss = W * unweighted if use_w else unweighted
 
     rewards = implicit_rewards(policy_logps.detach(), ref_logps, lengths, loss_type, beta)  # [B, 6]
-    stats = {"loss": loss.mean(), "unweighted_loss": unweighted.mean(), "W": W.mean(),
-             **pair_stats(policy_logps, rewards)}
+    read = columns_read(form, use_g, terms)
+    stats = {"loss": loss.mean(), "unweighted_loss": unweighted.mean(), **({"W": W.mean()} if CHOSEN in read else {}),
+             **pair_stats(policy_logps, rewards, read)}
     values = torch.stack([v.detach().float() for v in stats.values()]).tolist()  # one device sync
     return loss.mean(), dict(zip(stats, values))
 
 
-def pair_stats(policy_logps, rewards) -> dict:
-    """Batch means of each pair's rewards/{chosen,rejected,accuracies,margins} and logps/{chosen,rejected} (the
+def pair_stats(policy_logps, rewards, read=tuple(range(len(COLUMNS)))) -> dict:
+    """Batch means of each read pair's rewards/{chosen,rejected,accuracies,margins} and logps/{chosen,rejected} (the
     policy's sums), as TRL's DPOTrainer names them."""
     stats = {}
-    for prefix, c, r in PAIRS:
+    for prefix, c, r in (pair for pair in PAIRS if pair[1] in read):
         chosen, rejected = rewards[:, c], rewards[:, r]  # [B]
         stats[f"{prefix}rewards/chosen"] = chosen.mean()
         stats[f"{prefix}rewards/rejected"] = rejected.mean()

@@ -134,16 +134,18 @@ def held_out(tokenizer, records, policy_logps, ref_logps, cfg, principles) -> di
     n = len(records)
     out = {"n": n, **{f"eval_{k}": v for k, v in metrics.items()}}
     out["intervals"] = {k: wilson_interval(round(out[k] * n), n)
-                        for k in (f"eval_{p}rewards/accuracies" for p in ("", "p_", "n_"))}
+                        for k in (f"eval_{p}rewards/accuracies" for p in ("", "p_", "n_")) if k in out}
     reward = implicit_rewards(policy_logps, ref_logps, lengths, cfg.loss_type, cfg.beta)  # [R, 6]
-    margins = reward[:, CHOSEN] - reward[:, REJECTED]
+    margins = reward[:, CHOSEN] - reward[:, REJECTED] if CHOSEN in cfg.columns else None  # (not scored: v2's G)
     out["signal"] = signal_accuracy(records, margins)
     out["feature_signal"] = feature_signal(records, principles, margins)
     return out
 
 
 def mean(rows, key):
-    return sum(r[key] for r in rows) / len(rows) if rows else None
+    """The mean of `key` over the rows that log it (a loss logs only the pairs it reads), or None."""
+    values = [r[key] for r in rows if key in r]
+    return sum(values) / len(values) if values else None
 
 
 def summarize(t: int, records, stats: dict, history: list[dict], tokenizer, principles) -> dict:
@@ -169,7 +171,7 @@ def metrics_row(summary: dict) -> dict:
     ev = summary.get("eval") or {}
     out |= {k: v for k, v in ev.items() if not isinstance(v, dict)}
     if ev:
-        out |= {f"eval_signal/{k}": ev["signal"][k] for k in ("accuracy", "decided", "reward_agrees")}
+        out |= {f"eval_signal/{k}": ev["signal"].get(k) for k in ("accuracy", "decided", "reward_agrees")}
     for prefix, signals in (("signal", summary.get("feature_signal")), ("eval_signal", ev.get("feature_signal"))):
         for f, g in (signals or {}).items():
             out |= {f"{prefix}/{f}/accuracy": g["accuracy"], f"{prefix}/{f}/decided": g["decided"]}
@@ -191,7 +193,7 @@ def fmt_rate(b: dict | None) -> str:
 def one_line(summary: dict) -> str:
     """An iteration's headline: held-out reward accuracy, and per feature the pairs' signal and the pass rate."""
     ev, parts = summary.get("eval"), []
-    if ev:
+    if ev and "eval_rewards/accuracies" in ev:
         lo, hi = ev["intervals"]["eval_rewards/accuracies"]
         parts.append(f"held-out acc x {ev['eval_rewards/accuracies']:.2f} [{lo:.2f}, {hi:.2f}] (n {ev['n']})")
     for f, g in (summary.get("feature_signal") or {}).items():

@@ -1,7 +1,7 @@
 """One epoch of the SSO objective, and the reference log-probs it compares against.
 
     records (pairs.jsonl) -> batches.pack: every step's micro-batches as packed rows, laid out once
-    score_records: the six sequences of every record scored once, no grad   (the reference, cached)
+    score_records: the sequences the loss reads, of every record, scored once, no grad   (the reference, cached)
     train_epoch:   for each step, for each micro-batch:
                        ONE forward -> fused log-probs -> sso_loss -> backward (the gradients add up)
                    -> clip -> AdamW -> cosine lr -> a metrics.jsonl row; every k steps, the resume state
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .assets import load_tensors, save_tensors, undo_on_failure, write_atomic, write_json
 from .batches import collate_groups, pack
 from .logprobs import packed_logprobs
-from .losses import sso_loss
+from .losses import columns_read, full_columns, sso_loss
 from .records import read_jsonl
 
 
@@ -59,6 +59,11 @@ class TrainConfig:
     save_every: int = 4  # steps
     seed: int = 0
     autocast: bool = False  # bf16 autocast with fp32 master weights (settings.py: on where bf16 is native)
+
+    @property
+    def columns(self) -> tuple:
+        """The sequences (SEQUENCES columns) this loss reads: the only ones scored, for the reference and training."""
+        return columns_read(self.form, self.use_g, self.terms)
 
     def loss_settings(self) -> dict:
         """The sso_loss keywords (the same for training steps and held-out metrics)."""
@@ -118,7 +123,8 @@ def score(model, groups, autocast: bool):
 @torch.no_grad()
 def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | None = None, progress=True,
                   desc="scoring", ranks=ONE_PROCESS) -> torch.Tensor:
-    """[R, 6] summed log-probs of each record's six sequences, cached in `cache` (a damaged cache is scored again)."""
+    """[R, 6] summed log-probs of each record's sequences (NaN in the columns cfg's loss does not read), cached in
+    `cache` (a damaged cache is scored again)."""
     saved = cached_logps(cache) if cache is not None else None
     if saved is not None and saved.shape == (len(records), 6):
         return saved
@@ -131,9 +137,9 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     for groups, ids, share in tqdm(mine, desc=desc, disable=not progress):
         logp, _, _ = score(model, groups, cfg.autocast)
         if share:  # (a spare round under torchrun has share 0)
-            out |= dict(zip(ids, logp.float().cpu().view(len(ids), 6)))
+            out |= dict(zip(ids, logp.float().cpu().view(len(ids), len(cfg.columns))))
     gathered = {i: logp for part in ranks.gather(out) for i, logp in part.items()}
-    logps = torch.stack([gathered[i] for i in range(len(records))])  # [R, 6]
+    logps = full_columns(torch.stack([gathered[i] for i in range(len(records))]), cfg.columns, float("nan"))  # [R, 6]
     if cache is not None and ranks.main:
         save_tensors({"logps": logps}, cache)
     return logps
@@ -195,9 +201,11 @@ def train_epoch(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir:
     for step in bar:
         t0, sums, tokens = time.perf_counter(), {}, 0
         for groups, ids, share in steps[step]:  # micro-batches: the gradients add up
-            logp, n, ntok = score(model, groups, cfg.autocast)  # [6b] summed log-probs and lengths
-            loss, metrics = sso_loss(logp.float().view(-1, 6), ref_logps[ids].to(device), n.view(-1, 6),
-                                     **cfg.loss_settings())
+            logp, n, ntok = score(model, groups, cfg.autocast)  # [b * k] summed log-probs and lengths, k columns
+            k = len(cfg.columns)
+            policy, lengths = full_columns(logp.float().view(-1, k), cfg.columns, float("nan")), \
+                full_columns(n.view(-1, k), cfg.columns, 1)  # [b, 6]
+            loss, metrics = sso_loss(policy, ref_logps[ids].to(device), lengths, **cfg.loss_settings())
             # the step's loss is the mean over its records; FSDP averages gradients over ranks, which * size undoes
             (loss * share * ranks.size).backward()
             sums = {k: sums.get(k, 0.0) + v * share for k, v in metrics.items()}
@@ -216,7 +224,8 @@ def train_epoch(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir:
         if metrics_path is not None and ranks.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['rewards/accuracies']:.2f}", W=f"{sums['W']:.3f}")
+        shown = {"loss": "loss", "acc": "rewards/accuracies", "W": "W"}  # what this loss logs of them
+        bar.set_postfix({name: f"{sums[k]:.3f}" for name, k in shown.items() if k in sums})
         if (step + 1) % cfg.save_every == 0 and step + 1 < len(steps):
             save_resume_state(state, model, optimizer, step + 1, params, ranks)
         if on_step is not None:

@@ -66,12 +66,14 @@ def test_v2_trains_a_generator_then_the_policy_on_its_samples(tiny_model_dir, wh
     assert all(torch.equal(second[k], generator[k]) for k in generator)
     # held-out records of both stages come from the policy itself
     assert all(all(torch.equal(s[k], start[k]) for k in start) for s in samplers["held-out prompts"])
-    # the policy's reference log-probs are the start model's
+    # the policy's reference log-probs are the start model's, of the two sequences its loss reads (x: y+, y-) only
     model, tok = load_model(tiny_model_dir)
     records = read_jsonl(it / "pairs.jsonl")
-    cfg = TrainConfig(loss_type="dpo", autocast=False)
-    assert torch.allclose(load_tensors(it / "ref_logps.safetensors")["logps"], score_records(model, tok, records, cfg,
-                                                                                             progress=False))
+    every = score_records(model, tok, records, TrainConfig(loss_type="dpo", autocast=False), progress=False)  # [R, 6]
+    saved = load_tensors(it / "ref_logps.safetensors")["logps"]
+    assert torch.allclose(saved[:, :2], every[:, :2]) and saved[:, 2:].isnan().all()
+    g_saved = load_tensors(it / "generator" / "ref_logps.safetensors")["logps"]  # the generator's: x+ and x- pairs
+    assert g_saved[:, :2].isnan().all() and not g_saved[:, 2:].isnan().any()
     # the policy's loss is DPO on the x pair alone: at its first step (policy = reference) exactly log 2
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["unweighted_loss"] == rows[0]["loss"]

@@ -80,7 +80,7 @@ def length_eval(model, tokenizer, *, limit: int | None = None, max_new_tokens: i
 def onpolicy_logprob(model, tokenizer, records: list[dict]) -> dict:
     """metrics.on_policy under `model`: the mean per-token log-prob of y+ and y- under the plain prompt x
     (averaged over records). Higher (closer to 0) means the pairs look more like what the model would say."""
-    cfg = TrainConfig()
+    cfg = TrainConfig(use_g=False)  # a loss that reads the pair under x alone: only y+ | x and y- | x are scored
     logps = score_records(model, tokenizer, records, cfg, progress=False)  # [R, 6], as train.py scores them
     out = on_policy(tokenizer, records, logps, cfg.cutoff)
     return out | {"mean": (out["y_pos"] + out["y_neg"]) / 2}

@@ -45,15 +45,15 @@ def print_table(rows, final=None):
         ev, gen = r.get("eval"), r.get("generation")
         if "kept" in r:
             train = (f"| {r['iteration']} | {r['kept']}/{r['prompts']} | {r['len_chosen']:.0f} / "
-                     f"{r['len_rejected']:.0f} / {r['len_raw']:.0f} | {r['loss']:.4f} | {r['W']:.3f} | "
+                     f"{r['len_rejected']:.0f} / {r['len_raw']:.0f} | {r['loss']:.4f} | {fmt(r['W'], '.3f')} | "
                      f"{fmt(r['acc'])} / {fmt(r['p_acc'])}"
                      f" / {fmt(r['n_acc'])} ")
         else:  # the final policy: its behaviour only
             train = f"| final ({r['iteration']}) | - | - | - | - | - "
         held = "-" if not ev else (
             f"{ev['eval_rewards/accuracies']:.2f} [{ev['intervals']['eval_rewards/accuracies'][0]:.2f}, "
-            f"{ev['intervals']['eval_rewards/accuracies'][1]:.2f}] / {ev['eval_p_rewards/accuracies']:.2f} / "
-            f"{ev['eval_n_rewards/accuracies']:.2f} ({ev['n']})")
+            f"{ev['intervals']['eval_rewards/accuracies'][1]:.2f}] / {fmt(ev.get('eval_p_rewards/accuracies'))} / "
+            f"{fmt(ev.get('eval_n_rewards/accuracies'))} ({ev['n']})")
         behaviour_ = "-" if not gen else f"{gen['mean_length']:.1f} / {gen['eos_rate']:.2f}"
         signal = pooled_signal(r.get("signal"), (ev or {}).get("signal"))
         signal = f"{signal['accuracy']:.2f} ({signal['decided']})" if signal["decided"] else "-"
@@ -92,9 +92,9 @@ def plot_metrics(out: Path, summaries: list[dict]):
     axes = fig.subplots(1, 5 if checked else 4)
     axes[0].plot(x, [r["loss"] for r in train], label="loss")
     axes[0].plot(x, [r["unweighted_loss"] for r in train], label="unweighted_loss (W = 1)")
-    axes[1].plot(x, [r["W"] for r in train], label="W")
+    axes[1].plot(x, [r.get("W") for r in train], label="W")  # (a loss that reads neither pair under x logs none)
     for prefix, name in pairs:
-        axes[2].plot(x, [None if r.get("policy_is_reference") else r[f"{prefix}rewards/accuracies"] for r in train],
+        axes[2].plot(x, [None if r.get("policy_is_reference") else r.get(f"{prefix}rewards/accuracies") for r in train],
                      ".-", label=name)  # a gap: the policy still was the reference
     for ax, title in zip(axes, ("loss", "weight W", "training reward accuracy")):
         ax.set_title(title)
@@ -102,7 +102,7 @@ def plot_metrics(out: Path, summaries: list[dict]):
         ax.legend()
     held = [s for s in summaries if s.get("eval")]
     for prefix, name in pairs:
-        axes[3].plot([s["iteration"] for s in held], [s["eval"][f"eval_{prefix}rewards/accuracies"] for s in held],
+        axes[3].plot([s["iteration"] for s in held], [s["eval"].get(f"eval_{prefix}rewards/accuracies") for s in held],
                      "o-", label=f"held out {name}")
     axes[3].axhline(0.5, color="grey", lw=0.5)
     axes[3].set(title="held out: reward accuracy; y^o length", ylim=(0, 1),
