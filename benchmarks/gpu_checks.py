@@ -1,20 +1,17 @@
 """The CUDA-only paths no CPU test can run, checked on a GPU against what the CPU tests trust.
 
-    python benchmarks/gpu_checks.py            (on a CUDA machine; benchmarks/gpu_session.sh runs it)
+    python benchmarks/gpu_checks.py            (on a CUDA machine; benchmarks/gpu_kit.py runs them first)
 
 1. logprobs.py's bf16 x bf16 -> fp32 matmuls (out_dtype, tensor cores) against the same kernel on fp32 copies;
 2. the resume state of fused AdamW (CUDA only): a state saved after 2 steps and loaded into a fresh optimizer
    continues to the same weights as an uninterrupted run;
-3. flex_attention's backward on a packed row (a BlockMask) against the dense masks the CPU path uses;
-4. the compiled sampler on the real SmolLM2 at 512 rows, whose answers end (so batches shrink), twice, with the
-   number of graphs dynamo compiled, against its documented bound, and inductor's CUDA graph counters (each
-   batch has new KV cache tensors, which CUDA graph trees may re-record for).
-Each prints one line; the script exits non-zero if any check fails.
+3. flex_attention's backward on a packed row (a BlockMask) against the dense masks the CPU path uses.
+The compiled sampler's graphs are counted by the kit's sampling stage. Each check prints one line; the script exits
+non-zero if any fails.
 """
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -22,21 +19,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sso_mini.batches import collate_groups  # noqa: E402
-from sso_mini.checkpoint import load_model  # noqa: E402
 from sso_mini.config import ModelConfig  # noqa: E402
-from sso_mini.compiled import MAX_GRAPHS  # noqa: E402
-from sso_mini.generate import generate_batched  # noqa: E402
 from sso_mini.logprobs import packed_logprobs, token_logprobs  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
-from sso_mini.records import SAMPLING, default_prompts  # noqa: E402
-from sso_mini.tokenizer import prompt_ids  # noqa: E402
 from sso_mini.trainer import TrainConfig, load_resume_state, make_optimizer, save_resume_state  # noqa: E402
 
-failed = []
+failed, results = [], {}  # results: {check: {"ok", "detail"}}, which benchmarks/gpu_kit.py records
 
 
 def report(name, ok, detail):
     print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    results[name] = {"ok": bool(ok), "detail": detail}
     if not ok:
         failed.append(name)
 
@@ -107,30 +100,13 @@ def flex_backward():
            f"log-probs max |diff| {value:.2e}, gradients rel {grad:.2e}")
 
 
-def shrinking_sampler():
-    from torch._dynamo.utils import counters
-
-    model, tokenizer = load_model("SmolLM2-135M-Instruct", dtype=torch.bfloat16, device="cuda")
-    prompts = [prompt_ids(tokenizer, "", x) for x in default_prompts()[:512]]
-    counters.clear()
-    seconds = []
-    for _ in range(2):  # the first run compiles and records; the second replays (new cache tensors: re-records?)
-        start = time.perf_counter()
-        outs = generate_batched(model, prompts, batch_size=512, seed=0, max_new_tokens=512, **SAMPLING,
-                                stop_ids=tokenizer.stop_ids, compile=True, progress=False)
-        seconds.append(time.perf_counter() - start)
-    graphs = counters["stats"]["unique_graphs"]
-    ended = sum(len(o) < 512 for o in outs)
-    cudagraphs = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
-    report("compiled sampler, 512 rows that end", graphs <= MAX_GRAPHS,
-           f"{ended}/512 ended, {sum(map(len, outs))} tokens in {seconds[0]:.1f} s (compiles included), "
-           f"then {seconds[1]:.1f} s; {graphs} graphs (bound {MAX_GRAPHS}); CUDA graph counters {cudagraphs}")
+CHECKS = (bf16_logprobs, fused_adamw_resume, flex_backward)
 
 
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         sys.exit("error: benchmarks/gpu_checks.py needs a CUDA device")
-    for check in (bf16_logprobs, fused_adamw_resume, flex_backward, shrinking_sampler):
+    for check in CHECKS:
         try:
             check()
         except Exception as e:  # a check that cannot run is a failed check; the others still run

@@ -1,0 +1,69 @@
+"""The GPU check kit (benchmarks/gpu_kit.py): it packs under a device call's 64 MiB, its dry run measures every stage
+on a CPU offline (no cache, no package index) within 3 minutes, and its synthetic model samples as a trained one."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_kit  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kit") / "kit"
+    subprocess.run([sys.executable, "benchmarks/gpu_kit.py", "pack", str(folder)], cwd=ROOT, check=True)
+    return folder
+
+
+def test_the_kit_fits_a_device_call(kit):
+    assert sum(f.stat().st_size for f in kit.rglob("*") if f.is_file()) <= 64 * 2**20
+    assert {p.name for p in kit.iterdir()} == {"tokenizer", "prompts.txt", "ended.toml"}
+
+
+def test_the_dry_run_measures_every_stage_offline(kit, tmp_path):
+    env = {**os.environ, "SSO_MINI_CACHE": str(tmp_path / "empty"), "PIP_NO_INDEX": "1", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "benchmarks/gpu_kit.py", "run", str(kit), str(tmp_path / "out"), "--tiny",
+                           "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.perf_counter() - start < 180
+    assert not (tmp_path / "empty").exists()  # nothing was fetched or cached
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    sampled = results["sampling"]
+    assert sampled["rows"] == 8 and all(sampled[c]["tokens"] > 0 and sampled[c]["tokens_per_s"] > 0
+                                        for c in ("first", "second"))
+    assert sampled["first"]["tokens"] == sampled["second"]["tokens"]  # one seed, the same answers
+    it = results["iteration"]
+    assert {"load", "sample", "reference", "train", "save"} <= set(it["seconds"]) and it["train_tokens_per_s"] > 0
+    assert it["mfu"] is None and results["checks"] == "no GPU"  # a CPU has no bf16 peak to compare with
+
+
+def test_the_synthetic_model_has_peaked_logits_and_rows_that_end(kit, tmp_path):
+    from sso_mini.checkpoint import load_model
+    from sso_mini.tokenizer import prompt_ids
+
+    folder = gpu_kit.synthetic_model(kit, tmp_path / "model", True, torch.device("cpu"))
+    model, tok = load_model(folder)
+    assert len(tok.stop_ids) >= model.config.vocab_size // 100  # 1% of the vocabulary ends a row
+    ids = torch.tensor([prompt_ids(tok, "", "Name a fruit.")])
+    with torch.no_grad():
+        logits = model(ids)[0]  # [T, V]
+    assert logits.std(-1).mean().item() == pytest.approx(4.0, rel=0.2)
+    probs = (logits / 0.7).softmax(-1).sort(-1, descending=True).values  # train.py's temperature
+    nucleus = ((probs.cumsum(-1) - probs) < 0.8).sum(-1)  # top-p 0.8
+    assert nucleus.float().median().item() < 256  # the sampler's common path: the nucleus within its candidates
+
+
+def test_a_stage_out_of_time_stops_and_says_so():
+    with pytest.raises(gpu_kit.OutOfTime, match="after 1 s"):
+        with gpu_kit.budget(1):
+            time.sleep(3)
