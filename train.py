@@ -237,7 +237,7 @@ def evaluate(s: Settings, stage: str, t: int, folder: Path, trained=None) -> dic
     sampled = not s.flags.pairs and stage == "policy"  # the policy's own answers (not a generator's)
     if held_out:
         ref_logps = cached_logps(folder / "eval_ref_logps.safetensors")
-        summary["eval"] = metrics.held_out(tokenizer, held_out, policy_logps, ref_logps, cfg, s.principles)
+        summary["eval"] = metrics.held_out_rewards(tokenizer, held_out, policy_logps, ref_logps, cfg, s.principles)
     if held_out and sampled:
         summary["generation"] = metrics.plain_answers(tokenizer, held_out)
         summary["behaviour"] = metrics.pass_rates(held_out, s.principles)

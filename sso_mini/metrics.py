@@ -126,7 +126,7 @@ def on_policy(tokenizer, records, ref_logps, cutoff: int) -> dict:
     return {"y_pos": per_token[:, CHOSEN].mean().item(), "y_neg": per_token[:, REJECTED].mean().item()}
 
 
-def held_out(tokenizer, records, policy_logps, ref_logps, cfg, principles) -> dict:
+def held_out_rewards(tokenizer, records, policy_logps, ref_logps, cfg, principles) -> dict:
     """The held-out records scored before (ref_logps) and after (policy_logps) the epoch: SSO loss and rewards under
     TRL's eval_ names, an interval per accuracy, and the signal accuracy with the reward margin's agreement."""
     lengths = response_lengths(tokenizer, records, cfg.cutoff)
