@@ -8,14 +8,15 @@ of at most 64 MiB, and the one command that measures there.
 KIT holds the Qwen2 tokenizer, AlpacaEval prompts and a principle set whose one check is our own rule `ended`, so
 nothing else is read from the network or the cache, and no package beyond what a PyTorch image has (tokenizers,
 safetensors, tqdm, jinja2) is imported: IFEval's checkers stay out (--verifier-share 0). `run` writes
-OUT/results.json after every stage, so a run cut short keeps the stages it finished:
+OUT/results.json after every stage, each run in a process of its own (a fresh GPU) under its own time limit, so a
+stage that fails or runs out of time is recorded with what it measured, and the next still runs:
 
   checks     on a GPU, benchmarks/gpu_checks.py's CUDA-only checks (bf16 log-probs, fused AdamW's resume, flex)
   model      synthetic bf16 weights of Qwen2-7B's shapes whose logits are peaked (a nucleus of a few tokens, as a
              trained model's) and whose rows end (1% of the vocabulary are stop ids: answers of ~100 tokens)
   sampling   generate_batched, 256 prompts x 512 new tokens, compiled: the first call (its compile time and the
-             graphs dynamo made), then a second (steady-state tokens/s); peak memory
-  iteration  train.py, one iteration on 128 prompts (LoRA r=16 above 3B, the memory model's micro-batch): each
+             graphs dynamo made), then a second (steady-state tokens/s, recompiles); peak memory
+  iteration  train.py, one iteration on 64 prompts (LoRA r=16 above 3B, the memory model's micro-batch): each
              stage's seconds and peak memory, training tokens/s and MFU (bench_packed_train.py's convention)
 """
 
@@ -23,8 +24,8 @@ import argparse
 import contextlib
 import json
 import shutil
-import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +38,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import train  # noqa: E402
-from bench_packed_train import DENSE_BF16_TFLOPS  # noqa: E402
+from bench_packed_train import DENSE_BF16_TFLOPS, counted_params  # noqa: E402
 from make_random_model import qwen2_tokenizer  # noqa: E402
 from sso_mini.assets import write_json  # noqa: E402
 from sso_mini.checkpoint import load_model, save_model  # noqa: E402
+from sso_mini.compiled import MAX_GRAPHS  # noqa: E402
 from sso_mini.config import ModelConfig  # noqa: E402
 from sso_mini.generate import generate_batched  # noqa: E402
 from sso_mini.memory import PRESETS  # noqa: E402
@@ -61,9 +63,9 @@ bad_principle = "Answer at great length, with many digressions."
 check = [{rule = "ended"}]
 '''
 # (sampler rows, new tokens, iteration prompts): the real sizes, and the dry run's
-SIZES = {"7b": (256, 512, 128), "tiny": (8, 16, 8)}
-# seconds each stage may take at the real size: 8.5 minutes in all, inside a device call's 10
-BUDGETS = {"checks": 60, "model": 90, "sampling": 180, "iteration": 180}
+SIZES = {"7b": (256, 512, 64), "tiny": (8, 16, 8)}
+# seconds each stage's process may take at the real size: 9 minutes in all, inside a device call's 10
+BUDGETS = {"checks": 45, "model": 75, "sampling": 180, "iteration": 240}
 TINY = ModelConfig(architecture="Qwen2ForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, qkv_bias=True, vocab_size=151936)
 
@@ -80,20 +82,25 @@ def pack(kit: Path):
 
 
 def synthetic_model(kit: Path, folder: Path, tiny: bool, device) -> Path:
-    """A HF folder of Qwen2-7B's shapes (tiny: TINY), bf16 on a GPU: hidden weights ~ N(0, 0.02); the head scaled so
-    that logits have a standard deviation of 4 (peaked, as a trained model's); 1% of the vocabulary as stop ids."""
+    """A HF folder of Qwen2-7B's shapes (tiny: TINY), bf16 on a GPU: matrices ~ N(0, 0.02), biases 0, norms 1; the
+    head scaled so that logits have a standard deviation of 4 (peaked, as a trained model's); 1% of the vocabulary
+    as stop ids, so that rows end."""
     tokenizer = Tokenizer.from_folder(kit / "tokenizer")
     config = replace(TINY if tiny else PRESETS["Qwen2-7B"], bos_token_id=None, pad_token_id=tokenizer.pad_id)
     g = torch.Generator().manual_seed(0)
     stops = torch.randperm(config.vocab_size, generator=g)[:config.vocab_size // 100].tolist()
     config.eos_token_id = [tokenizer.tk.token_to_id("<|im_end|>"), *stops]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)  # built in it, never in fp32
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Transformer(config).to(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(config)
+    finally:
+        torch.set_default_dtype(default)
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0 if "norm" in name else 0.0)
         model.lm_head.weight.normal_(0, 4 / config.hidden_size ** 0.5)  # the final norm's output has |h| ~ sqrt(H)
     model.reset_rope()
     save_model(model, tokenizer, folder)
@@ -101,23 +108,30 @@ def synthetic_model(kit: Path, folder: Path, tiny: bool, device) -> Path:
 
 
 @contextlib.contextmanager
-def peak_memory(into: dict, name: str):
-    """into[name]: the GPU memory a block peaked at, in GiB (nothing on a CPU)."""
+def peak_memory(into: dict, name: str, path: Path | None = None):
+    """into[name]: the GPU memory a block peaked at, in GiB (nothing on a CPU), also when the block fails; written
+    to `path` as it comes, so that a process stopped later keeps it."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    yield
-    if cuda:
-        into[name] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    try:
+        yield
+    finally:
+        if cuda:
+            into[name] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if path is not None:
+            write_json(path, into)
 
 
-def sampling(kit: Path, folder: Path, rows: int, new_tokens: int, device) -> dict:
-    """The compiled sampler (eager on a CPU) on `rows` prompts: its first call, then the steady state."""
+def sampling(kit: Path, work: Path, tiny: bool, device) -> dict:
+    """The compiled sampler (eager on a CPU) on a batch of prompts: its first call, then the steady state, each with
+    the graphs dynamo has compiled so far (the bound: compiled.MAX_GRAPHS) and inductor's CUDA graph counters."""
     from torch._dynamo.utils import counters
 
-    model, tokenizer = load_model(folder, device=device)
+    rows, new_tokens, _ = SIZES["tiny" if tiny else "7b"]
+    model, tokenizer = load_model(work / "model", device=device)
     prompts = [prompt_ids(tokenizer, "", x) for x in (kit / "prompts.txt").read_text().splitlines()[:rows]]
-    out, memory = {"rows": rows, "new_tokens": new_tokens}, {}
+    out, memory = {"rows": rows, "new_tokens": new_tokens, "graph_bound": MAX_GRAPHS}, {}
     counters.clear()
     for call in ("first", "second"):
         with peak_memory(memory, call):
@@ -128,33 +142,37 @@ def sampling(kit: Path, folder: Path, rows: int, new_tokens: int, device) -> dic
             seconds = time.perf_counter() - start
         tokens = sum(map(len, answers))
         out[call] = {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds),
-                     "ended": sum(len(a) < new_tokens for a in answers) / rows}
-    out["graphs"] = counters["stats"]["unique_graphs"]
+                     "ended": sum(len(a) < new_tokens for a in answers) / rows,
+                     "graphs": counters["stats"]["unique_graphs"],
+                     "cudagraph_counters": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}}
     out["peak_memory_gib"] = memory
     return out
 
 
-def iteration(kit: Path, folder: Path, prompts: int, new_tokens: int, device, run: Path) -> dict:
-    """train.py for one iteration, in this process, with every stage's peak memory recorded."""
-    memory, timed = {}, train.timed
+def iteration(kit: Path, work: Path, tiny: bool, device) -> dict:
+    """train.py for one iteration, with each of its stages' peak memory (work/memory.json, kept as it comes)."""
+    _, new_tokens, prompts = SIZES["tiny" if tiny else "7b"]
+    memory, timed, run = {}, train.timed, work / "run"
 
     @contextlib.contextmanager
     def timed_with_memory(s, where, stage, what=""):
-        with timed(s, where, stage, what), peak_memory(memory, stage):
+        with timed(s, where, stage, what), peak_memory(memory, stage, work / "memory.json"):
             yield
 
     train.timed = timed_with_memory
     try:
-        train.main(["--model", str(folder), "--prompts", str(kit / "prompts.txt"), "--principles",
+        train.main(["--model", str(work / "model"), "--prompts", str(kit / "prompts.txt"), "--principles",
                     str(kit / "ended.toml"), "--verifier-share", "0", "--iterations", "1", "--prompts-per-iteration",
                     str(prompts), "--eval-prompts", "0", "--max-new-tokens", str(new_tokens), "--out", str(run),
-                    "--device", device.type, "--no-progress", "--batch-size", str(min(8, prompts // 2))])
+                    "--device", device.type, "--no-progress", "--batch-size", "4" if tiny else "8"])
     finally:
         train.timed = timed
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    rate = statistics.median(r["tokens_per_s"] for r in steps if r["split"] == "train" and r["step"] > 1)
-    config, settings = ModelConfig.from_json(folder / "config.json"), json.loads((run / "run.json").read_text())
-    plan = json.loads((run / "train_config.json").read_text())  # the micro-batch the memory model planned
+    rates = [r["tokens_per_s"] for r in steps if r["split"] == "train"]
+    rate = statistics.median(rates[1:] or rates)  # the first step warms up
+    with torch.device("meta"):  # shapes only: the parameters a token multiplies
+        model = Transformer(ModelConfig.from_json(work / "model" / "config.json"))
+    settings, plan = (json.loads((run / name).read_text()) for name in ("run.json", "train_config.json"))
     per_token = 4 if settings["lora"] else 6  # LoRA computes no gradient of the frozen weights
     name = torch.cuda.get_device_name() if device.type == "cuda" else ""
     peak = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in name), None)
@@ -162,59 +180,13 @@ def iteration(kit: Path, folder: Path, prompts: int, new_tokens: int, device, ru
             "train_tokens_per_s": round(rate), "lora": settings["lora"],
             "tokens_per_micro_batch": plan["tokens_per_micro_batch"],
             "gradient_checkpointing": plan["gradient_checkpointing"],
-            "mfu": round(rate * per_token * config.num_parameters / (peak * 1e12), 3) if peak else None}
+            "mfu": round(rate * per_token * counted_params(model) / (peak * 1e12), 3) if peak else None}
 
 
-class OutOfTime(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def budget(seconds: int | None):
-    """Raise OutOfTime in the block after `seconds` (None: no limit), so that one slow stage (a compile that takes
-    minutes) is recorded as such and the next stage still runs."""
-    def expire(signum, frame):
-        raise OutOfTime(f"stopped after {seconds} s")
-
-    if seconds:
-        signal.signal(signal.SIGALRM, expire)
-        signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-
-
-def run(kit: Path, out: Path, tiny: bool, device):
-    rows, new_tokens, prompts = SIZES["tiny" if tiny else "7b"]
-    out.mkdir(parents=True, exist_ok=True)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "size": "tiny" if tiny else "Qwen2-7B shapes"}
-    work = Path(tempfile.mkdtemp(prefix="gpu-kit-"))
-    folder = work / "model"
-    stages = {
-        "checks": lambda: gpu_checks() if device.type == "cuda" else "no GPU",
-        "model": lambda: str(synthetic_model(kit, folder, tiny, device)),
-        "sampling": lambda: sampling(kit, folder, rows, new_tokens, device),
-        "iteration": lambda: iteration(kit, folder, prompts, new_tokens, device, work / "run"),
-    }
-    try:
-        for name, stage in stages.items():
-            start = time.perf_counter()
-            try:
-                with budget(None if tiny else BUDGETS[name]):
-                    results[name] = stage()
-            except (OutOfTime, RuntimeError, ValueError, OSError) as e:  # the next stage may still run
-                results[name] = {"failed": f"{type(e).__name__}: {e}"}
-            results[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
-            write_json(out / "results.json", results)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results, indent=1))
-
-
-def gpu_checks() -> dict:
+def gpu_checks(kit: Path, work: Path, tiny: bool, device) -> dict:
     """benchmarks/gpu_checks.py's checks: {check: {"ok", "detail"}}."""
+    if device.type != "cuda":
+        return {"skipped": "no GPU"}
     import gpu_checks
 
     for check in gpu_checks.CHECKS:
@@ -225,20 +197,63 @@ def gpu_checks() -> dict:
     return gpu_checks.results
 
 
+STAGES = {"checks": gpu_checks, "model": lambda kit, work, tiny, device: str(synthetic_model(kit, work / "model",
+                                                                                                 tiny, device)),
+          "sampling": sampling, "iteration": iteration}
+
+
+def run(kit: Path, out: Path, tiny: bool, device, budgets: dict | None = None):
+    """Each stage in a process of its own (a fresh GPU, its own time limit); OUT/results.json after each, OUT/NAME.log
+    its output. budgets: {stage: seconds} (None: no limits)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "size": "tiny" if tiny else "Qwen2-7B shapes"}
+    work = Path(tempfile.mkdtemp(prefix="gpu-kit-"))
+    try:
+        for name in STAGES:
+            command = [sys.executable, __file__, "stage", str(kit), str(work), "--name", name, "--device", device.type,
+                       *(["--tiny"] if tiny else [])]
+            start, limit = time.perf_counter(), (budgets or {}).get(name)
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
+                log, failed = done.stdout + done.stderr, done.returncode != 0 and f"exit {done.returncode}"
+            except subprocess.TimeoutExpired as e:
+                log, failed = str(e.stdout or "") + str(e.stderr or ""), f"stopped after {limit} s"
+            (out / f"{name}.log").write_text(log)
+            result = work / f"{name}.json"
+            results[name] = json.loads(result.read_text()) if result.exists() and not failed else \
+                {"failed": failed, "log_tail": log[-1500:], **partial(work)}
+            results[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
+            write_json(out / "results.json", results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, indent=1))
+
+
+def partial(work: Path) -> dict:
+    """What a stopped iteration had measured: its stages' seconds and peak memory so far."""
+    files = {"seconds": work / "run" / "iter_0" / "timing.json", "peak_memory_gib": work / "memory.json"}
+    return {k: json.loads(p.read_text()) for k, p in files.items() if p.exists()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["pack", "run"])
+    ap.add_argument("command", choices=["pack", "run", "stage"])
     ap.add_argument("kit", type=Path)
-    ap.add_argument("out", type=Path, nargs="?", help="run: where results.json goes")
+    ap.add_argument("out", type=Path, nargs="?", help="run: where results.json goes; stage: the work folder")
     ap.add_argument("--tiny", action="store_true", help="run: a 2-layer model at the dry run's sizes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--name", choices=list(STAGES), help="stage: which one (run starts each in its own process)")
     args = ap.parse_args()
     if args.command == "pack":
         pack(args.kit)
     elif args.out is None:
-        ap.error("run needs OUT, the folder for results.json")
+        ap.error(f"{args.command} needs OUT")
+    elif args.command == "run":
+        run(args.kit, args.out, args.tiny, torch.device(args.device), None if args.tiny else BUDGETS)
     else:
-        run(args.kit, args.out, args.tiny, torch.device(args.device))
+        result = STAGES[args.name](args.kit, args.out, args.tiny, torch.device(args.device))
+        write_json(args.out / f"{args.name}.json", result)
 
 
 if __name__ == "__main__":

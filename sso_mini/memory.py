@@ -124,12 +124,13 @@ def sampler_rows(config: ModelConfig, free: int, max_len: int, element_size: int
 
 
 def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | None = None, n_ranks: int = 1,
-                       cutoff: int = 2048) -> tuple[int, bool]:
+                       cutoff: int = 2048, sequences: int = 6) -> tuple[int, bool]:
     """(tokens per micro-batch, gradient checkpointing) for a GPU with `free_bytes` free: the largest power of
     two up to MAX_TOKENS_PER_MICRO_BATCH whose memory_budget fits GPU_MEMORY_SHARE of it, without
     checkpointing if that still holds one whole record (a record is never split, and its packed row is
-    at most 6 sequences of `cutoff` tokens), else with checkpointing. ValueError if not even that fits."""
-    record = 6 * cutoff
+    at most the `sequences` its loss reads, of `cutoff` tokens each), else with checkpointing. ValueError if not
+    even that fits."""
+    record = sequences * cutoff
     for checkpointing in (False, True):
         tokens = MAX_TOKENS_PER_MICRO_BATCH
         while tokens >= 1 and memory_budget(config, lora_rank, tokens=tokens, checkpointing=checkpointing,

@@ -126,8 +126,8 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     """[R, 6] summed log-probs of each record's sequences (NaN in the columns cfg's loss does not read), cached in
     `cache` (a damaged cache is scored again)."""
     saved = cached_logps(cache) if cache is not None else None
-    if saved is not None and saved.shape == (len(records), 6):
-        return saved
+    if saved is not None and saved.shape == (len(records), 6) and saved[:, list(cfg.columns)].isfinite().all():
+        return saved  # (a cache of another loss, without the columns this one reads, is scored again)
     if not records:
         return torch.zeros(0, 6)
     model.eval()

@@ -41,10 +41,12 @@ def test_the_dry_run_measures_every_stage_offline(kit, tmp_path):
     sampled = results["sampling"]
     assert sampled["rows"] == 8 and all(sampled[c]["tokens"] > 0 and sampled[c]["tokens_per_s"] > 0
                                         for c in ("first", "second"))
+    assert sampled["second"]["graphs"] == 0  # eager on a CPU: nothing compiled
     assert sampled["first"]["tokens"] == sampled["second"]["tokens"]  # one seed, the same answers
     it = results["iteration"]
     assert {"load", "sample", "reference", "train", "save"} <= set(it["seconds"]) and it["train_tokens_per_s"] > 0
-    assert it["mfu"] is None and results["checks"] == "no GPU"  # a CPU has no bf16 peak to compare with
+    assert it["mfu"] is None and results["checks"] == {"skipped": "no GPU"}  # a CPU has no bf16 peak
+    assert (tmp_path / "out" / "iteration.log").read_text().count("[iter_0]") >= 3  # each stage's own output
 
 
 def test_the_synthetic_model_has_peaked_logits_and_rows_that_end(kit, tmp_path):
@@ -63,7 +65,8 @@ def test_the_synthetic_model_has_peaked_logits_and_rows_that_end(kit, tmp_path):
     assert nucleus.float().median().item() < 256  # the sampler's common path: the nucleus within its candidates
 
 
-def test_a_stage_out_of_time_stops_and_says_so():
-    with pytest.raises(gpu_kit.OutOfTime, match="after 1 s"):
-        with gpu_kit.budget(1):
-            time.sleep(3)
+def test_a_stage_out_of_time_is_recorded_and_the_next_still_runs(kit, tmp_path):
+    gpu_kit.run(kit, tmp_path / "out", True, torch.device("cpu"), budgets={"sampling": 0.5})
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["sampling"]["failed"] == "stopped after 0.5 s"
+    assert results["iteration"]["train_tokens_per_s"] > 0

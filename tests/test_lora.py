@@ -364,3 +364,23 @@ def test_the_default_token_budget_for_qwen2_7b_fits_an_80_gb_gpu():
         assert memory_budget(config, lora_rank=rank, tokens=16384, checkpointing=False, n_ranks=n_ranks)["total"] > free
     with pytest.raises(ValueError, match="GiB free"):
         micro_batch_tokens(config, 16 * 2**30, None, 1)  # a full fine-tune on one 16 GB GPU
+
+
+@pytest.mark.parametrize("flags, checkpointing", [([], True), (["--no-g"], False), (["--recipe", "v2"], False)])
+def test_the_gpu_plan_holds_the_sequences_its_loss_reads(tmp_path, monkeypatch, flags, checkpointing):
+    """On an 80 GB GPU, Qwen2-7B with LoRA: v1's record is 6 sequences of --cutoff 2048 (12,288 tokens), which needs
+    checkpointing; w/o G reads 2 and v2 at most 4 (8,192 tokens), which fit without recomputing the activations."""
+    import json
+
+    from sso_mini import memory
+    from sso_mini.memory import PRESETS
+    from sso_mini.settings import build_parser, machine_defaults
+
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["Qwen2-7B"].to_hf_dict()))
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 79 * 2**30)
+    args = build_parser().parse_args(["--model", str(tmp_path), *flags])
+    args.device = "cuda"  # (parse_args would refuse it on this machine; the plan reads only the device's type)
+    planned = machine_defaults(args, 1)
+    assert planned["lora"] and planned["gradient_checkpointing"] == checkpointing
+    sequences = 6 if checkpointing else 4
+    assert planned["tokens_per_micro_batch"] >= sequences * 2048

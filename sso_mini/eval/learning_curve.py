@@ -29,6 +29,7 @@ from pathlib import Path
 from ..assets import load_tensors, save_tensors, write_atomic, write_json
 from ..metrics import wilson_interval
 from ..records import read_jsonl, write_jsonl
+from .report import fmt
 from .runs import recorded_settings, seed_run, train
 
 
@@ -64,11 +65,11 @@ def point_row(run: Path) -> dict:
            "reward_agrees": ev["signal"].get("reward_agrees"), "decided": ev["signal"]["decided"],
            "reward_agrees_interval": ev["signal"].get("reward_interval"), "minutes": s["seconds"]["total"] / 60,
            "vs_start": final.get("vs_start", {})}
-    for p in ("", "p_", "n_"):
-        acc = ev[f"eval_{p}rewards/accuracies"]
+    for p in ("", "p_", "n_"):  # (x+ and x-: None where the loss reads no pair under them, --no-g)
+        acc = ev.get(f"eval_{p}rewards/accuracies")
         row[f"eval_{p}acc"] = acc
-        row[f"eval_{p}acc_interval"] = wilson_interval(round(acc * n), n)
-        row[f"eval_{p}margin"] = ev[f"eval_{p}rewards/margins"]
+        row[f"eval_{p}acc_interval"] = None if acc is None else wilson_interval(round(acc * n), n)
+        row[f"eval_{p}margin"] = ev.get(f"eval_{p}rewards/margins")
     return row
 
 
@@ -85,7 +86,7 @@ def markdown(rows, start: dict) -> str:
         behaviour = "".join(f"{c['start']:.2f} -> {c['end']:.2f} ({c['p_exact']:.2g}) | "
                             for c in r["vs_start"].values())
         lines.append(f"| {r['loss']} | {r['lr']:g} | {r['records']} | {r['eval_acc']:.2f} [{lo:.2f}, {hi:.2f}] | "
-                     f"{r['eval_p_acc']:.2f} | {r['eval_n_acc']:.2f} | {r['eval_margin']:.5f} | {agree} | "
+                     f"{fmt(r['eval_p_acc'])} | {fmt(r['eval_n_acc'])} | {r['eval_margin']:.5f} | {agree} | "
                      f"{r['y_raw_length']:.1f} / {r['y_raw_eos_rate']:.2f} | {behaviour}{r['train_acc']:.2f} | "
                      f"{r['minutes']:.1f} |")
     return "\n".join(lines) + "\n"
