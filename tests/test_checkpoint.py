@@ -175,6 +175,13 @@ def test_resolve_errors_are_checkpoint_errors(tmp_path):
     shutil.rmtree(tmp_path)
 
 
+def test_a_config_without_a_required_key_is_named(tmp_path):
+    config = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 8, "intermediate_size": 8, "num_hidden_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="missing hidden_size, num_attention_heads$"):
+        load_model(tmp_path)
+
+
 def hub_layout(hub, repo_id, model_dir, revision="0123abcd", ref=True):
     """A Hugging Face cache entry laid out by hand: blobs, symlinked snapshot files, refs/main."""
     repo = hub / f"models--{repo_id.replace('/', '--')}"
