@@ -22,7 +22,7 @@ import torch
 from .assets import write_atomic, write_json
 from .checkpoint import DEFAULT_MODEL, resolve
 from .config import ModelConfig
-from .losses import FORMS, LOSS_TYPES, TERMS, columns_read
+from .losses import FORMS, LOSS_TYPES, TERMS
 from .principles import PrincipleSet, available, load_principles
 from .records import default_prompts, load_prompts, read_jsonl
 from .tokenizer import Tokenizer, prompt_ids
@@ -240,11 +240,9 @@ def machine_defaults(args, n_ranks: int) -> dict:
     if cuda and tokens is None:  # the GPU memory planner
         from .memory import free_bytes, micro_batch_tokens
 
-        reads = [columns_read(args.form, not args.no_g)] if args.recipe == "v1" else \
-            [columns_read("generator", terms=tuple(args.generator_terms.split(","))), columns_read(use_g=False)]
+        sequences = max(len(stage.columns) for stage in stage_configs(args).values())  # a record's longest row
         tokens, planned = micro_batch_tokens(config, free_bytes(torch.device(args.device)),
-                                             args.lora_rank if lora else None, n_ranks, args.cutoff,
-                                             max(map(len, reads)))  # a record's longest packed row
+                                             args.lora_rank if lora else None, n_ranks, args.cutoff, sequences)
         checkpointing = planned if checkpointing is None else checkpointing
     native = bf16_is_native(torch.device(args.device))
     return {"lora": lora, "dtype": args.dtype or ("bfloat16" if lora and cuda else "float32"),
