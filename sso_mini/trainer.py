@@ -188,7 +188,7 @@ def optimizer_step(optimizer, params, step: int, total: int, cfg) -> tuple[float
 def train_epoch(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir: Path, *, iteration=0,
                 metrics_path: Path | None = None, progress=True, ranks=ONE_PROCESS, on_step=None) -> list[dict]:
     """One SSO epoch over `records` (resuming from out_dir/resume); returns the metric rows, also in metrics_path."""
-    device, state = model.lm_head_weight.device, Path(out_dir) / "resume"
+    device, state, columns = model.lm_head_weight.device, Path(out_dir) / "resume", cfg.columns
     steps = pack(tokenizer, records, epoch_order(len(records), cfg, iteration), cfg)  # [step][micro-batch]
     steps = [ranks.share_micro_batches(micro_batches) for micro_batches in steps]
     optimizer, params = make_optimizer(model, cfg)
@@ -202,9 +202,8 @@ def train_epoch(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir:
         t0, sums, tokens = time.perf_counter(), {}, 0
         for groups, ids, share in steps[step]:  # micro-batches: the gradients add up
             logp, n, ntok = score(model, groups, cfg.autocast)  # [b * k] summed log-probs and lengths, k columns
-            k = len(cfg.columns)
-            policy, lengths = full_columns(logp.float().view(-1, k), cfg.columns, float("nan")), \
-                full_columns(n.view(-1, k), cfg.columns, 1)  # [b, 6]
+            policy = full_columns(logp.float().view(-1, len(columns)), columns, float("nan"))  # [b, 6]
+            lengths = full_columns(n.view(-1, len(columns)), columns, 1)  # [b, 6]
             loss, metrics = sso_loss(policy, ref_logps[ids].to(device), lengths, **cfg.loss_settings())
             # the step's loss is the mean over its records; FSDP averages gradients over ranks, which * size undoes
             (loss * share * ranks.size).backward()
