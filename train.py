@@ -99,6 +99,7 @@ def sso_iteration(s: Settings, t: int, policy, folder: Path, stage="policy", sam
         own = policy if s.device.type == "cuda" and s.dtype != torch.bfloat16 else model
         records = sample_pairs(s, t, folder, sampler or own, tokenizer, stage)
         held_out = sample_pairs(s, t, folder, own, tokenizer, stage, held_out=True)
+        model.clear_cache()  # the sampler's KV cache stays between batches; training needs its memory
         if ranks.size > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
             ranks.shard(model, bf16=cfg.autocast)
         # 3. reference log-probs: the iteration's starting weights, computed once

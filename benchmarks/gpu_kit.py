@@ -42,7 +42,7 @@ from bench_packed_train import DENSE_BF16_TFLOPS, counted_params  # noqa: E402
 from make_random_model import qwen2_tokenizer  # noqa: E402
 from sso_mini.assets import write_json  # noqa: E402
 from sso_mini.checkpoint import load_model, save_model  # noqa: E402
-from sso_mini.compiled import MAX_GRAPHS  # noqa: E402
+from sso_mini.compiled import GRAPHS  # noqa: E402
 from sso_mini.config import ModelConfig  # noqa: E402
 from sso_mini.generate import generate_batched  # noqa: E402
 from sso_mini.memory import PRESETS  # noqa: E402
@@ -125,13 +125,14 @@ def peak_memory(into: dict, name: str, path: Path | None = None):
 
 def sampling(kit: Path, work: Path, tiny: bool, device) -> dict:
     """The compiled sampler (eager on a CPU) on a batch of prompts: its first call, then the steady state, each with
-    the graphs dynamo has compiled so far (the bound: compiled.MAX_GRAPHS) and inductor's CUDA graph counters."""
+    the graphs dynamo has compiled so far (a run's: compiled.GRAPHS), whether the KV cache's storage moved, and
+    inductor's CUDA graph counters."""
     from torch._dynamo.utils import counters
 
     rows, new_tokens, _ = SIZES["tiny" if tiny else "7b"]
     model, tokenizer = load_model(work / "model", device=device)
     prompts = [prompt_ids(tokenizer, "", x) for x in (kit / "prompts.txt").read_text().splitlines()[:rows]]
-    out, memory = {"rows": rows, "new_tokens": new_tokens, "graph_bound": MAX_GRAPHS}, {}
+    out, memory = {"rows": rows, "new_tokens": new_tokens, "graphs_expected": GRAPHS}, {}
     counters.clear()
     for call in ("first", "second"):
         with peak_memory(memory, call):
@@ -144,7 +145,9 @@ def sampling(kit: Path, work: Path, tiny: bool, device) -> dict:
         out[call] = {"seconds": round(seconds, 1), "tokens": tokens, "tokens_per_s": round(tokens / seconds),
                      "ended": sum(len(a) < new_tokens for a in answers) / rows,
                      "graphs": counters["stats"]["unique_graphs"],
+                     "cache_storage": model.layers[0].self_attn.kv_cache.k_storage.data_ptr(),
                      "cudagraph_counters": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}}
+    out["cache_moved"] = out["first"].pop("cache_storage") != out["second"].pop("cache_storage")
     out["peak_memory_gib"] = memory
     return out
 

@@ -1,24 +1,23 @@
 """Compiled decoding (generate(compile=True), on a GPU): the decode step of generate.py through torch.compile.
 
-A compiled step keeps every shape in a fixed set, so a run compiles a bounded number of graphs (and on a GPU
-records as many CUDA graphs): rows are a power of two from 8 to 512 (a batch shrinks by halves, and never
-below 8 rows, which decode as fast as 1 on a GPU); the cache holds a power of two of slots from 256 on, and a
-step reads its filled slots rounded up to one; the temperature and top-p are tensors, not constants of the
-graph. So greedy and sampled decoding each compile at most MAX_GRAPHS graphs, and dynamo's recompile limit is
-raised to that. Should a limit ever be hit, decoding goes on eagerly, with one warning.
-"""
+A run compiles one graph per kind of step (greedy, top-p, no top-p): the rows and the slots a step reads are
+dynamic dimensions, of the inputs and of the KV cache's views alike, and the temperature and top-p are tensors,
+not constants of the graph. Shapes still come from a fixed set, since on a GPU each shape records its own CUDA
+graph: rows are a power of two from 8 to 512 (a batch shrinks by halves, and never below 8 rows, which decode as
+fast as 1 on a GPU), the cache a power of two of slots from 256 on, and a step reads its filled slots rounded up
+to one. Should a compile limit ever be hit, decoding goes on eagerly, with one warning."""
 
 import functools
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import generate
 
 ROW_BUCKETS = tuple(2**i for i in range(3, 10))  # 8 .. 512
 CACHE_BUCKETS = tuple(2**i for i in range(8, 16))  # 256 .. 32768 slots
-MAX_GRAPHS = len(ROW_BUCKETS) * len(CACHE_BUCKETS)
+GRAPHS = 3  # the graphs a run compiles: one per kind of step (greedy, top-p, no top-p)
+MAX_GRAPHS = 8  # dynamo's recompile limit for the step: room beyond GRAPHS, should a torch version need it
 COMPILE_BACKEND = "inductor"  # the tests compile with "eager" (dynamo's graphs and guards, no code generation)
 _eager_fallback = []  # set once a compiled step hit a limit: decoding goes on eagerly for this process
 
@@ -47,19 +46,14 @@ def spare_rows(model, tok, valid, position, done):
     def spare(x):  # [rows, ...] -> [rows + extra, ...]
         return torch.cat([x, x[:1].expand(extra, *x.shape[1:])])
 
-    generate.remap_cache(model, spare)
+    model.select_cache_rows(spare(torch.arange(len(tok), device=tok.device)))
     return spare(tok), spare(valid), spare(position), torch.cat([done, done.new_ones(extra)])
 
 
-def grown_cache(model, valid, filled: int):
-    """The key mask of a compiled step: the whole cache, grown a bucket at a time once `filled` slots no
-    longer fit, so a step reads its filled slots rounded up to a bucket (contiguous: a graph is specialised
-    on its inputs' strides too)."""
-    size = model.layers[0].self_attn.kv_cache.k.size(2)
-    if filled > size:
-        size = bucket(filled, CACHE_BUCKETS)
-        generate.remap_cache(model, lambda c: F.pad(c, (0, 0, 0, size - c.size(2))))  # new slots empty
-    return valid[:, :size].contiguous()
+def step_mask(valid, filled: int):
+    """The key mask of a compiled step: the first `filled` slots rounded up to a bucket (so a batch meets a few
+    shapes, each one CUDA graph), contiguous (a graph is specialised on its inputs' strides too)."""
+    return valid[:, :bucket(filled, CACHE_BUCKETS)].contiguous()
 
 
 @functools.cache
@@ -73,14 +67,32 @@ def compiled_step(cuda: bool, backend: str):
     return torch.compile(generate.decode_one_token, fullgraph=True, backend=backend, mode=mode)
 
 
-def decode_one_token(model, *args):
-    """decode_one_token through its compiled graph, with dynamo's recompile limit at MAX_GRAPHS; eager (with
-    one warning, then for good) if a limit is hit anyway."""
+def mark_dynamic(model, tokens, positions, mask, race):
+    """Rows and slots as dynamic dimensions, so that one graph serves every batch: the step's inputs (new tensors
+    each step) and the KV cache's views (new after each shrink: marked once each)."""
+    for t in (tokens, positions, mask, *(race[:1] if race else ())):
+        torch._dynamo.mark_dynamic(t, 0)  # rows
+    torch._dynamo.mark_dynamic(mask, 3)  # the slots a step reads
+    first = model.layers[0].self_attn.kv_cache
+    if getattr(first, "marked", None) is not first.k:
+        for layer in model.layers:
+            for t in (layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v):  # [rows, Hkv, slots, D]
+                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.mark_dynamic(t, 2)
+        first.marked = first.k
+
+
+def decode_one_token(model, tokens, positions, mask, slot, race):
+    """decode_one_token through its compiled graph: one per kind of step (greedy, top-p, no top-p), whatever the
+    batch's rows and slots. Eager (with one warning, then for good) if a compile limit is hit anyway."""
+    args = (tokens, positions, mask, slot, race)
     if not _eager_fallback:
         from torch._dynamo.exc import FailOnRecompileLimitHit
 
-        try:
-            with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+        mark_dynamic(model, tokens, positions, mask, race)
+        try:  # dynamo would take the cache's views, module buffers, as fixed in shape
+            with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS, force_parameter_static_shapes=False,
+                                            force_nn_module_property_static_shapes=False):
                 return compiled_step(model.embed_tokens.weight.is_cuda, COMPILE_BACKEND)(model, *args)
         except FailOnRecompileLimitHit as e:
             warnings.warn(f"sso-mini: the compiled decode step hit a compile limit ({e}); decoding goes on eagerly")

@@ -125,25 +125,24 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_
              seed=None, progress=True, compile=False, desc="sampling") -> list[list[int]]:
     """Sample `n` completions per prompt: B*n lists of new token ids, prompt-major, each cut before its first stop id.
     temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. The same seed gives the same output for
-    the same batch. compile=True compiles the decode step (the first call per shape pays the compile)."""
+    the same batch. compile=True compiles the decode step (once per process: compiled.py)."""
     check_inputs(model, prompts, dict(max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
                                       top_k=top_k))
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device=device)  # our own stream: the global RNG is left alone
     generator.seed() if seed is None else generator.manual_seed(seed)
     ids, valid, P = layout(prompts, max_new_tokens, compile, device)  # [B, T], [B, Tmax], shared prefix
+    # every row and slot this call uses: the cache's storage stays from the last call, unless this one needs more
+    model.setup_cache(cache_rows(len(prompts) * n, compile), valid.size(1))
     with fast_path(model, compile):  # inside generate_batched a no-op: it is on for all the batches already
-        try:
-            logits = prefill_in_chunks(model, ids, valid, P, compile)  # [B, V]
-            if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
-                remap_cache(model, lambda c: c.repeat_interleave(n, 0))
-                logits, valid = logits.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
-            first = sample(logits, generator, temperature, top_k, top_p)  # [rows]
-            sampling = (temperature, top_k, top_p, generator)
-            out, length = decode(model, first, valid, ids.size(1), max_new_tokens, sampling,
-                                 stop_ids=stop_ids, compile=compile, progress=progress, desc=desc)
-        finally:
-            model.clear_cache()
+        logits = prefill_in_chunks(model, ids, valid, P)  # [B, V]
+        if n > 1:  # each prompt was prefilled once; its n samples start from copies of its cache rows
+            model.select_cache_rows(torch.arange(len(prompts), device=device).repeat_interleave(n))
+            logits, valid = logits.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)
+        first = sample(logits, generator, temperature, top_k, top_p)  # [rows]
+        sampling = (temperature, top_k, top_p, generator)
+        out, length = decode(model, first, valid, ids.size(1), max_new_tokens, sampling,
+                             stop_ids=stop_ids, compile=compile, progress=progress, desc=desc)
     return [row[:k] for row, k in zip(out.tolist(), length.tolist())]
 
 
@@ -162,33 +161,28 @@ def layout(prompts, max_new_tokens: int, compile: bool, device):
     return ids.to(device), valid.to(device), P
 
 
-def prefill_in_chunks(model, ids, valid, P: int, compile: bool):
-    """Every prompt into one KV cache: the rows' own tokens PREFILL_TOKENS at a time, each chunk into its own cache
-    (the prefix's slots copied in), the caches joined at the end. Returns [B, V] logits."""
+def prefill_in_chunks(model, ids, valid, P: int):
+    """Every prompt into the KV cache: the shared prefix once, then the rows' own tokens PREFILL_TOKENS at a time,
+    each chunk into its rows of the cache. Returns [B, V] logits."""
     B, T = ids.shape
     positions = (valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # [B, T] real tokens before each slot
     slots = torch.arange(T, device=ids.device)
     # real keys at or before the query's slot; a pad query sees itself only, so no softmax row is empty
     mask = (valid[:, None, None, :T] & (slots <= slots[:, None])) | (slots == slots[:, None])  # [B, 1, T, T]
-    # compiled: the smallest bucket that holds the prompts; grown_cache adds slots as the decode fills them
-    cache_len = cache_slots(T + 1, compile) if compile else valid.size(1)
-    prefix = []
-    if P:  # the shared prefix runs once
-        model.setup_cache(1, P)
+    S = valid.size(1)  # the cache's slots
+    if P:  # the shared prefix runs once, in row 0; its keys and values are copied to every row
+        use_cache(model, 1, S)
         model.hidden_states(ids[:1, :P], positions[:1, :P], mask[:1, :, :P, :P], slots[:P])
-        prefix = [(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in model.layers]
-    logits, caches = [], []
+        use_cache(model, B, S)
+        for layer in model.layers:
+            c = layer.self_attn.kv_cache
+            c.k[1:, :, :P], c.v[1:, :, :P] = c.k[:1, :, :P], c.v[:1, :, :P]
+    logits = []
     for rows in micro_batches(range(B), dict.fromkeys(range(B), T - P), B, PREFILL_TOKENS):
         r = slice(rows[0], rows[-1] + 1)
-        model.setup_cache(len(rows), cache_len)
-        for layer, (k, v) in zip(model.layers, prefix):
-            layer.self_attn.kv_cache.k[:, :, :P], layer.self_attn.kv_cache.v[:, :, :P] = k, v
+        use_cache(model, len(rows), S, first=rows[0])  # the chunk's rows of the cache
         logits.append(prefill(model, ids[r, P:], positions[r, P:], mask[r, :, P:], slots[P:]))
-        caches.append([(layer.self_attn.kv_cache.k, layer.self_attn.kv_cache.v) for layer in model.layers])
-    if len(caches) > 1:
-        for i, layer in enumerate(model.layers):
-            layer.self_attn.kv_cache.k = torch.cat([c[i][0] for c in caches])
-            layer.self_attn.kv_cache.v = torch.cat([c[i][1] for c in caches])
+    use_cache(model, B, S)
     return torch.cat(logits)
 
 
@@ -228,7 +222,7 @@ def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, *, stop_ids
             keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:batch_rows(alive)]
             row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
         valid.index_fill_(1, slot, True)  # the slot this token is written to
-        keys = compiled.grown_cache(model, valid, T + t + 1) if compile else valid[:, :T + t + 1]  # slots a step reads
+        keys = compiled.step_mask(valid, T + t + 1) if compile else valid[:, :T + t + 1]  # slots a step reads
         noise = None if temperature == 0 else exponential_noise((len(tok), width), generator, device)
         race = None if noise is None else (noise, *settings)
         new = step(model, tok[:, None], position, keys[:, None, None, :], slot, race)
@@ -286,17 +280,25 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def remap_cache(model, fn):
-    """Replace every layer's cached keys and values, [B, Hkv, slots, D] each, by fn(them)."""
+def use_cache(model, rows: int, slots: int, first: int = 0):
+    """Every layer's cache becomes its rows first .. first + rows - 1 (KVCache.resize)."""
     for layer in model.layers:
-        cache = layer.self_attn.kv_cache
-        cache.k, cache.v = fn(cache.k), fn(cache.v)
+        layer.self_attn.kv_cache.resize(rows, slots, first)
 
 
 def compact(model, keep, *rows):
     """Keep only rows `keep` of the KV cache and of each [rows, ...] tensor in `rows`."""
-    remap_cache(model, lambda c: c[keep])
+    model.select_cache_rows(keep)
     return [r[keep] for r in rows]
+
+
+def cache_rows(n: int, compile: bool) -> int:
+    """The KV-cache rows n rows take: n, or compiled the row bucket that holds n (its spare rows included)."""
+    if not compile:
+        return n
+    from .compiled import batch_rows
+
+    return batch_rows(n)
 
 
 def generate_batched(model, prompts, *, batch_size=None, seed=None, n=1, desc="sampling", progress=True,

@@ -56,13 +56,36 @@ def rotate_half(x):
 
 
 class KVCache(nn.Module):
-    """A preallocated per-layer cache; decode writes one slot per step, shapes never change."""
+    """A layer's cache while sampling, k and v [rows, Hkv, slots, D]: contiguous views of one flat storage allocated
+    once, so that a batch can shrink and the next batch take its place without moving memory (a compiled decode
+    step and its CUDA graphs then meet the same cache every call)."""
 
     def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.n_kv, self.head_dim = n_kv_heads, head_dim
+        self.k_storage = torch.zeros(batch_size * n_kv_heads * max_len * head_dim, dtype=dtype, device=device)
+        self.v_storage = torch.zeros_like(self.k_storage)
+        self.register_buffer("k", None, persistent=False)
+        self.register_buffer("v", None, persistent=False)
+        self.resize(batch_size, max_len)
+
+    def holds(self, rows: int, slots: int, like: torch.Tensor) -> bool:
+        s = self.k_storage
+        return rows * self.n_kv * slots * self.head_dim <= s.numel() and (s.dtype, s.device) == (like.dtype, like.device)
+
+    def resize(self, rows: int, slots: int, first: int = 0):
+        """The cache becomes rows first .. first + rows - 1 of `slots` slots each (row i at offset i * Hkv * slots * D
+        of the storage)."""
+        size = self.n_kv * slots * self.head_dim  # one row
+        self.k, self.v = (s[first * size:(first + rows) * size].view(rows, self.n_kv, slots, self.head_dim)
+                          for s in (self.k_storage, self.v_storage))
+
+    def select_rows(self, index: torch.Tensor):
+        """In place: row i of the cache becomes its row index[i] (len(index) rows: drop, repeat or add rows)."""
+        k, v = self.k[index], self.v[index]  # copies first: the rows they come from may be overwritten
+        self.resize(len(index), k.size(2))
+        self.k.copy_(k)
+        self.v.copy_(v)
 
     def update(self, input_pos, k, v):
         """Write k, v [B, Hkv, T, D] into slots input_pos [T] of every row; return the whole cache."""
@@ -118,7 +141,7 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.kv_cache is not None:  # sampling: this step's keys and values join the cache, then all are read
+        if input_pos is not None:  # sampling: this step's keys and values join the cache, then all are read
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, Hkv, S_cache, D]
             k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # the first S slots: those the mask covers
         y = attend(q, k, v, mask)  # [B, Hq, T, D]
@@ -265,12 +288,22 @@ class Transformer(nn.Module):
         return self.logits(self.hidden_states(input_ids, position_ids, padding_causal_mask(attention_mask)))
 
     def setup_cache(self, batch_size: int, max_len: int):
-        """Attach a static KV cache of `max_len` slots to every layer (for generate.py)."""
+        """Give every layer a KV cache of batch_size rows x max_len slots (for generate.py). The cache's storage stays
+        between calls: it is allocated again only for a call that needs more than the largest before it."""
         w = self.embed_tokens.weight
         for layer in self.layers:
-            a = layer.self_attn
-            a.kv_cache = KVCache(batch_size, a.n_kv, max_len, a.head_dim, w.dtype, w.device)
+            a, cache = layer.self_attn, layer.self_attn.kv_cache
+            if cache is None or not cache.holds(batch_size, max_len, w):
+                a.kv_cache = cache = None  # the old storage goes before the new one is allocated
+                a.kv_cache = KVCache(batch_size, a.n_kv, max_len, a.head_dim, w.dtype, w.device)
+            a.kv_cache.resize(batch_size, max_len)
+
+    def select_cache_rows(self, index: torch.Tensor):
+        """Every layer's cache keeps rows `index`, in that order (see KVCache.select_rows)."""
+        for layer in self.layers:
+            layer.self_attn.kv_cache.select_rows(index)
 
     def clear_cache(self):
+        """Free the KV caches' memory (training needs it)."""
         for layer in self.layers:
             layer.self_attn.kv_cache = None

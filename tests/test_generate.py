@@ -184,6 +184,7 @@ def test_complete_text(smollm2):
 
 def test_bad_inputs(smollm2):
     model, tok = smollm2
+    caches = [layer.self_attn.kv_cache for layer in model.layers]
     with pytest.raises(ValueError, match="prompts is empty"):
         generate(model, [], max_new_tokens=4)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
@@ -200,19 +201,33 @@ def test_bad_inputs(smollm2):
         generate(model, [[1, 2]], max_new_tokens=4, top_k=None)  # a type mistake gets the same kind of line
     with pytest.raises(ValueError, match="prompt 0 is a int"):
         complete(model, tok, [3], max_new_tokens=4)
-    assert all(layer.self_attn.kv_cache is None for layer in model.layers)
+    # a refused call allocates nothing: every layer keeps the cache it had
+    assert all(layer.self_attn.kv_cache is c for layer, c in zip(model.layers, caches))
 
 
-def test_cache_is_cleared_after_an_error(smollm2, monkeypatch):
+def test_a_call_after_an_error_samples_as_from_a_fresh_cache(smollm2, monkeypatch):
+    """An error mid-decode leaves the cache's storage behind with stale keys in it; the next call (fewer rows and
+    slots: the same storage) still gives the tokens a model without any cache gives."""
     model, _ = smollm2
     import sso_mini.generate as g
+
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    model.clear_cache()
+    fresh = generate(model, prompts[1:], max_new_tokens=4, temperature=0, progress=False)
+    model.clear_cache()
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
+    real = g.decode_one_token
     monkeypatch.setattr(g, "decode_one_token", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        generate(model, [[1, 2, 3]], max_new_tokens=4, progress=False)
+        generate(model, prompts, max_new_tokens=8, progress=False)
+    storage = model.layers[0].self_attn.kv_cache.k_storage.data_ptr()
+    monkeypatch.setattr(g, "decode_one_token", real)
+    assert generate(model, prompts[1:], max_new_tokens=4, temperature=0, progress=False) == fresh
+    assert model.layers[0].self_attn.kv_cache.k_storage.data_ptr() == storage
+    model.clear_cache()
     assert all(layer.self_attn.kv_cache is None for layer in model.layers)
 
 
@@ -406,12 +421,12 @@ def test_fused_projections_change_no_token_and_are_dropped_after(monkeypatch):
     assert not any("qkv" in vars(layer.self_attn) or "gate_up" in vars(layer.mlp) for layer in model.layers)
 
 
-def test_compiled_sampler_stays_within_its_graphs_whatever_the_batches(tiny_transformer, monkeypatch):
-    """generate calls whose rows shrink, whose prompt lengths, token caps and sampling settings vary, with the
-    decode step compiled fullgraph=True (dynamo's "eager" backend: its graphs and guards, no code generation):
-    nothing raises, no call falls back to eager, and dynamo compiles one graph per shape it meets (the sampling
-    settings are inputs, not constants), at most MAX_GRAPHS per kind; more shapes than dynamo's default limit
-    of 8 are met, which the step compiled without buckets and a raised limit could not survive."""
+def test_compiled_sampler_compiles_three_graphs_whatever_the_batches(tiny_transformer, monkeypatch):
+    """generate calls whose rows shrink, whose prompt lengths, token caps and sampling settings vary (greedy, top-p,
+    no top-p), with the decode step compiled fullgraph=True (dynamo's "eager" backend: its graphs and guards, no
+    code generation): nothing falls back to eager, the step meets more than 8 shapes, and dynamo compiles one
+    graph per kind of step. The cache's storage, allocated by the first (largest) call, does not move across the
+    calls; a larger call moves it and compiles nothing new."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -425,25 +440,28 @@ def test_compiled_sampler_stays_within_its_graphs_whatever_the_batches(tiny_tran
     seen, real = set(), compiled.decode_one_token
 
     def spy(model, tokens, position, mask, slot, sampling):
-        seen.add(("greedy" if sampling is None else "sampled", tokens.shape[0], mask.shape[-1]))
+        seen.add((tokens.shape[0], mask.shape[-1]))
         assert mask.shape[-1] == compiled.bucket(int(slot) + 1, compiled.CACHE_BUCKETS)  # the filled slots, rounded up
         return real(model, tokens, position, mask, slot, sampling)
 
     monkeypatch.setattr(compiled, "decode_one_token", spy)
     model = tiny_transformer(std=0.3)
     rng = random.Random(0)
-    for call, (rows, length, new) in enumerate([(r, length, new) for r in (9, 17, 33, 65)
-                                                for length, new in ((10, 8), (230, 40), (400, 200))]):
+    storage = set()
+    calls = [(r, length, new) for r in (65, 33, 17, 9) for length, new in ((400, 200), (230, 40), (10, 8))]
+    for call, (rows, length, new) in enumerate(calls + [(130, 400, 200)]):
         prompts = [[rng.randrange(3, 97) for _ in range(rng.randint(1, length))] for _ in range(rows)]
-        settings = ({"temperature": 0} if call % 5 == 0 else
-                    {"temperature": rng.uniform(0.5, 1.3), "top_p": rng.uniform(0.5, 1.0), "seed": call})
-        out = generate(model, prompts, max_new_tokens=new, stop_ids={5, 11, 17}, progress=False, compile=True,
-                       **settings)
+        settings = [{"temperature": 0}, {"temperature": rng.uniform(0.5, 1.3), "top_p": rng.uniform(0.5, 0.95)},
+                    {"temperature": rng.uniform(0.5, 1.3), "top_k": 20}][call % 3]
+        out = generate(model, prompts, max_new_tokens=new, stop_ids={5, 11, 17}, seed=call, progress=False,
+                       compile=True, **settings)
         assert len(out) == rows
-    graphs = counters["stats"]["unique_graphs"]
-    assert not compiled._eager_fallback and sum(kind == "sampled" for kind, *_ in seen) > 8
-    assert graphs == len(seen) <= 2 * compiled.MAX_GRAPHS
-    assert {rows for _, rows, _ in seen} <= set(compiled.ROW_BUCKETS) and {s for *_, s in seen} <= set(compiled.CACHE_BUCKETS)
+        storage.add(model.layers[0].self_attn.kv_cache.k_storage.data_ptr())
+        if call == len(calls) - 1:
+            assert len(storage) == 1  # the largest call came first: one allocation served them all
+    assert len(storage) == 2 and not compiled._eager_fallback and len(seen) > 8
+    assert counters["stats"]["unique_graphs"] == 3  # greedy, top-p, no top-p
+    assert {r for r, _ in seen} <= set(compiled.ROW_BUCKETS) and {s for _, s in seen} <= set(compiled.CACHE_BUCKETS)
 
 
 def test_a_compile_limit_falls_back_to_eager_with_one_warning(tiny_transformer, monkeypatch):
@@ -455,12 +473,13 @@ def test_a_compile_limit_falls_back_to_eager_with_one_warning(tiny_transformer, 
     compiled.compiled_step.cache_clear()
     monkeypatch.setattr(compiled, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(compiled, "_eager_fallback", [])
-    monkeypatch.setattr(compiled, "MAX_GRAPHS", 1)  # the second shape is past the limit
+    monkeypatch.setattr(compiled, "MAX_GRAPHS", 1)  # the second kind of step (sampled) is past the limit
     model = tiny_transformer(std=0.3)
-    eager = [generate(model, [[1, 2, 3]] * n, max_new_tokens=5, temperature=0, progress=False) for n in (1, 9)]
+    kinds = (dict(temperature=0), dict(temperature=0.9, seed=4))  # 8 rows: one bucket, the same rows as eager
+    eager = [generate(model, [[1, 2, 3]] * 8, max_new_tokens=5, progress=False, **kw) for kw in kinds]
     with pytest.warns(UserWarning, match="decoding goes on eagerly"):
-        with_compile = [generate(model, [[1, 2, 3]] * n, max_new_tokens=5, temperature=0, progress=False,
-                                 compile=True) for n in (1, 9)]
+        with_compile = [generate(model, [[1, 2, 3]] * 8, max_new_tokens=5, progress=False, compile=True, **kw)
+                        for kw in kinds]
     assert with_compile == eager and compiled._eager_fallback == [True]
     torch._dynamo.reset()
     compiled.compiled_step.cache_clear()

@@ -42,6 +42,7 @@ def test_the_dry_run_measures_every_stage_offline(kit, tmp_path):
     assert sampled["rows"] == 8 and all(sampled[c]["tokens"] > 0 and sampled[c]["tokens_per_s"] > 0
                                         for c in ("first", "second"))
     assert sampled["second"]["graphs"] == 0  # eager on a CPU: nothing compiled
+    assert sampled["cache_moved"] is False  # the second call sampled in the first one's KV cache
     assert sampled["first"]["tokens"] == sampled["second"]["tokens"]  # one seed, the same answers
     it = results["iteration"]
     assert {"load", "sample", "reference", "train", "save"} <= set(it["seconds"]) and it["train_tokens_per_s"] > 0
