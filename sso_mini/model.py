@@ -71,7 +71,8 @@ class KVCache(nn.Module):
 
     def holds(self, rows: int, slots: int, like: torch.Tensor) -> bool:
         s = self.k_storage
-        return rows * self.n_kv * slots * self.head_dim <= s.numel() and (s.dtype, s.device) == (like.dtype, like.device)
+        fits = rows * self.n_kv * slots * self.head_dim <= s.numel()
+        return fits and (s.dtype, s.device) == (like.dtype, like.device)
 
     def resize(self, rows: int, slots: int, first: int = 0):
         """The cache becomes rows first .. first + rows - 1 of `slots` slots each (row i at offset i * Hkv * slots * D
