@@ -38,7 +38,7 @@ from sso_mini import metrics
 from sso_mini.assets import AssetError, write_json
 from sso_mini.checkpoint import CheckpointError, load_model, save_model
 from sso_mini.records import build_records, read_jsonl, sample_plain, write_jsonl
-from sso_mini.settings import Settings, UsageError, open_run, parse_args, settle
+from sso_mini.settings import Settings, UsageError, open_run, parse_args, planned_config, settle
 from sso_mini.tokenizer import Tokenizer
 from sso_mini.trainer import ONE_PROCESS, TrainingError, cached_logps, logged_steps, score_records, train_epoch
 
@@ -100,6 +100,7 @@ def sso_iteration(s: Settings, t: int, policy, folder: Path, stage="policy", sam
         records = sample_pairs(s, t, folder, sampler or own, tokenizer, stage)
         held_out = sample_pairs(s, t, folder, own, tokenizer, stage, held_out=True)
         model.clear_cache()  # the sampler's KV cache stays between batches; training needs its memory
+        cfg = planned_config(s, stage, records, tokenizer)  # on a GPU: micro-batches fitted to the longest record
         if ranks.size > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
             ranks.shard(model, bf16=cfg.autocast)
         # 3. reference log-probs: the iteration's starting weights, computed once

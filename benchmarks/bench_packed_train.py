@@ -35,7 +35,7 @@ from sso_mini.checkpoint import load_model  # noqa: E402
 from sso_mini.memory import PRESETS  # noqa: E402
 from sso_mini.lora import apply_lora  # noqa: E402
 from sso_mini.losses import sso_loss  # noqa: E402
-from sso_mini.memory import free_bytes, micro_batch_tokens  # noqa: E402
+from sso_mini.memory import micro_batch_tokens, plan_bytes  # noqa: E402
 from sso_mini.model import Transformer  # noqa: E402
 from sso_mini.logprobs import packed_logprobs  # noqa: E402
 from sso_mini.trainer import bf16_is_native  # noqa: E402
@@ -134,13 +134,13 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = build_model(args, device)
-    if args.tokens_per_micro_batch is None:  # as train.py plans it (settings.machine_defaults)
-        args.tokens_per_micro_batch, model.gradient_checkpointing = (16384, False) if device.type != "cuda" else \
-            micro_batch_tokens(model.config, free_bytes(device), args.lora_rank or None)
     mixed = bf16_is_native(device)  # bf16 autocast where it is native, as the trainer does
     records = make_records(args.records, model.config.vocab_size, args.prompt_tokens, args.principle_tokens,
                            args.response_tokens)
     tokens = {i: row_length(r) for i, r in enumerate(records)}
+    if args.tokens_per_micro_batch is None:  # as train.py plans it (settings.planned_config): the longest record
+        args.tokens_per_micro_batch, model.gradient_checkpointing = (16384, False) if device.type != "cuda" else \
+            micro_batch_tokens(model.config, plan_bytes(device), args.lora_rank or None, record=max(tokens.values()))
     variants = {"per-record": ([[i] for i in tokens], False),
                 "packed": (micro_batches(list(tokens), tokens, 1, args.tokens_per_micro_batch), None)}
     name = f"{args.preset or 'SmolLM2-135M-Instruct'}{f' LoRA r={args.lora_rank}' if args.lora_rank else ''}"

@@ -56,6 +56,84 @@ def step_mask(valid, filled: int):
     return valid[:, :bucket(filled, CACHE_BUCKETS)].contiguous()
 
 
+SYNC_EVERY = 8  # decode steps per read of the device by the host (a read waits for the GPU to finish its queue)
+
+
+def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, stops, bar):
+    """generate.decode with the compiled step: fixed shapes (spare rows up to a row bucket, the sampling settings as
+    tensors), and the host reading the device once per window of SYNC_EVERY steps, not every step. Rows that end
+    leave the batch at the window's end. A window in which a live row's nucleus outgrew its candidates (rare) is
+    decoded again from its start, reading every step to widen those rows: the tokens are those of reading every
+    step, and a row's noise does not depend on when the batch shrinks."""
+    rows, generator = len(tok), sampling[3]
+    done = torch.zeros(rows, dtype=torch.bool, device=tok.device)
+    tok, valid, position, done = spare_rows(model, tok, valid, valid.sum(-1, keepdim=True), done)
+    w = Window(model, sampling, stops, T, max_new_tokens, len(done))
+    state, t = dict(tok=tok, valid=valid, position=position, done=done), 0
+    while True:
+        end = min(t + SYNC_EVERY, max_new_tokens)
+        start = generator.get_state(), {k: v.clone() for k, v in state.items()}, w.length.clone()
+        cut = w.steps(state, t, end, widen_now=False)
+        alive, cut = torch.stack([(~state["done"]).sum(), cut]).tolist()  # the window's one read
+        if cut:  # again, widening as it goes
+            generator.set_state(start[0])
+            state, w.length = start[1], start[2]
+            w.steps(state, t, end, widen_now=True)
+            alive = int((~state["done"]).sum())
+        bar.update(end - t)
+        t = end
+        if t == max_new_tokens or alive == 0:
+            break
+        if batch_rows(alive) < len(state["done"]):  # shrink to the row bucket of the rows still going
+            done = state["done"]
+            keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:batch_rows(alive)]
+            w.row_of, *rest = generate.compact(model, keep, w.row_of, *state.values())
+            state = dict(zip(state, rest))
+    bar.close()
+    return w.out[:rows], w.length[:rows]
+
+
+class Window:
+    """The decode's output rows, and its steps from t0 to t1 without reading the device."""
+
+    def __init__(self, model, sampling, stops, T: int, max_new_tokens: int, rows: int):
+        temperature, top_k, top_p, self.generator = sampling
+        self.model, self.stops, self.T, self.max_new_tokens, self.top_p = model, stops, T, max_new_tokens, top_p
+        device = stops.device
+        self.race = None if temperature == 0 else as_tensors((temperature, top_k, top_p), device)
+        self.width = generate.race_width(model.config.vocab_size, top_p)
+        self.out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)  # spare rows: dropped
+        self.length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens before the stop
+        self.row_of = torch.arange(rows, device=device)  # [b] the output row each batch row decodes
+
+    def steps(self, s: dict, t0: int, t1: int, widen_now: bool):
+        """Steps t0 .. t1 - 1 on state s (tok, valid, position, done), in place. Returns a [] bool tensor: whether
+        a live row's nucleus outgrew its candidates (widen_now: widened at once, reading the device)."""
+        cut = torch.zeros((), dtype=torch.bool, device=self.stops.device)
+        slot = torch.full((1,), self.T + t0, device=self.stops.device)
+        for t in range(t0, t1):
+            tok = s["tok"].masked_fill(s["done"], 0)  # finished rows keep decoding pad; it is never returned
+            self.out[self.row_of, t] = tok
+            s["done"] = s["done"] | torch.isin(tok, self.stops)
+            self.length[self.row_of] += ~s["done"]
+            if t == self.max_new_tokens - 1:
+                break
+            s["valid"].index_fill_(1, slot, True)  # the slot this token is written to
+            noise = None if self.race is None else \
+                generate.exponential_noise((len(tok), self.width), self.generator, tok.device)
+            new = decode_one_token(self.model, tok[:, None], s["position"], step_mask(s["valid"], self.T + t + 1)
+                                   [:, None, None, :], slot, None if noise is None else (noise, *self.race))
+            if noise is None:
+                s["tok"] = new.clone()
+            else:
+                token, decided, probs = new[0].clone(), new[1] | s["done"], new[2]  # finished rows: never widened
+                s["tok"] = generate.widen(token, decided, probs, self.top_p, self.generator) if widen_now else token
+                cut = cut | ~decided.all()
+            slot += 1
+            s["position"] = s["position"] + 1
+        return cut
+
+
 @functools.cache
 def compiled_step(cuda: bool, backend: str):
     """decode_one_token compiled once per process; on a GPU "reduce-overhead" replays it as CUDA graphs."""

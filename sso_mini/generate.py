@@ -196,18 +196,15 @@ def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, *, stop_ids
     bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
     device, rows = tok.device, len(tok)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    position = valid.sum(-1, keepdim=True)  # [rows, 1]: the next position = real tokens so far
-    settings, step, batch_rows = (temperature, top_k, top_p), decode_one_token, next_power_of_two
-    if compile:  # fixed shapes: spare rows up to a row bucket, sampling settings as tensors, a compiled step
+    if compile:  # fixed shapes, and the host reading the device once per few steps
         from . import compiled
 
-        tok, valid, position, done = compiled.spare_rows(model, tok, valid, position, done)
-        settings, step, batch_rows = compiled.as_tensors(settings, device), compiled.decode_one_token, \
-            compiled.batch_rows
-    out = torch.zeros(len(done), max_new_tokens, dtype=torch.long, device=device)  # spare rows: dropped
-    length = torch.zeros(len(done), dtype=torch.long, device=device)  # tokens before the stop
-    row_of = torch.arange(len(done), device=device)  # [b] the output row each batch row decodes
+        return compiled.decode(model, tok, valid, T, max_new_tokens, sampling, stops, bar)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    position = valid.sum(-1, keepdim=True)  # [rows, 1]: the next position = real tokens so far
+    out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+    length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens before the stop
+    row_of = torch.arange(rows, device=device)  # [b] the output row each batch row decodes
     slot, width = torch.tensor([T], device=device), race_width(model.config.vocab_size, top_p)
     for t in range(max_new_tokens):
         tok = tok.masked_fill(done, 0)  # finished rows keep decoding pad; it is never returned
@@ -218,19 +215,19 @@ def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, *, stop_ids
         alive = int((~done).sum()) if len(stops) else len(done)  # (no stop ids: no row ever ends)
         if t == max_new_tokens - 1 or alive == 0:
             break
-        if batch_rows(alive) < len(done):  # shrink to the next power of two above the rows still going
-            keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:batch_rows(alive)]
+        if next_power_of_two(alive) < len(done):  # shrink to the next power of two above the rows still going
+            keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
             row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
         valid.index_fill_(1, slot, True)  # the slot this token is written to
-        keys = compiled.step_mask(valid, T + t + 1) if compile else valid[:, :T + t + 1]  # slots a step reads
+        keys = valid[:, :T + t + 1]  # the slots a step reads
         noise = None if temperature == 0 else exponential_noise((len(tok), width), generator, device)
-        race = None if noise is None else (noise, *settings)
-        new = step(model, tok[:, None], position, keys[:, None, None, :], slot, race)
+        race = None if noise is None else (noise, temperature, top_k, top_p)
+        new = decode_one_token(model, tok[:, None], position, keys[:, None, None, :], slot, race)
         tok = new.clone() if noise is None else widen(new[0].clone(), *new[1:], top_p, generator)
         slot += 1
         position += 1
     bar.close()
-    return out[:rows], length[:rows]
+    return out, length
 
 
 def check_inputs(model, prompts, settings: dict):

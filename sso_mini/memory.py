@@ -110,6 +110,12 @@ def free_bytes(device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def plan_bytes(device) -> int:
+    """The memory a training plan counts on: free_bytes plus what this process has allocated (the plan counts the
+    weights, gradients and optimizer state itself, loaded yet or not)."""
+    return free_bytes(device) + torch.cuda.memory_allocated(device)
+
+
 SAMPLER_ROWS = (8, 512)  # a GPU's decode step is bound by reading the weights until well past 128 rows
 
 
@@ -124,13 +130,12 @@ def sampler_rows(config: ModelConfig, free: int, max_len: int, element_size: int
 
 
 def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | None = None, n_ranks: int = 1,
-                       cutoff: int = 2048, sequences: int = 6) -> tuple[int, bool]:
-    """(tokens per micro-batch, gradient checkpointing) for a GPU with `free_bytes` free: the largest power of
+                       record: int = 6 * 2048) -> tuple[int, bool]:
+    """(tokens per micro-batch, gradient checkpointing) for a GPU with `free_bytes` to plan with: the largest power of
     two up to MAX_TOKENS_PER_MICRO_BATCH whose memory_budget fits GPU_MEMORY_SHARE of it, without
-    checkpointing if that still holds one whole record (a record is never split, and its packed row is
-    at most the `sequences` its loss reads, of `cutoff` tokens each), else with checkpointing. ValueError if not
-    even that fits."""
-    record = sequences * cutoff
+    checkpointing if that still holds one whole record (a record is never split; `record`: the tokens of the
+    longest packed record, or before sampling its bound, the sequences its loss reads x --cutoff), else with
+    checkpointing. ValueError if not even that fits."""
     for checkpointing in (False, True):
         tokens = MAX_TOKENS_PER_MICRO_BATCH
         while tokens >= 1 and memory_budget(config, lora_rank, tokens=tokens, checkpointing=checkpointing,
@@ -139,8 +144,8 @@ def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | No
         if tokens >= min(record, MAX_TOKENS_PER_MICRO_BATCH):
             return tokens, checkpointing
     need = memory_budget(config, lora_rank, tokens=record, checkpointing=True, n_ranks=n_ranks)["total"]
-    raise ValueError(f"training this model needs about {need / 2**30:.0f} GiB for one record of up to {record} tokens "
-                     f"(--cutoff {cutoff}) with gradient checkpointing; the GPU has {free_bytes / 2**30:.0f} GiB free "
+    raise ValueError(f"training this model needs about {need / 2**30:.0f} GiB for one record of {record} tokens "
+                     f"with gradient checkpointing; the GPU has {free_bytes / 2**30:.0f} GiB free "
                      f"(allowed: a smaller --cutoff, LoRA (--lora), or more GPUs under torchrun)")
 
 

@@ -183,6 +183,7 @@ class Settings:
     checks: dict  # {prompt: its IFEval instruction} for the checkable prompts (--verifier-share)
     stages: dict  # what each stage trains, a TrainConfig: "policy"; --recipe v2 adds "generator"
     ranks: object = ONE_PROCESS  # trainer.OneProcess, or distributed.Ranks under torchrun
+    memory_plan: dict | None = None  # on a GPU: memory.micro_batch_tokens's inputs, for each iteration's records
 
     @property
     def device(self) -> torch.device:
@@ -215,7 +216,8 @@ def settle(args: argparse.Namespace, ranks=ONE_PROCESS) -> Settings:
     principles = load_principles(args.principles)
     verifier_share = args.verifier_share if args.verifier_share is not None else \
         0.0 if principles.checked else VERIFIER_SHARE  # the principles' own checks measure the signal where they can
-    flags = argparse.Namespace(**{**vars(args), **machine_defaults(args, ranks.size),
+    defaults, memory_plan = machine_defaults(args, ranks)
+    flags = argparse.Namespace(**{**vars(args), **defaults,
                                   "loss": args.loss or ("dpo" if args.recipe == "v2" else D.loss_type),
                                   "verifier_share": verifier_share,
                                   "iterations": 1 if args.pairs else args.iterations})  # --pairs: one iteration
@@ -225,29 +227,50 @@ def settle(args: argparse.Namespace, ranks=ONE_PROCESS) -> Settings:
         check_cutoff(Tokenizer.from_folder(resolve(args.model)), prompts + held_out, args.cutoff, args.max_new_tokens)
     if ranks.size > 1 and flags.lora:
         raise ValueError("--lora is single-GPU only; under torchrun FSDP2 shards a full fine-tune (--no-lora)")
-    return Settings(flags, principles, prompts, held_out, checks, stage_configs(flags), ranks)
+    return Settings(flags, principles, prompts, held_out, checks, stage_configs(flags), ranks, memory_plan)
 
 
-def machine_defaults(args, n_ranks: int) -> dict:
+def machine_defaults(args, ranks=ONE_PROCESS) -> tuple[dict, dict | None]:
     """LoRA only where full fine-tuning cannot fit (a big model on a GPU), its frozen base in bf16; full
     fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are native. On a GPU the
-    micro-batch token budget and gradient checkpointing follow from its free memory (sso_mini/memory.py);
-    on the CPU records run one per forward, without checkpointing."""
+    micro-batch token budget and gradient checkpointing follow from its free memory (sso_mini/memory.py), for
+    now from the longest record --cutoff allows, then from each iteration's records (planned_config); on the
+    CPU records run one per forward, without checkpointing. Returns (the flags' values, the memory plan)."""
     config = ModelConfig.from_json(resolve(args.model) / "config.json")  # the model's check, too
     cuda = args.device.startswith("cuda")
     lora = args.lora if args.lora is not None else cuda and config.num_parameters > LORA_THRESHOLD
-    tokens, checkpointing = args.tokens_per_micro_batch, args.gradient_checkpointing
+    tokens, checkpointing, memory_plan = args.tokens_per_micro_batch, args.gradient_checkpointing, None
     if cuda and tokens is None:  # the GPU memory planner
-        from .memory import free_bytes, micro_batch_tokens
+        from .memory import micro_batch_tokens, plan_bytes
 
-        sequences = max(len(stage.columns) for stage in stage_configs(args).values())  # a record's longest row
-        tokens, planned = micro_batch_tokens(config, free_bytes(torch.device(args.device)),
-                                             args.lora_rank if lora else None, n_ranks, args.cutoff, sequences)
+        free = ranks.first(lambda: plan_bytes(torch.device(args.device)))  # rank 0's: every rank plans alike
+        memory_plan = dict(config=config, free_bytes=free, lora_rank=args.lora_rank if lora else None,
+                           n_ranks=ranks.size)
+        bound = max(len(stage.columns) for stage in stage_configs(args).values()) * args.cutoff
+        tokens, planned = micro_batch_tokens(**memory_plan, record=bound)
+        memory_plan["checkpointing"] = checkpointing  # None: planned; a bool: --(no-)gradient-checkpointing
         checkpointing = planned if checkpointing is None else checkpointing
     native = bf16_is_native(torch.device(args.device))
     return {"lora": lora, "dtype": args.dtype or ("bfloat16" if lora and cuda else "float32"),
             "autocast": native if args.autocast is None else args.autocast,
-            "tokens_per_micro_batch": tokens or 0, "gradient_checkpointing": bool(checkpointing)}
+            "tokens_per_micro_batch": tokens or 0, "gradient_checkpointing": bool(checkpointing)}, memory_plan
+
+
+def planned_config(s: Settings, stage: str, records: list, tokenizer) -> TrainConfig:
+    """s.stages[stage] for these records: on a GPU whose micro-batches memory.py plans, planned again from the
+    longest record sampled (real records are far shorter than --cutoff's bound, so fewer need checkpointing)."""
+    cfg = s.stages[stage]
+    if s.memory_plan is None or not records:
+        return cfg
+    from .batches import record_groups, row_length
+    from .memory import micro_batch_tokens
+
+    longest = max(row_length(record_groups(tokenizer, r, cfg.cutoff, columns=cfg.columns)) for r in records)
+    plan = dict(s.memory_plan)
+    given = plan.pop("checkpointing")
+    tokens, checkpointing = micro_batch_tokens(**plan, record=longest)
+    return replace(cfg, tokens_per_micro_batch=tokens,
+                   gradient_checkpointing=checkpointing if given is None else given)
 
 
 def split_prompts(flags) -> tuple[list, list, dict]:

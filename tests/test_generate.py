@@ -464,6 +464,44 @@ def test_compiled_sampler_compiles_three_graphs_whatever_the_batches(tiny_transf
     assert {r for r, _ in seen} <= set(compiled.ROW_BUCKETS) and {s for _, s in seen} <= set(compiled.CACHE_BUCKETS)
 
 
+def test_the_compiled_loop_reads_the_device_once_per_8_steps(tiny_transformer, monkeypatch):
+    """The host's reads of the device (tolist, item, bool, int, nonzero: each waits for a GPU to finish its queue)
+    while decoding: the plain loop reads every step, the compiled one once per compiled.SYNC_EVERY steps plus a
+    shrink's two nonzero calls, and both give the same greedy tokens. (The step runs eagerly here: what is counted
+    is the loop's reads, not the graph's.)"""
+    from sso_mini import compiled
+    from sso_mini import generate as gen
+
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "nonzero"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            reads.append(_name) or _real(self, *a, **k))
+    monkeypatch.setattr(compiled, "decode_one_token", gen.decode_one_token)
+    shrinks, real_compact = [], gen.compact
+    monkeypatch.setattr(gen, "compact", lambda *a: shrinks.append(1) or real_compact(*a))
+    model = tiny_transformer(std=0.3)
+    prompts = [[1 + i, 5, 9 + 2 * i, 2][: 2 + i % 3] + [7] * (i % 4) for i in range(16)]
+    alone = generate(model, prompts, max_new_tokens=64, temperature=0, progress=False)
+    later = {x for o in alone[12:] for x in o}  # four rows go on to the cap, the others end along the way
+    stops = {next((x for x in o[2:] if x not in later), None) for o in alone[:12]} - {None}
+    counts = {}
+    for compile in (False, True):
+        reads.clear()
+        shrinks.clear()
+        real_decode = gen.decode
+        monkeypatch.setattr(gen, "decode", lambda *a, **k: (reads.clear(), real_decode(*a, **k))[1])
+        out = generate(model, prompts, max_new_tokens=64, temperature=0, stop_ids=stops, progress=False,
+                       compile=compile)
+        counts[compile] = (len(reads) - 2, len(shrinks), out)  # - 2: generate's tolist of the tokens, lengths
+        monkeypatch.setattr(gen, "decode", real_decode)
+    (plain, _, eager), (fast, shrunk, got) = counts[False], counts[True]
+    steps = max(map(len, got)) + 1  # until the last row drew its stop
+    assert got == eager and shrunk and steps > 2 * compiled.SYNC_EVERY
+    assert plain >= steps  # every step
+    assert fast <= -(-steps // compiled.SYNC_EVERY) + 2 * shrunk, (fast, shrunk)
+
+
 def test_a_compile_limit_falls_back_to_eager_with_one_warning(tiny_transformer, monkeypatch):
     import torch._dynamo
 

@@ -1,5 +1,7 @@
 """LoRA on tiny random Llama / Qwen2 models: zero start, frozen base, merge, reference, resume."""
 
+import argparse
+
 import pytest
 import torch
 import torch.nn as nn
@@ -356,7 +358,7 @@ def test_the_default_token_budget_for_qwen2_7b_fits_an_80_gb_gpu():
 
     config, free = PRESETS["Qwen2-7B"], 79 * 2**30  # what an 80 GB H100 reports free before anything is loaded
     for rank, n_ranks in ((16, 1), (None, 8)):  # LoRA on one GPU; a full fine-tune across 8 ranks
-        tokens, checkpointing = micro_batch_tokens(config, free, rank, n_ranks, cutoff=2048)
+        tokens, checkpointing = micro_batch_tokens(config, free, rank, n_ranks, record=6 * 2048)
         budget = memory_budget(config, lora_rank=rank, tokens=tokens, checkpointing=checkpointing, n_ranks=n_ranks)
         assert budget["total"] <= GPU_MEMORY_SHARE * free and tokens >= 6 * 2048, (rank, tokens, budget)
         assert checkpointing  # without it a 12k-token record alone needs ~66 GiB of activations
@@ -377,10 +379,51 @@ def test_the_gpu_plan_holds_the_sequences_its_loss_reads(tmp_path, monkeypatch, 
     from sso_mini.settings import build_parser, machine_defaults
 
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["Qwen2-7B"].to_hf_dict()))
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 79 * 2**30)
+    monkeypatch.setattr(memory, "plan_bytes", lambda device: 79 * 2**30)
     args = build_parser().parse_args(["--model", str(tmp_path), *flags])
     args.device = "cuda"  # (parse_args would refuse it on this machine; the plan reads only the device's type)
-    planned = machine_defaults(args, 1)
+    planned, memory_plan = machine_defaults(args)
     assert planned["lora"] and planned["gradient_checkpointing"] == checkpointing
     sequences = 6 if checkpointing else 4
     assert planned["tokens_per_micro_batch"] >= sequences * 2048
+
+
+def test_each_iteration_plans_from_its_longest_record(tmp_path, monkeypatch, smollm2):
+    """--cutoff 2048 bounds a v1 record at 12,288 tokens, which on an 80 GB GPU needs checkpointing for Qwen2-7B with
+    LoRA; the records actually sampled are shorter (here about 4,000 tokens: three prompts, six responses), so the
+    iteration plans from the longest of them and trains without checkpointing. A --gradient-checkpointing given
+    on the command line stays."""
+    import json
+
+    from sso_mini import memory
+    from sso_mini.memory import PRESETS, micro_batch_tokens
+    from sso_mini.settings import Settings, build_parser, machine_defaults, planned_config, stage_configs
+    from sso_mini.tokenizer import prompt_ids
+
+    _, tok = smollm2
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["Qwen2-7B"].to_hf_dict()))
+    monkeypatch.setattr(memory, "plan_bytes", lambda device: 79 * 2**30)
+    words = "the river carried small stones past the mill and on towards the sea".split()
+    records = [{"prompt": f"Question {i}: why do rivers bend?", "p_system": "Answer briefly.", "n_system": "Ramble.",
+                "chosen": " ".join(words * (20 + 20 * i)), "rejected": " ".join(words * 30),
+                "raw": " ".join(words * 25), "capped": {}} for i in range(3)]
+
+    def packed_tokens(r):  # each pair's prompt once, then its two responses (+ the end-of-turn token each)
+        y = {k: len(tok.encode(r[k])) + 1 for k in ("chosen", "rejected", "raw")}
+        x = [len(prompt_ids(tok, s, r["prompt"])) for s in ("", r["p_system"], r["n_system"])]
+        return x[0] + x[1] + x[2] + 3 * y["chosen"] + 2 * y["rejected"] + y["raw"]
+
+    longest = max(map(packed_tokens, records))
+    assert 3000 < longest < 6 * 2048
+    for given in ([], ["--gradient-checkpointing"]):
+        args = build_parser().parse_args(["--model", str(tmp_path), *given])
+        args.device = "cuda"  # (parse_args would refuse it on this machine; the plan reads only the device's type)
+        defaults, memory_plan = machine_defaults(args)
+        flags = argparse.Namespace(**{**vars(args), **defaults, "loss": "ipo"})
+        s = Settings(flags, None, [], [], {}, stage_configs(flags), memory_plan=memory_plan)
+        assert s.stages["policy"].gradient_checkpointing  # the bound needs it
+        cfg = planned_config(s, "policy", records, tok)
+        expected = micro_batch_tokens(PRESETS["Qwen2-7B"], 79 * 2**30, 16, 1, record=longest)
+        assert expected[1] is False and expected[0] >= longest
+        assert cfg.tokens_per_micro_batch == expected[0]
+        assert cfg.gradient_checkpointing == bool(given)
