@@ -20,6 +20,7 @@ number of them: a rank with fewer records in a step runs extra micro-batches wit
 gloo backend all of this runs on CPU processes too.
 """
 
+import concurrent.futures
 import datetime
 import json
 import os
@@ -30,9 +31,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 
-from .assets import digest, write_atomic
+from .assets import sha256, write_atomic
 
 WAIT = datetime.timedelta(minutes=60)  # a rank may wait long for the others (a longer share to sample, a compile)
 
@@ -46,6 +46,8 @@ class Ranks:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=WAIT)
         self.objects = dist.new_group(backend="gloo", timeout=WAIT)  # Python objects travel on the CPU
+        self.saves = dist.new_group(backend="gloo", timeout=WAIT)  # the background saves' own collectives
+        self.hasher, self.pending = concurrent.futures.ThreadPoolExecutor(1), None  # (save_state)
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.main = self.rank == 0
 
@@ -90,6 +92,7 @@ class Ranks:
         return value
 
     def close(self):
+        self.hasher.shutdown()  # (a save still being written ends first)
         dist.destroy_process_group()
 
     @staticmethod
@@ -116,18 +119,35 @@ class Ranks:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save_state(self, path, model, optimizer, step: int):
-        """The resume state of an FSDP2 model: every rank writes its shards of the weights and AdamW state with
-        torch.distributed.checkpoint (no tensor is ever gathered whole), the digest of what it wrote and its
-        RNG state; rank 0 the step. Into a temporary folder, renamed once every rank is done."""
+        """The resume state of an FSDP2 model, written in the background while training goes on: every rank
+        copies its shards of the weights and AdamW state to the CPU (no tensor is ever gathered whole), then a
+        thread writes them with torch.distributed.checkpoint into a temporary folder and records the sha256 of
+        this rank's files beside its RNG state. The previous state is finished first (finish_save)."""
+        self.finish_save()
         weights, optim = get_state_dict(model, optimizer)
         tmp = path.with_name(path.name + ".tmp")
         if self.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.wait()
-        dcp.save({"model": weights, "optim": optim}, checkpoint_id=tmp)
-        mine = {"sha256": digest(local_shards(weights, optim)), "rng": torch.get_rng_state().tolist()}
-        write_atomic(tmp / f"rank{self.rank}.json", json.dumps(mine))
+        written = dcp.async_save({"model": weights, "optim": optim}, checkpoint_id=tmp, process_group=self.saves)
+        rng = torch.get_rng_state().tolist()
+        self.pending = (path, tmp, step, self.hasher.submit(self.record_files, written, tmp, rng))
+
+    def record_files(self, written, tmp, rng: list):
+        """(In the background) once this rank's files are written, their sha256 and the RNG state: rank<r>.json."""
+        written.result()
+        files = {f.name: sha256(f) for f in sorted(tmp.glob(f"__{self.rank}_*.distcp"))}
+        write_atomic(tmp / f"rank{self.rank}.json", json.dumps({"sha256": files, "rng": rng}))
+
+    def finish_save(self):
+        """Wait for the state save_state began, if any: once every rank's files are written and hashed, rank 0
+        records the step and renames the folder into place (until then the state before it stays)."""
+        if self.pending is None:
+            return
+        path, tmp, step, recorded = self.pending
+        self.pending = None
+        recorded.result()
         self.wait()
         if self.main:
             write_atomic(tmp / "state.json", json.dumps({"step": step, "world_size": self.size}))
@@ -137,42 +157,19 @@ class Ranks:
 
     def load_state(self, path, model, optimizer) -> int:
         """The step save_state recorded, with the weights, AdamW state and RNG it saved put back; ValueError on
-        every rank when any rank's shards do not match the digest recorded when they were written (a flipped
-        bit), or the state was saved by another number of ranks."""
+        every rank, before anything is read into the model, when any rank's files do not match the sha256
+        recorded when they were written (a flipped bit), or the state was saved by another number of ranks."""
         state = json.loads((path / "state.json").read_text())
         if state["world_size"] != self.size:
             raise ValueError(f"{path}: saved by {state['world_size']} ranks, resumed by {self.size}")
-        # the layout to read into, as CPU copies of this rank's shards (AdamW's state is made now): nothing of
-        # the model changes until every rank's shards match their digests
-        layout = get_state_dict(model, optimizer, options=StateDictOptions(cpu_offload=True))
-        weights, optim = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, layout)  # (CPU: no copy)
-        dcp.load({"model": weights, "optim": optim}, checkpoint_id=path)
         mine = json.loads((path / f"rank{self.rank}.json").read_text())
-        damaged = self.sum([float(digest(local_shards(weights, optim)) != mine["sha256"])],
-                           next(model.parameters()).device)[0]
+        bad = any(sha256(path / name) != h for name, h in mine["sha256"].items())
+        damaged = self.sum([float(bad)], next(model.parameters()).device)[0]
         if damaged:
-            optimizer.state.clear()  # get_state_dict made AdamW's state: the epoch starts again from none
             raise ValueError(f"{path}: the shards of {int(damaged)} rank(s) do not match the digest recorded when "
                              "they were written")
+        weights, optim = get_state_dict(model, optimizer)
+        dcp.load({"model": weights, "optim": optim}, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim)
         torch.set_rng_state(torch.tensor(mine["rng"], dtype=torch.uint8))
         return state["step"]
-
-
-def local_shards(*state_dicts) -> dict:
-    """This rank's pieces of (nested) state dicts as flat {name: CPU tensor}: a sharded tensor's local shard."""
-    out = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}{i}.", v)
-        elif isinstance(value, torch.Tensor):
-            out[prefix[:-1]] = (value.to_local() if isinstance(value, DTensor) else value).detach().cpu().contiguous()
-
-    for i, sd in enumerate(state_dicts):
-        walk(f"{i}.", sd)
-    return out

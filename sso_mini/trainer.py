@@ -97,6 +97,9 @@ class OneProcess:
     def wait(self):
         pass
 
+    def finish_save(self):
+        pass
+
     def close(self):
         pass
 
@@ -229,6 +232,7 @@ def train_epoch(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir:
             save_resume_state(state, model, optimizer, step + 1, params, ranks)
         if on_step is not None:
             on_step(step + 1)
+    ranks.finish_save()  # (torchrun: the last resume state is written in the background)
     model.eval()
     model.gradient_checkpointing = False
     return history

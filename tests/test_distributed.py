@@ -111,9 +111,9 @@ import train
 from sso_mini import trainer
 real = trainer.save_resume_state
 def save_then_die(path, model, optimizer, step, *rest):
-    real(path, model, optimizer, step, *rest)
-    if step == 2 and int(os.environ.get("RANK", "0")) == 1:
-        os.kill(os.getpid(), signal.SIGKILL)  # one rank dies right after the state of step 2 is written
+    real(path, model, optimizer, step, *rest)  # (finishes the state of the step before, then writes this one's)
+    if step == 3 and int(os.environ.get("RANK", "0")) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # one rank dies while the state of step 3 is being written
 trainer.save_resume_state = save_then_die
 sys.exit(train.cli())
 """
@@ -121,8 +121,9 @@ sys.exit(train.cli())
 
 def test_bf16_fsdp_with_a_sharded_resume_state_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     """Two ranks under FSDP2's mixed precision (bf16 compute, fp32 shards and reductions) save their resume
-    state shard by shard (torch.distributed.checkpoint; each rank's own files, no full gather); killed after
-    the state of step 2, the run resumes from it and ends with the weights of the uninterrupted run."""
+    state shard by shard (torch.distributed.checkpoint in the background; each rank's own files, no full gather);
+    killed while the state of step 3 is written, the run resumes from step 2's, the last one finished, and ends
+    with the weights of the uninterrupted run."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in records(16)))
     common = ["--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "4", "--lr", "1e-3",
