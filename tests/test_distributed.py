@@ -159,3 +159,42 @@ def test_bf16_fsdp_with_a_sharded_resume_state_resumes_to_the_same_weights(tiny_
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (damaged, max(
             (a[k] - b[k]).abs().max().item() for k in a), rows(folder.name), rows("whole"))
         assert rows(folder.name) == rows("whole")
+
+
+SLOW_RANK_1 = """
+import datetime, os, sys, time
+sys.argv = ["train.py"] + sys.argv[1:]
+import torch.distributed as dist
+real_init = dist.init_process_group
+def impatient(*a, **k):  # the default group (FSDP's collectives) gives up after 5 s of waiting
+    return real_init(*a, **{**k, "timeout": datetime.timedelta(seconds=5)})
+dist.init_process_group = impatient
+import train
+real = train.sample_records
+def slow(*a, **k):
+    if int(os.environ["RANK"]) == 1:
+        time.sleep(12)  # rank 1 samples (or compiles) for longer than the default group waits
+    return real(*a, **k)
+train.sample_records = slow
+sys.exit(train.cli())
+"""
+
+
+def test_a_rank_slow_to_sample_does_not_time_the_others_out(tiny_model_dir, tmp_path):
+    """Rank 0 finishes sampling long before rank 1 and waits to gather the records: the wait happens on the gloo
+    group for Python objects (distributed.WAIT), not on the default group, which here gives up after 5 s."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\n")
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_RANK_1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "--model", str(tiny_model_dir), "--prompts", str(prompts), "--eval-prompts", "0",
+                        "--iterations", "1", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out),
+                        "--device", "cpu", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "iter_0" / "data_stats.json").read_text())["prompts"] == 4
+    assert json.loads((out / "iter_0" / "timing.json").read_text())["sample"] >= 12  # rank 0 waited for rank 1
+    assert (out / "iter_0" / "model" / "model.safetensors").exists()
