@@ -6,7 +6,7 @@
         1. features  the policy picks the principles that matter for each prompt (from --principles)
         2. sample    y+ ~ pi(.|x+), y- ~ pi(.|x-), y^o ~ pi(.|x)      -> iter_t/pairs.jsonl
                      the same for the held-out prompts                 -> iter_t/eval_pairs.jsonl
-        3. reference log-probs of the six sequences, from the policy   -> iter_t/{,eval_}ref_logps.safetensors
+        3. reference log-probs of the sequences the loss reads         -> iter_t/{,eval_}ref_logps.safetensors
         4. train one epoch: W * (L(x: y+ > y-) + theta * [L(x+: y+ > y-) + L(x-: y^o > y+)])
         5. save                                                        -> iter_t/model/ (HF folder)
         6. evaluate  the trained policy scores the held-out records    -> iter_t/summary.json, metrics.jsonl
@@ -38,7 +38,7 @@ from sso_mini import metrics
 from sso_mini.assets import AssetError, write_json
 from sso_mini.checkpoint import CheckpointError, load_model, save_model
 from sso_mini.records import build_records, read_jsonl, sample_plain, write_jsonl
-from sso_mini.settings import Settings, UsageError, open_run, parse_args, planned_config, settle
+from sso_mini.settings import Settings, UsageError, open_run, parse_args, settle
 from sso_mini.tokenizer import Tokenizer
 from sso_mini.trainer import ONE_PROCESS, TrainingError, cached_logps, logged_steps, score_records, train_epoch
 
@@ -90,17 +90,20 @@ def sso_iteration(s: Settings, t: int, policy, folder: Path, stage="policy", sam
     the model folder that samples the training pairs instead of the policy (v2's generator)."""
     if (folder / "summary.json").exists():  # finished before an interruption
         return json.loads((folder / "summary.json").read_text())
-    cfg, ranks, trained = s.stages[stage], s.ranks, None
+    cfg, ranks, trained = s.stages[stage], s.ranks, None  # cfg: what this stage trains (TrainConfig)
     if not (folder / "model" / "model.safetensors").exists():
         with timed(s, folder, "load"):
             model, tokenizer = load_model(policy, dtype=s.dtype, device=s.device)
         # 1-2. the policy builds its own preference data, for its training prompts and the held-out ones
         # (a GPU samples from a bf16 copy of fp32 weights: `sample_records` loads one from the policy's folder)
-        own = policy if s.device.type == "cuda" and s.dtype != torch.bfloat16 else model
-        records = sample_pairs(s, t, folder, sampler or own, tokenizer, stage)
-        held_out = sample_pairs(s, t, folder, own, tokenizer, stage, held_out=True)
-        model.clear_cache()  # the sampler's KV cache stays between batches; training needs its memory
-        cfg = planned_config(s, stage, records, tokenizer)  # on a GPU: micro-batches fitted to the longest record
+        policy_sampler = policy if s.device.type == "cuda" and s.dtype != torch.bfloat16 else model
+        records = sample_pairs(s, t, folder, sampler or policy_sampler, tokenizer, stage)
+        held_out = sample_pairs(s, t, folder, policy_sampler, tokenizer, stage, held_out=True)
+        model.clear_cache()  # (if the model sampled) its KV cache stays between batches; training needs the memory
+        if s.memory_plan and records:  # on a GPU: micro-batches fitted to this iteration's longest record
+            from sso_mini.memory import planned_config
+
+            cfg = planned_config(cfg, s.memory_plan, records, tokenizer)
         if ranks.size > 1:  # from here on every parameter, gradient and AdamW state is split across the ranks
             ranks.shard(model, bf16=cfg.autocast)
         # 3. reference log-probs: the iteration's starting weights, computed once

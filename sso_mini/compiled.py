@@ -123,7 +123,7 @@ class Window:
                 generate.exponential_noise((len(tok), self.width), self.generator, tok.device)
             new = decode_one_token(self.model, tok[:, None], s["position"], step_mask(s["valid"], self.T + t + 1)
                                    [:, None, None, :], slot, None if noise is None else (noise, *self.race))
-            if noise is None:
+            if noise is None:  # (clone: a CUDA graph's outputs live in memory its next replay overwrites)
                 s["tok"] = new.clone()
             else:
                 token, decided, probs = new[0].clone(), new[1] | s["done"], new[2]  # finished rows: never widened

@@ -8,8 +8,10 @@ this loop is most of the wall time). One call's KV cache (T = the longest prompt
 Prompts are left-padded, so every row writes its t-th new token into slot T+t: one slot index serves the whole batch
 and the decode steps share their shapes. RoPE positions count each row's real tokens only; the mask hides pad slots.
 A prefix of P tokens all prompts share (a chat template's system header) sits in slots 0..P-1 and is prefilled once.
+The cache is a view of a storage that stays between calls (model.KVCache), so a call allocates nothing new.
 
-    prefill           the prompts run into the cache, a few rows per forward -> each row's last logits
+    prefill           prompt tokens run into the cache -> each row's last logits
+    prefill_in_chunks the shared prefix once, then the rows a few at a time, through prefill
     decode_one_token  one new token for every row
     decode            the loop: finished rows leave the batch, the rest go on
 
@@ -102,8 +104,8 @@ PREFILL_TOKENS = 3072  # prompt tokens per prefill forward: a CPU's activations 
 
 
 def prefill(model, ids, positions, mask, slots):
-    """Run prompts ids [B, T] (positions [B, T], mask [B, 1, T, S]) into the cache at slots [T];
-    return the logits of each row's last token, [B, V]."""
+    """Run prompts ids [B, T] (positions [B, T], mask [B, 1, T, K]: which of the cache's first K slots each token
+    reads) into the cache at slots [T]; return the logits of each row's last token, [B, V]."""
     h = model.hidden_states(ids, positions, mask, slots)  # [B, T, H]
     return model.logits(h[:, -1])
 
@@ -171,18 +173,18 @@ def prefill_in_chunks(model, ids, valid, P: int):
     mask = (valid[:, None, None, :T] & (slots <= slots[:, None])) | (slots == slots[:, None])  # [B, 1, T, T]
     S = valid.size(1)  # the cache's slots
     if P:  # the shared prefix runs once, in row 0; its keys and values are copied to every row
-        use_cache(model, 1, S)
+        view_cache(model, 1, S)
         model.hidden_states(ids[:1, :P], positions[:1, :P], mask[:1, :, :P, :P], slots[:P])
-        use_cache(model, B, S)
+        view_cache(model, B, S)
         for layer in model.layers:
             c = layer.self_attn.kv_cache
             c.k[1:, :, :P], c.v[1:, :, :P] = c.k[:1, :, :P], c.v[:1, :, :P]
     logits = []
     for rows in micro_batches(range(B), dict.fromkeys(range(B), T - P), B, PREFILL_TOKENS):
         r = slice(rows[0], rows[-1] + 1)
-        use_cache(model, len(rows), S, first=rows[0])  # the chunk's rows of the cache
+        view_cache(model, len(rows), S, first=rows[0])  # the chunk's rows of the cache
         logits.append(prefill(model, ids[r, P:], positions[r, P:], mask[r, :, P:], slots[P:]))
-    use_cache(model, B, S)
+    view_cache(model, B, S)
     return torch.cat(logits)
 
 
@@ -215,7 +217,8 @@ def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, *, stop_ids
         alive = int((~done).sum()) if len(stops) else len(done)  # (no stop ids: no row ever ends)
         if t == max_new_tokens - 1 or alive == 0:
             break
-        if next_power_of_two(alive) < len(done):  # shrink to the next power of two above the rows still going
+        # shrink to the next power of two above the rows still going: at most log2(rows) copies of the cache
+        if next_power_of_two(alive) < len(done):
             keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
             row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
         valid.index_fill_(1, slot, True)  # the slot this token is written to
@@ -223,7 +226,7 @@ def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, *, stop_ids
         noise = None if temperature == 0 else exponential_noise((len(tok), width), generator, device)
         race = None if noise is None else (noise, temperature, top_k, top_p)
         new = decode_one_token(model, tok[:, None], position, keys[:, None, None, :], slot, race)
-        tok = new.clone() if noise is None else widen(new[0].clone(), *new[1:], top_p, generator)
+        tok = new if noise is None else widen(*new, top_p, generator)
         slot += 1
         position += 1
     bar.close()
@@ -277,10 +280,10 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def use_cache(model, rows: int, slots: int, first: int = 0):
-    """Every layer's cache becomes its rows first .. first + rows - 1 (KVCache.resize)."""
+def view_cache(model, rows: int, slots: int, first: int = 0):
+    """Every layer's cache becomes a view of its storage's rows first .. first + rows - 1 (KVCache.view)."""
     for layer in model.layers:
-        layer.self_attn.kv_cache.resize(rows, slots, first)
+        layer.self_attn.kv_cache.view(rows, slots, first)
 
 
 def compact(model, keep, *rows):
@@ -301,7 +304,7 @@ def cache_rows(n: int, compile: bool) -> int:
 def generate_batched(model, prompts, *, batch_size=None, seed=None, n=1, desc="sampling", progress=True,
                      **kw) -> list[list[int]]:
     """generate() over any number of prompts, in prompt order (n per prompt). Longest first, in batches of similar
-    length: few pad slots. Batch b is seeded with seed + b, so a run is reproducible whatever else its batch holds.
+    length: few pad slots. Batch b is seeded with seed + b, so its tokens do not depend on what earlier batches drew.
     batch_size: prompts per batch (default: default_batch_rows / n)."""
     if batch_size is None:
         longest = max(map(len, prompts)) + kw["max_new_tokens"]

@@ -1,15 +1,20 @@
 """The GPU memory plan: how many tokens of packed records one training forward can take, and whether
 gradient checkpointing is needed, from the model's shapes and the GPU's free memory.
 
-A planning model, not a measurement of the allocator: weights, gradients and AdamW state from the
-parameter counts, activations from what each block saves for its backward (checked against a count of
-the tensors autograd saves, tests/test_lora.py), and one chunk of the log-prob kernel.
+Planned from the longest record --cutoff allows when a run starts (settings.machine_defaults), then again from
+each iteration's longest sampled record (planned_config). A planning model, not a measurement of the allocator:
+weights, gradients and AdamW state from the parameter counts, activations from what each block saves for its
+backward (checked against a count of the tensors autograd saves, tests/test_lora.py), and one chunk of the
+log-prob kernel.
 
     python -m sso_mini.memory      the memory table of docs/scale.md for PRESETS, the shapes of real models
 """
 
+from dataclasses import replace
+
 import torch
 
+from .batches import record_groups, row_length
 from .config import ModelConfig
 from .lora import TARGETS
 
@@ -147,6 +152,17 @@ def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | No
     raise ValueError(f"training this model needs about {need / 2**30:.0f} GiB for one record of {record} tokens "
                      f"with gradient checkpointing; the GPU has {free_bytes / 2**30:.0f} GiB free "
                      f"(allowed: a smaller --cutoff, LoRA (--lora), or more GPUs under torchrun)")
+
+
+def planned_config(cfg, memory_plan: dict, records: list, tokenizer):
+    """The TrainConfig cfg for these records, its micro-batches planned again from the longest record sampled (real
+    records are far shorter than --cutoff's bound, so fewer need checkpointing). memory_plan: micro_batch_tokens's
+    inputs, and "checkpointing", the flag's value (None: planned here too)."""
+    longest = max(row_length(record_groups(tokenizer, r, cfg.cutoff, columns=cfg.columns)) for r in records)
+    plan = dict(memory_plan)
+    given = plan.pop("checkpointing")
+    tokens, checkpointing = micro_batch_tokens(**plan, record=longest)
+    return replace(cfg, tokens_per_micro_batch=tokens, gradient_checkpointing=checkpointing if given is None else given)
 
 
 def main():

@@ -56,9 +56,10 @@ def rotate_half(x):
 
 
 class KVCache(nn.Module):
-    """A layer's cache while sampling, k and v [rows, Hkv, slots, D]: contiguous views of one flat storage allocated
-    once, so that a batch can shrink and the next batch take its place without moving memory (a compiled decode
-    step and its CUDA graphs then meet the same cache every call)."""
+    """A layer's cache while sampling, k and v [rows, Hkv, slots, D]: contiguous views of one flat storage that stays
+    between batches (allocated again only for a batch that needs more), so that a batch can shrink and the next
+    take its place without moving memory: a compiled decode step and its CUDA graphs meet the same cache every
+    call. A slot holds stale keys until written; the mask never lets a query read one."""
 
     def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__()
@@ -67,16 +68,17 @@ class KVCache(nn.Module):
         self.v_storage = torch.zeros_like(self.k_storage)
         self.register_buffer("k", None, persistent=False)
         self.register_buffer("v", None, persistent=False)
-        self.resize(batch_size, max_len)
+        self.view(batch_size, max_len)
 
     def holds(self, rows: int, slots: int, like: torch.Tensor) -> bool:
+        """Can the storage take rows x slots of `like`'s dtype and device?"""
         s = self.k_storage
         fits = rows * self.n_kv * slots * self.head_dim <= s.numel()
         return fits and (s.dtype, s.device) == (like.dtype, like.device)
 
-    def resize(self, rows: int, slots: int, first: int = 0):
-        """The cache becomes rows first .. first + rows - 1 of `slots` slots each (row i at offset i * Hkv * slots * D
-        of the storage)."""
+    def view(self, rows: int, slots: int, first: int = 0):
+        """k and v become views of rows first .. first + rows - 1 of `slots` slots each (row i at offset
+        i * Hkv * slots * D of the storage)."""
         size = self.n_kv * slots * self.head_dim  # one row
         self.k, self.v = (s[first * size:(first + rows) * size].view(rows, self.n_kv, slots, self.head_dim)
                           for s in (self.k_storage, self.v_storage))
@@ -84,7 +86,7 @@ class KVCache(nn.Module):
     def select_rows(self, index: torch.Tensor):
         """In place: row i of the cache becomes its row index[i] (len(index) rows: drop, repeat or add rows)."""
         k, v = self.k[index], self.v[index]  # copies first: the rows they come from may be overwritten
-        self.resize(len(index), k.size(2))
+        self.view(len(index), k.size(2))
         self.k.copy_(k)
         self.v.copy_(v)
 
@@ -289,15 +291,15 @@ class Transformer(nn.Module):
         return self.logits(self.hidden_states(input_ids, position_ids, padding_causal_mask(attention_mask)))
 
     def setup_cache(self, batch_size: int, max_len: int):
-        """Give every layer a KV cache of batch_size rows x max_len slots (for generate.py). The cache's storage stays
-        between calls: it is allocated again only for a call that needs more than the largest before it."""
+        """Every layer's KV cache: a view of batch_size rows x max_len slots (for generate.py), of a storage that stays
+        between calls (allocated again only when this call needs more than it holds)."""
         w = self.embed_tokens.weight
         for layer in self.layers:
             a, cache = layer.self_attn, layer.self_attn.kv_cache
             if cache is None or not cache.holds(batch_size, max_len, w):
                 a.kv_cache = cache = None  # the old storage goes before the new one is allocated
                 a.kv_cache = KVCache(batch_size, a.n_kv, max_len, a.head_dim, w.dtype, w.device)
-            a.kv_cache.resize(batch_size, max_len)
+            a.kv_cache.view(batch_size, max_len)
 
     def select_cache_rows(self, index: torch.Tensor):
         """Every layer's cache keeps rows `index`, in that order (see KVCache.select_rows)."""

@@ -3,7 +3,8 @@ work, and the run folder whose run.json records them.
 
 Resolving decides every default that depends on the machine or the data (LoRA above 3B on a GPU, bf16
 autocast where it is native, the held-out share of a small prompt file, the GPU's micro-batch plan), so
-nothing downstream rewrites a setting (the sampler's rows, unless given, follow each batch's lengths). A bad
+nothing downstream rewrites a setting; two follow the data as it comes: the sampler's rows, unless given, each
+batch's lengths, and on a GPU each iteration's micro-batches its longest record (memory.planned_config). A bad
 flag or input file stops here with one `error:` line.
 """
 
@@ -234,7 +235,7 @@ def machine_defaults(args, ranks=ONE_PROCESS) -> tuple[dict, dict | None]:
     """LoRA only where full fine-tuning cannot fit (a big model on a GPU), its frozen base in bf16; full
     fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are native. On a GPU the
     micro-batch token budget and gradient checkpointing follow from its free memory (sso_mini/memory.py), for
-    now from the longest record --cutoff allows, then from each iteration's records (planned_config); on the
+    now from the longest record --cutoff allows, then from each iteration's records (memory.planned_config); on the
     CPU records run one per forward, without checkpointing. Returns (the flags' values, the memory plan)."""
     config = ModelConfig.from_json(resolve(args.model) / "config.json")  # the model's check, too
     cuda = args.device.startswith("cuda")
@@ -254,23 +255,6 @@ def machine_defaults(args, ranks=ONE_PROCESS) -> tuple[dict, dict | None]:
     return {"lora": lora, "dtype": args.dtype or ("bfloat16" if lora and cuda else "float32"),
             "autocast": native if args.autocast is None else args.autocast,
             "tokens_per_micro_batch": tokens or 0, "gradient_checkpointing": bool(checkpointing)}, memory_plan
-
-
-def planned_config(s: Settings, stage: str, records: list, tokenizer) -> TrainConfig:
-    """s.stages[stage] for these records: on a GPU whose micro-batches memory.py plans, planned again from the
-    longest record sampled (real records are far shorter than --cutoff's bound, so fewer need checkpointing)."""
-    cfg = s.stages[stage]
-    if s.memory_plan is None or not records:
-        return cfg
-    from .batches import record_groups, row_length
-    from .memory import micro_batch_tokens
-
-    longest = max(row_length(record_groups(tokenizer, r, cfg.cutoff, columns=cfg.columns)) for r in records)
-    plan = dict(s.memory_plan)
-    given = plan.pop("checkpointing")
-    tokens, checkpointing = micro_batch_tokens(**plan, record=longest)
-    return replace(cfg, tokens_per_micro_batch=tokens,
-                   gradient_checkpointing=checkpointing if given is None else given)
 
 
 def split_prompts(flags) -> tuple[list, list, dict]:

@@ -396,8 +396,8 @@ def test_each_iteration_plans_from_its_longest_record(tmp_path, monkeypatch, smo
     import json
 
     from sso_mini import memory
-    from sso_mini.memory import PRESETS, micro_batch_tokens
-    from sso_mini.settings import Settings, build_parser, machine_defaults, planned_config, stage_configs
+    from sso_mini.memory import PRESETS, micro_batch_tokens, planned_config
+    from sso_mini.settings import build_parser, machine_defaults, stage_configs
     from sso_mini.tokenizer import prompt_ids
 
     _, tok = smollm2
@@ -420,9 +420,9 @@ def test_each_iteration_plans_from_its_longest_record(tmp_path, monkeypatch, smo
         args.device = "cuda"  # (parse_args would refuse it on this machine; the plan reads only the device's type)
         defaults, memory_plan = machine_defaults(args)
         flags = argparse.Namespace(**{**vars(args), **defaults, "loss": "ipo"})
-        s = Settings(flags, None, [], [], {}, stage_configs(flags), memory_plan=memory_plan)
-        assert s.stages["policy"].gradient_checkpointing  # the bound needs it
-        cfg = planned_config(s, "policy", records, tok)
+        settled = stage_configs(flags)["policy"]
+        assert settled.gradient_checkpointing  # the bound needs it
+        cfg = planned_config(settled, memory_plan, records, tok)
         expected = micro_batch_tokens(PRESETS["Qwen2-7B"], 79 * 2**30, 16, 1, record=longest)
         assert expected[1] is False and expected[0] >= longest
         assert cfg.tokens_per_micro_batch == expected[0]
