@@ -85,9 +85,7 @@ def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, stops, bar)
         if t == max_new_tokens or alive == 0:
             break
         if batch_rows(alive) < len(state["done"]):  # shrink to the row bucket of the rows still going
-            done = state["done"]
-            keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:batch_rows(alive)]
-            w.row_of, *rest = generate.compact(model, keep, w.row_of, *state.values())
+            w.row_of, *rest = generate.compact(model, state["done"], batch_rows(alive), w.row_of, *state.values())
             state = dict(zip(state, rest))
     bar.close()
     return w.out[:rows], w.length[:rows]

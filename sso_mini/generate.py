@@ -219,8 +219,8 @@ def decode(model, tok, valid, T: int, max_new_tokens: int, sampling, *, stop_ids
             break
         # shrink to the next power of two above the rows still going: at most log2(rows) copies of the cache
         if next_power_of_two(alive) < len(done):
-            keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:next_power_of_two(alive)]
-            row_of, tok, valid, position, done = compact(model, keep, row_of, tok, valid, position, done)
+            row_of, tok, valid, position, done = compact(model, done, next_power_of_two(alive), row_of, tok, valid,
+                                                         position, done)
         valid.index_fill_(1, slot, True)  # the slot this token is written to
         keys = valid[:, :T + t + 1]  # the slots a step reads
         noise = None if temperature == 0 else exponential_noise((len(tok), width), generator, device)
@@ -286,8 +286,9 @@ def view_cache(model, rows: int, slots: int, first: int = 0):
         layer.self_attn.kv_cache.view(rows, slots, first)
 
 
-def compact(model, keep, *rows):
-    """Keep only rows `keep` of the KV cache and of each [rows, ...] tensor in `rows`."""
+def compact(model, done, n: int, *rows):
+    """Keep n rows, those not `done` first, of the KV cache and of each [rows, ...] tensor in `rows`."""
+    keep = torch.cat([(~done).nonzero()[:, 0], done.nonzero()[:, 0]])[:n]
     model.select_cache_rows(keep)
     return [r[keep] for r in rows]
 

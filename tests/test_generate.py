@@ -370,9 +370,9 @@ def test_shrinking_batches_give_each_prompt_its_own_greedy_tokens(tiny_transform
     assert sum(len(e) < 4 for e in expected) >= 10 and any(len(e) == 12 for e in expected)
     shapes, original = [], gen.compact
 
-    def spy(model, keep, *rows):
-        shapes.append(len(keep))
-        return original(model, keep, *rows)
+    def spy(model, done, n, *rows):
+        shapes.append(n)
+        return original(model, done, n, *rows)
 
     monkeypatch.setattr(gen, "compact", spy)
     got = generate(model, prompts, max_new_tokens=12, temperature=0, stop_ids=stops, progress=False,
