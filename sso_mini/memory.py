@@ -1,7 +1,7 @@
 """The GPU memory plan: how many tokens of packed records one training forward can take, and whether
 gradient checkpointing is needed, from the model's shapes and the GPU's free memory.
 
-Planned from the longest record --cutoff allows when a run starts (settings.machine_defaults), then again from
+Planned from the longest record --cutoff allows when a run starts (first_plan), then again from
 each iteration's longest sampled record (planned_config). A planning model, not a measurement of the allocator:
 weights, gradients and AdamW state from the parameter counts, activations from what each block saves for its
 backward (checked against a count of the tensors autograd saves, tests/test_lora.py), and one chunk of the
@@ -152,6 +152,17 @@ def micro_batch_tokens(config: ModelConfig, free_bytes: int, lora_rank: int | No
     raise ValueError(f"training this model needs about {need / 2**30:.0f} GiB for one record of {record} tokens "
                      f"with gradient checkpointing; the GPU has {free_bytes / 2**30:.0f} GiB free "
                      f"(allowed: a smaller --cutoff, LoRA (--lora), or more GPUs under torchrun)")
+
+
+def first_plan(args, config: ModelConfig, lora: bool, ranks, longest: int) -> tuple[int, bool, dict]:
+    """A run's plan before anything is sampled, from the longest record --cutoff allows (`longest` tokens) and the
+    GPU's free memory (rank 0's, so every rank plans alike): (tokens per micro-batch, gradient checkpointing, the
+    memory plan planned_config plans each iteration's micro-batches from)."""
+    free = ranks.first(lambda: plan_bytes(torch.device(args.device)))
+    memory_plan = dict(config=config, free_bytes=free, lora_rank=args.lora_rank if lora else None, n_ranks=ranks.size)
+    tokens, checkpointing = micro_batch_tokens(**memory_plan, record=longest)
+    given = args.gradient_checkpointing  # None: planned; a bool: --(no-)gradient-checkpointing
+    return tokens, checkpointing if given is None else given, memory_plan | {"checkpointing": given}
 
 
 def planned_config(cfg, memory_plan: dict, records: list, tokenizer):

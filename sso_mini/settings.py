@@ -234,23 +234,17 @@ def settle(args: argparse.Namespace, ranks=ONE_PROCESS) -> Settings:
 def machine_defaults(args, ranks=ONE_PROCESS) -> tuple[dict, dict | None]:
     """LoRA only where full fine-tuning cannot fit (a big model on a GPU), its frozen base in bf16; full
     fine-tuning keeps fp32 master weights, with bf16 autocast where bf16 matmuls are native. On a GPU the
-    micro-batch token budget and gradient checkpointing follow from its free memory (sso_mini/memory.py), for
-    now from the longest record --cutoff allows, then from each iteration's records (memory.planned_config); on the
-    CPU records run one per forward, without checkpointing. Returns (the flags' values, the memory plan)."""
+    micro-batches and gradient checkpointing are planned from its free memory (memory.py); on the CPU records
+    run one per forward, without checkpointing. Returns (the flags' values, the GPU's memory plan or None)."""
     config = ModelConfig.from_json(resolve(args.model) / "config.json")  # the model's check, too
     cuda = args.device.startswith("cuda")
     lora = args.lora if args.lora is not None else cuda and config.num_parameters > LORA_THRESHOLD
     tokens, checkpointing, memory_plan = args.tokens_per_micro_batch, args.gradient_checkpointing, None
-    if cuda and tokens is None:  # the GPU memory planner
-        from .memory import micro_batch_tokens, plan_bytes
+    if cuda and tokens is None:
+        from .memory import first_plan
 
-        free = ranks.first(lambda: plan_bytes(torch.device(args.device)))  # rank 0's: every rank plans alike
-        memory_plan = dict(config=config, free_bytes=free, lora_rank=args.lora_rank if lora else None,
-                           n_ranks=ranks.size)
-        bound = max(len(stage.columns) for stage in stage_configs(args).values()) * args.cutoff
-        tokens, planned = micro_batch_tokens(**memory_plan, record=bound)
-        memory_plan["checkpointing"] = checkpointing  # None: planned; a bool: --(no-)gradient-checkpointing
-        checkpointing = planned if checkpointing is None else checkpointing
+        longest = max(len(stage.columns) for stage in stage_configs(args).values()) * args.cutoff
+        tokens, checkpointing, memory_plan = first_plan(args, config, lora, ranks, longest)
     native = bf16_is_native(torch.device(args.device))
     return {"lora": lora, "dtype": args.dtype or ("bfloat16" if lora and cuda else "float32"),
             "autocast": native if args.autocast is None else args.autocast,
