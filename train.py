@@ -187,18 +187,8 @@ def sample_records(s: Settings, t: int, prompts: list, sampler, tokenizer, held_
 
         records, filtered = logprob_filter(model, tokenizer, records, cutoff=s.flags.cutoff)
         counts.update(filtered)
-    records, counts = merge(s.ranks.gather((records, dict(counts))))
+    records, counts = s.ranks.gather_records(records, counts)  # torchrun: every rank's share, on every rank
     return [r | {"checks": s.checks[r["prompt"]]} if r["prompt"] in s.checks else r for r in records], counts
-
-
-def merge(shares) -> tuple[list, dict]:
-    """[(records, stats)] from each rank -> all records (rank 0's first) and summed stats (the slowest
-    rank's sampling time)."""
-    records, stats = [r for part, _ in shares for r in part], {}
-    for _, part in shares:
-        for k, v in part.items():
-            stats[k] = max(stats.get(k, 0), v) if k == "sample_seconds" else stats.get(k, 0) + v
-    return records, stats
 
 
 def save(s: Settings, model, tokenizer, folder: Path):

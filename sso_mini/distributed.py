@@ -61,6 +61,14 @@ class Ranks:
         dist.all_gather_object(out, obj, group=self.objects)
         return out
 
+    def gather_records(self, records: list, counts: dict) -> tuple[list, dict]:
+        """Every rank's sampled records (rank 0's first) and their counts summed (the slowest rank's sampling time)."""
+        shares, stats = self.gather((records, dict(counts))), {}
+        for _, part in shares:
+            for k, v in part.items():
+                stats[k] = max(stats.get(k, 0), v) if k == "sample_seconds" else stats.get(k, 0) + v
+        return [r for part, _ in shares for r in part], stats
+
     def sum(self, values: list[float], device) -> list[float]:
         """Element-wise sum of a list of numbers over ranks."""
         t = torch.tensor(values, dtype=torch.float64, device=device)

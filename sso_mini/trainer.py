@@ -88,6 +88,9 @@ class OneProcess:
     def gather(self, obj) -> list:
         return [obj]
 
+    def gather_records(self, records: list, counts: dict) -> tuple[list, dict]:
+        return records, dict(counts)
+
     def sum(self, values: list[float], device) -> list[float]:
         return values
 
