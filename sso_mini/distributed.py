@@ -29,6 +29,7 @@ import shutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -150,13 +151,23 @@ class Ranks:
 
     def finish_save(self):
         """Wait for the state save_state began, if any: once every rank's files are written and hashed, rank 0
-        records the step and renames the folder into place (until then the state before it stays)."""
+        records the step and renames the folder into place (until then the state before it stays). A rank that
+        could not write its files stops every rank with the same OSError."""
         if self.pending is None:
             return
         path, tmp, step, recorded = self.pending
         self.pending = None
-        recorded.result()
-        self.wait()
+        try:
+            recorded.result()
+            failed = None
+        except (OSError, CheckpointException) as e:  # a full disk: every rank stops, not only the one that failed
+            failed = f"rank {self.rank}: {e}"
+        failures = [f for f in self.gather(failed) if f]
+        if failures:
+            if self.main:  # (every rank's writing has ended: the half-written folder can go)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(f"the resume state of step {step} was not written ({'; '.join(failures)}); the state of the "
+                          "save before it stays")
         if self.main:
             write_atomic(tmp / "state.json", json.dumps({"step": step, "world_size": self.size}))
             shutil.rmtree(path, ignore_errors=True)

@@ -161,6 +161,43 @@ def test_bf16_fsdp_with_a_sharded_resume_state_resumes_to_the_same_weights(tiny_
         assert rows(folder.name) == rows("whole")
 
 
+FULL_DISK_ON_RANK_1 = """
+import sys
+sys.argv = ["train.py"] + sys.argv[1:]
+import train
+from sso_mini import distributed
+real, calls = distributed.Ranks.record_files, []
+def full_disk(self, *a):
+    real(self, *a)
+    calls.append(1)
+    if self.rank == 1 and len(calls) == 3:  # rank 1 cannot finish the state of step 3
+        raise OSError(28, "No space left on device")
+distributed.Ranks.record_files = full_disk
+sys.exit(train.cli())
+"""
+
+
+def test_a_rank_that_cannot_write_its_resume_state_stops_every_rank_with_its_error(tiny_model_dir, tmp_path):
+    """A background save that fails on rank 1 (a full disk) stops both ranks with one error naming rank 1 and the
+    cause, printed by rank 0 (which alone prints errors); the state of step 2 stays, and no half-written folder."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records(16)))
+    script = tmp_path / "full.py"
+    script.write_text(FULL_DISK_ON_RANK_1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "4",
+                        "--save-every", "1", "--out", str(out), "--device", "cpu", "--no-progress"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0
+    assert ("error: the resume state of step 3 was not written (rank 1: [Errno 28] No space left on device)"
+            in r.stderr), r.stderr[-3000:]
+    state = out / "iter_0" / "resume"
+    assert json.loads((state / "state.json").read_text()) == {"step": 2, "world_size": 2}
+    assert not (out / "iter_0" / "resume.tmp").exists()
+
+
 SLOW_RANK_1 = """
 import datetime, os, sys, time
 sys.argv = ["train.py"] + sys.argv[1:]
