@@ -233,7 +233,7 @@ def evaluate(s: Settings, stage: str, t: int, folder: Path, trained=None) -> dic
     if held_out:
         ref_logps = cached_logps(folder / "eval_ref_logps.safetensors")
         summary["eval"] = metrics.held_out_rewards(tokenizer, held_out, policy_logps, ref_logps, cfg, s.principles)
-    if held_out and sampled:
+    if held_out and sampled:  # the plain answers y^o of eval_pairs.jsonl: this iteration's start policy's
         summary["generation"] = metrics.plain_answers(tokenizer, held_out)
         summary["behaviour"] = metrics.pass_rates(held_out, s.principles)
     if sampled:  # the reference pass is the policy that sampled these records
@@ -284,22 +284,28 @@ def final_answers(s: Settings, last: Path, out: Path):
 
 
 @contextlib.contextmanager
-def timed(s: Settings, folder: Path, stage: str, what: str = ""):
-    """Say what runs (and what the same stage took last iteration); add its wall time to folder/timing.json
-    (a stage finished over two attempts, or run in several parts, adds up)."""
+def timed(s: Settings, folder: Path, step: str, what: str = ""):
+    """Say what runs (and what the same step took last iteration); add its wall time to folder/timing.json, under
+    `step` (a step finished over two attempts, or run in several parts, adds up)."""
     if s.ranks.main and what:
         t = int(folder.name.split("_")[1]) if folder.name.startswith("iter_") else None  # not final/, generator/
         last = folder.with_name(f"iter_{t - 1}") / "timing.json" if t else None
-        before = json.loads(last.read_text()).get(stage) if last and last.exists() else None
-        print(f"[{folder.name}] {stage}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""),
+        before = json.loads(last.read_text()).get(step) if last and last.exists() else None
+        print(f"[{folder.name}] {step}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""),
               file=sys.stderr)
     start = time.perf_counter()
+    if s.device.type == "cuda":  # on a GPU also the step's peak memory, in GiB, to folder/memory.json
+        torch.cuda.reset_peak_memory_stats(s.device)
     yield
     if s.ranks.main:
         path = folder / "timing.json"
         seconds = json.loads(path.read_text()) if path.exists() else {}
-        seconds[stage] = round(seconds.get(stage, 0) + time.perf_counter() - start, 1)
+        seconds[step] = round(seconds.get(step, 0) + time.perf_counter() - start, 1)
         write_json(path, seconds)
+    if s.ranks.main and s.device.type == "cuda":
+        path = folder / "memory.json"
+        peaks = json.loads(path.read_text()) if path.exists() else {}
+        write_json(path, peaks | {step: round(torch.cuda.max_memory_allocated(s.device) / 2**30, 2)})
 
 
 def cli(argv=None) -> int:

@@ -37,7 +37,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-import train  # noqa: E402
 from bench_packed_train import DENSE_BF16_TFLOPS, counted_params  # noqa: E402
 from make_random_model import qwen2_tokenizer  # noqa: E402
 from sso_mini.assets import write_json  # noqa: E402
@@ -153,23 +152,16 @@ def sampling(kit: Path, work: Path, tiny: bool, device) -> dict:
 
 
 def iteration(kit: Path, work: Path, tiny: bool, device) -> dict:
-    """train.py for one iteration, with each of its stages' peak memory (work/memory.json, kept as it comes)."""
+    """train.py for one iteration, in a process of its own (its output goes to this stage's log); each stage's
+    seconds and, on a GPU, peak memory, as train.py records them (iter_0/timing.json, memory.json)."""
     _, new_tokens, prompts = SIZES["tiny" if tiny else "7b"]
-    memory, timed, run = {}, train.timed, work / "run"
-
-    @contextlib.contextmanager
-    def timed_with_memory(s, where, stage, what=""):
-        with timed(s, where, stage, what), peak_memory(memory, stage, work / "memory.json"):
-            yield
-
-    train.timed = timed_with_memory
-    try:
-        train.main(["--model", str(work / "model"), "--prompts", str(kit / "prompts.txt"), "--principles",
-                    str(kit / "ended.toml"), "--verifier-share", "0", "--iterations", "1", "--prompts-per-iteration",
-                    str(prompts), "--eval-prompts", "0", "--max-new-tokens", str(new_tokens), "--out", str(run),
-                    "--device", device.type, "--no-progress", "--batch-size", "4" if tiny else "8"])
-    finally:
-        train.timed = timed
+    run = work / "run"
+    subprocess.run([sys.executable, str(HERE.parent / "train.py"), "--model", str(work / "model"), "--prompts",
+                    str(kit / "prompts.txt"), "--principles", str(kit / "ended.toml"), "--verifier-share", "0",
+                    "--iterations", "1", "--prompts-per-iteration", str(prompts), "--eval-prompts", "0",
+                    "--max-new-tokens", str(new_tokens), "--out", str(run), "--device", device.type, "--no-progress",
+                    "--batch-size", "4" if tiny else "8"], check=True)
+    memory = partial(work).get("peak_memory_gib", {})
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in steps if r["split"] == "train"]
     rate = statistics.median(rates[1:] or rates)  # the first step warms up
@@ -235,7 +227,8 @@ def run(kit: Path, out: Path, tiny: bool, device, budgets: dict | None = None):
 
 def partial(work: Path) -> dict:
     """What a stopped iteration had measured: its stages' seconds and peak memory so far."""
-    files = {"seconds": work / "run" / "iter_0" / "timing.json", "peak_memory_gib": work / "memory.json"}
+    folder = work / "run" / "iter_0"
+    files = {"seconds": folder / "timing.json", "peak_memory_gib": folder / "memory.json"}
     return {k: json.loads(p.read_text()) for k, p in files.items() if p.exists()}
 
 

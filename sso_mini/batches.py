@@ -128,9 +128,9 @@ def micro_batches(ids, tokens: dict, max_records: int, max_tokens: int | None = 
 
 def pack(tokenizer, records, steps: list[list[int]], cfg) -> list[list[tuple]]:
     """Every step's records as micro-batches, laid out once before any loop: per step (a list of record ids), a list of
-    (groups, ids, share): the groups of records `ids` in order (one packed row) and `share`, their fraction of the
-    step's records (their loss's weight in the step's mean). cfg: cutoff, columns (those the loss reads),
-    micro_batch_size, tokens_per_micro_batch."""
+    (groups, ids, weight): the groups of records `ids` in order (collate_groups packs them in one row) and
+    `weight`, their fraction of the step's records (their loss's weight in the step's mean). cfg: cutoff, columns
+    (those the loss reads), micro_batch_size, tokens_per_micro_batch."""
     eot = end_of_turn_id(tokenizer)
     groups = {i: record_groups(tokenizer, records[i], cfg.cutoff, eot, cfg.columns) for ids in steps for i in ids}
     tokens = {i: row_length(g) for i, g in groups.items()}

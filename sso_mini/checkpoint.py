@@ -79,7 +79,8 @@ def _read_weights(folder, files: dict, expected: dict, device, dtype) -> dict:
 
 
 def load_model(path_or_name, dtype=None, device=None) -> tuple[Transformer, Tokenizer]:
-    """A HF folder (or a known name) as (Transformer, Tokenizer) in eval mode; dtype: fp32 on a CPU, bf16 on CUDA."""
+    """A HF folder (or a model's name: resolve) as (Transformer, Tokenizer) in eval mode; dtype: fp32 on a CPU, bf16
+    on CUDA."""
     folder = resolve(path_or_name)
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -8,7 +8,7 @@ runs. sso-mini only decides who does what, through `Ranks` (a single process use
 whose methods do nothing):
 
 - sampling: every rank holds the full policy (no gradients or optimizer state yet) and samples its
-  share of the prompts; rank 0 gathers the records and writes pairs.jsonl;
+  share of the prompts; every rank gathers all the records, rank 0 writes pairs.jsonl;
 - reference log-probs and training: the model is sharded, each optimizer step's records are dealt out
   across ranks, and each rank scales its loss so that FSDP's gradient average equals the
   single-process gradient of the whole step;
@@ -78,9 +78,9 @@ class Ranks:
 
     def share_micro_batches(self, micro_batches: list) -> list:
         """This rank's micro-batches of a step: every size-th one, topped up to the busiest rank's count with
-        spare rounds (a copy of the first, share 0), since every forward of a sharded model is a collective."""
+        spare rounds (a copy of the first, weight 0), since every forward of a sharded model is a collective."""
         mine = micro_batches[self.rank::self.size]
-        spare = (micro_batches[0][0], micro_batches[0][1], 0.0)
+        spare = (micro_batches[0][0], micro_batches[0][1], 0.0)  # weight 0: adds nothing
         return mine + [spare] * (-(-len(micro_batches) // self.size) - len(mine))
 
     def wait(self):

@@ -1,13 +1,14 @@
 """Batched sampling with a KV cache: many prompts, n samples each (SSO samples y+, y- and y^o every iteration, so
-this loop is most of the wall time). One call's KV cache (T = the longest prompt, Tmax = T + max_new_tokens):
+this loop is most of the wall time). One call's KV cache (P = the tokens all prompts share, T = P + the longest rest
+of a prompt, Tmax = T + max_new_tokens):
 
-    cache slot   0 ............ T-1 | T ............ Tmax-1
-    row 0        pad pad  prompt 0  | new tokens ->
-    row 1        prompt 1 (longest) | new tokens ->
+    cache slot   0 ... P-1 | P ............... T-1 | T ............ Tmax-1
+    row 0        prefix    | pad pad  rest of 0    | new tokens ->
+    row 1        prefix    | rest of 1 (longest)   | new tokens ->
 
-Prompts are left-padded, so every row writes its t-th new token into slot T+t: one slot index serves the whole batch
-and the decode steps share their shapes. RoPE positions count each row's real tokens only; the mask hides pad slots.
-A prefix of P tokens all prompts share (a chat template's system header) sits in slots 0..P-1 and is prefilled once.
+The shared prefix (a chat template's system header) is prefilled once; the rest of each prompt is left-padded, so
+every row writes its t-th new token into slot T+t: one slot index serves the whole batch and the decode steps share
+their shapes. RoPE positions count each row's real tokens only; the mask hides pad slots.
 The cache is a view of a storage that stays between calls (model.KVCache), so a call allocates nothing new.
 
     prefill           prompt tokens run into the cache -> each row's last logits

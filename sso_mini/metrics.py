@@ -4,7 +4,8 @@ metrics.jsonl row, from which eval/report.py draws the table and the plot.
     held-out pairs, scored by the reference (before) and the trained policy (after) -> SSO loss, reward accuracy
     pairs a rule decides (a principle's `check` or an IFEval instruction passes exactly one of y+, y-)
         -> signal accuracy: how often y+ is the one that passes
-    the policy's plain answers y^o -> per checked feature, the share that passes (final policy: change from start)
+    the plain answers y^o (held-out pairs: sampled by the iteration's start policy; final/: the last policy's)
+        -> per checked feature, the share that passes (final policy: change from start)
 """
 
 import json

@@ -3,9 +3,9 @@ work, and the run folder whose run.json records them.
 
 Resolving decides every default that depends on the machine or the data (LoRA above 3B on a GPU, bf16
 autocast where it is native, the held-out share of a small prompt file, the GPU's micro-batch plan), so
-nothing downstream rewrites a setting; two follow the data as it comes: the sampler's rows, unless given, each
-batch's lengths, and on a GPU each iteration's micro-batches its longest record (memory.planned_config). A bad
-flag or input file stops here with one `error:` line.
+nothing downstream rewrites a setting. Two settings follow the data as it comes: the sampler's rows per batch
+(unless given) follow each batch's lengths, and on a GPU each iteration's micro-batches follow its longest record
+(memory.planned_config). A bad flag or input file stops here with one `error:` line.
 """
 
 import argparse
@@ -39,7 +39,8 @@ D = TrainConfig  # the training flags take their defaults from TrainConfig
 
 # Every flag: argparse's keywords (a bool default or None with BooleanOptionalAction: a switch).
 FLAGS = {
-    "--model": dict(default=DEFAULT_MODEL, help="HF model folder or known name (default: %(default)s)"),
+    "--model": dict(default=DEFAULT_MODEL, help="HF model folder or a model's name (find_model.py); "
+                    "default: %(default)s"),
     "--prompts": dict(help=".txt (one per line) or .jsonl (prompt/instruction); default: AlpacaEval"),
     "--pairs": dict(help="train on this pairs.jsonl (one iteration, no sampling)"),
     "--iterations": dict(type=int, default=2),
@@ -184,7 +185,7 @@ class Settings:
     checks: dict  # {prompt: its IFEval instruction} for the checkable prompts (--verifier-share)
     stages: dict  # what each stage trains, a TrainConfig: "policy"; --recipe v2 adds "generator"
     ranks: object = ONE_PROCESS  # trainer.OneProcess, or distributed.Ranks under torchrun
-    memory_plan: dict | None = None  # on a GPU: memory.micro_batch_tokens's inputs, for each iteration's records
+    memory_plan: dict | None = None  # on a GPU: memory.first_plan's, which planned_config plans each iteration from
 
     @property
     def device(self) -> torch.device:
@@ -209,8 +210,9 @@ class Settings:
 
 
 def settle(args: argparse.Namespace, ranks=ONE_PROCESS) -> Settings:
-    """Every default that depends on the machine or the data, decided now; the inputs read and checked.
-    ValueError (with what is wrong and what is allowed) before anything is loaded or written."""
+    """Every default that depends on the machine or the data, decided now; the inputs read and checked (on a first
+    run this fetches the default model and prompts into the cache). ValueError (with what is wrong and what is
+    allowed) before any model is loaded or any run file written."""
     if ranks.size > 1 and args.batch_size % ranks.size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {ranks.size} "
                          "(allowed: k*N)")

@@ -1,8 +1,9 @@
 """One epoch of the SSO objective, and the reference log-probs it compares against.
 
-    records (pairs.jsonl) -> batches.pack: every step's micro-batches as packed rows, laid out once
-    score_records: the sequences the loss reads, of every record, scored once, no grad   (the reference, cached)
-    train_epoch:   for each step, for each micro-batch:
+    records (pairs.jsonl) -> batches.pack: every step's micro-batches (groups of records), laid out once
+    score_records: the sequences the loss reads, of every record, scored once, no grad   (the reference, cached;
+                   the held-out records before and after the epoch)
+    train_epoch:   for each step, for each micro-batch (packed in one row):
                        ONE forward -> fused log-probs -> sso_loss -> backward (the gradients add up)
                    -> clip -> AdamW -> cosine lr -> a metrics.jsonl row; every k steps, the resume state
 
@@ -140,9 +141,9 @@ def score_records(model, tokenizer, records, cfg: TrainConfig, cache: Path | Non
     (everything,) = pack(tokenizer, records, [list(range(len(records)))], cfg)  # one 'step' of every record
     mine = ranks.share_micro_batches(everything)
     out = {}
-    for groups, ids, share in tqdm(mine, desc=desc, disable=not progress):
+    for groups, ids, weight in tqdm(mine, desc=desc, disable=not progress):
         logp, _, _ = score(model, groups, cfg.autocast)
-        if share:  # (a spare round under torchrun has share 0)
+        if weight:  # (a spare round under torchrun has weight 0)
             out |= dict(zip(ids, logp.float().cpu().view(len(ids), len(cfg.columns))))
     gathered = {i: logp for part in ranks.gather(out) for i, logp in part.items()}
     logps = full_columns(torch.stack([gathered[i] for i in range(len(records))]), cfg.columns, float("nan"))  # [R, 6]
@@ -206,15 +207,15 @@ def train_epoch(model, tokenizer, records, ref_logps, cfg: TrainConfig, out_dir:
                disable=not progress or not ranks.main)
     for step in bar:
         t0, sums, tokens = time.perf_counter(), {}, 0
-        for groups, ids, share in steps[step]:  # micro-batches: the gradients add up
+        for groups, ids, weight in steps[step]:  # micro-batches: the gradients add up
             logp, n, ntok = score(model, groups, cfg.autocast)  # [b * k] summed log-probs and lengths, k columns
             policy = full_columns(logp.float().view(-1, len(columns)), columns, float("nan"))  # [b, 6]
             lengths = full_columns(n.view(-1, len(columns)), columns, 1)  # [b, 6]
             loss, metrics = sso_loss(policy, ref_logps[ids].to(device), lengths, **cfg.loss_settings())
             # the step's loss is the mean over its records; FSDP averages gradients over ranks, which * size undoes
-            (loss * share * ranks.size).backward()
-            sums = {k: sums.get(k, 0.0) + v * share for k, v in metrics.items()}
-            tokens += ntok * (share > 0)
+            (loss * weight * ranks.size).backward()
+            sums = {k: sums.get(k, 0.0) + v * weight for k, v in metrics.items()}
+            tokens += ntok * (weight > 0)
         *values, tokens = ranks.sum([*sums.values(), tokens], device)  # the step's means over every record
         sums = dict(zip(sums, values))
         if not math.isfinite(sums["loss"]):

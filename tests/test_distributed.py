@@ -25,10 +25,11 @@ def records(n):
     return out
 
 
-def run(*args, nproc=1, cwd):
+def run(*args, nproc=1, cwd, script=ROOT / "train.py"):
+    """train.py (or a script that patches it, then calls train.cli) on the CPU, under torchrun when nproc > 1."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), str(ROOT / "train.py"), *args, "--device", "cpu",
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), str(script), *args, "--device", "cpu",
            "--no-progress"]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
 
@@ -132,11 +133,8 @@ def test_bf16_fsdp_with_a_sharded_resume_state_resumes_to_the_same_weights(tiny_
     assert whole.returncode == 0, whole.stderr
     script = tmp_path / "kill.py"
     script.write_text(KILL_AT_STEP_2)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cut = tmp_path / "cut"
-    killed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), *common, "--out", str(cut), "--device", "cpu", "--no-progress"],
-                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    killed = run(*common, "--out", str(cut), nproc=2, cwd=tmp_path, script=script)
     assert killed.returncode != 0
     state = cut / "iter_0" / "resume"
     assert json.loads((state / "state.json").read_text()) == {"step": 2, "world_size": 2}
@@ -184,12 +182,9 @@ def test_a_rank_that_cannot_write_its_resume_state_stops_every_rank_with_its_err
     pairs.write_text("".join(json.dumps(r) + "\n" for r in records(16)))
     script = tmp_path / "full.py"
     script.write_text(FULL_DISK_ON_RANK_1)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), "--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "4",
-                        "--save-every", "1", "--out", str(out), "--device", "cpu", "--no-progress"],
-                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    r = run("--model", str(tiny_model_dir), "--pairs", str(pairs), "--batch-size", "4", "--save-every", "1",
+            "--out", str(out), nproc=2, cwd=tmp_path, script=script)
     assert r.returncode != 0
     assert ("error: the resume state of step 3 was not written (rank 1: [Errno 28] No space left on device)"
             in r.stderr), r.stderr[-3000:]
@@ -224,13 +219,9 @@ def test_a_rank_slow_to_sample_does_not_time_the_others_out(tiny_model_dir, tmp_
     prompts.write_text("Name a fruit.\nSay hello.\nCount to three.\nName a color.\n")
     script = tmp_path / "slow.py"
     script.write_text(SLOW_RANK_1)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script), "--model", str(tiny_model_dir), "--prompts", str(prompts), "--eval-prompts", "0",
-                        "--iterations", "1", "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out),
-                        "--device", "cpu", "--no-progress"], cwd=tmp_path, capture_output=True, text=True, env=env,
-                       timeout=600)
+    r = run("--model", str(tiny_model_dir), "--prompts", str(prompts), "--eval-prompts", "0", "--iterations", "1",
+            "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out), nproc=2, cwd=tmp_path, script=script)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "iter_0" / "data_stats.json").read_text())["prompts"] == 4
     assert json.loads((out / "iter_0" / "timing.json").read_text())["sample"] >= 12  # rank 0 waited for rank 1
