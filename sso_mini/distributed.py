@@ -86,7 +86,7 @@ class Ranks:
     def wait(self):
         dist.monitored_barrier(group=self.objects, timeout=WAIT)
 
-    def first(self, fn):
+    def on_rank0(self, fn):
         """Run fn on rank 0 only; its result (or its ValueError, re-raised) reaches every rank."""
         box = [None]
         if self.main:

@@ -6,16 +6,14 @@ HF rotates halves), and the GGUF's byte-level BPE becomes a `tokenizers` tokeniz
 """
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .assets import undo_on_failure
-from .checkpoint import CheckpointError, replace_dir
+from .assets import atomic_folder
+from .checkpoint import CheckpointError
 from .config import ModelConfig
 
 
@@ -105,9 +103,7 @@ def convert_gguf(gguf_path: Path, out: Path):
         "pad_token": special["padding"], "model_max_length": config.max_position_embeddings,
         "chat_template": f("tokenizer.chat_template"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
-    with undo_on_failure(out, lambda: shutil.rmtree(tmp, ignore_errors=True)):
+    with atomic_folder(out) as tmp:
         save_file({k: torch.from_numpy(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         hf = config.to_hf_dict() | {"torch_dtype": "float32"}
@@ -115,4 +111,3 @@ def convert_gguf(gguf_path: Path, out: Path):
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2))
         gguf_tokenizer(reader).save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
-        replace_dir(tmp, out)

@@ -158,7 +158,7 @@ def first_plan(args, config: ModelConfig, lora: bool, ranks, longest: int) -> tu
     """A run's plan before anything is sampled, from the longest record --cutoff allows (`longest` tokens) and the
     GPU's free memory (rank 0's, so every rank plans alike): (tokens per micro-batch, gradient checkpointing, the
     memory plan planned_config plans each iteration's micro-batches from)."""
-    free = ranks.first(lambda: plan_bytes(torch.device(args.device)))
+    free = ranks.on_rank0(lambda: plan_bytes(torch.device(args.device)))
     memory_plan = dict(config=config, free_bytes=free, lora_rank=args.lora_rank if lora else None, n_ranks=ranks.size)
     tokens, checkpointing = micro_batch_tokens(**memory_plan, record=longest)
     given = args.gradient_checkpointing  # None: planned; a bool: --(no-)gradient-checkpointing

@@ -309,8 +309,7 @@ def open_run(s: Settings) -> Path:
     """Create the run folder holding the settings (run.json), or check that it holds this same run when
     resuming; lock it for this process. Under torchrun rank 0 decides, every rank learns the answer."""
     recorded = {k: v for k, v in vars(s.flags).items() if k not in OPERATIONAL}
-    return s.ranks.first(lambda: claim(s.out, recorded, s.flags.resume)) if s.ranks.size > 1 else \
-        claim(s.out, recorded, s.flags.resume)
+    return s.ranks.on_rank0(lambda: claim(s.out, recorded, s.flags.resume))
 
 
 def claim(out: Path, recorded: dict, resume: bool) -> Path:

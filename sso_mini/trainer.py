@@ -16,7 +16,6 @@ import math
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from .assets import load_tensors, save_tensors, undo_on_failure, write_atomic, write_json
+from .assets import atomic_folder, load_tensors, save_tensors, write_atomic, write_json
 from .batches import collate_groups, pack
 from .logprobs import packed_logprobs
 from .losses import columns_read, full_columns, sso_loss
@@ -80,7 +79,7 @@ class OneProcess:
 
     rank, size, main = 0, 1, True
 
-    def first(self, fn):
+    def on_rank0(self, fn):
         return fn()
 
     def share(self, items: list) -> list:
@@ -250,8 +249,8 @@ def epoch_order(n: int, cfg: TrainConfig, iteration: int) -> list[list[int]]:
 
 
 def save_resume_state(path: Path, model, optimizer, step: int, params: list, ranks=ONE_PROCESS):
-    """Everything needed to continue exactly from `step`, as hashed safetensors + JSON in a temporary folder renamed
-    into place (a crash or a full disk leaves the last good state). Under torchrun each rank writes its shards."""
+    """Everything needed to continue exactly from `step`, as hashed safetensors + JSON in a folder written whole
+    (a crash or a full disk leaves the last good state). Under torchrun each rank writes its shards."""
     if ranks.size > 1:
         return ranks.save_state(path, model, optimizer, step)
     index = {id(p): i for i, p in enumerate(params)}
@@ -259,13 +258,10 @@ def save_resume_state(path: Path, model, optimizer, step: int, params: list, ran
                              for p, s in optimizer.state.items() for k, v in s.items()},
                "weights": {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
                "rng": {"torch": torch.get_rng_state()}}
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
-    with undo_on_failure(path, lambda: shutil.rmtree(tmp, ignore_errors=True)):  # a full disk: the last state stays
+    with atomic_folder(path) as tmp:  # a full disk: the last state stays
         for name, t in tensors.items():
             save_tensors(t, tmp / f"{name}.safetensors")
         write_atomic(tmp / "state.json", json.dumps({"step": step}))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
 
 
 def load_resume_state(path: Path, model, optimizer, params: list) -> int:

@@ -22,9 +22,7 @@ import argparse
 import json
 import math
 import random
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,9 +32,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..assets import write_json
+from ..assets import atomic_folder, write_json
 from ..batches import collate, collate_groups, is_capped, response_ids, truncate
-from ..checkpoint import DEFAULT_MODEL, CheckpointError, replace_dir, load_model, resolve, save_model
+from ..checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
 from ..logprobs import packed_logprobs
 from ..metrics import wilson_interval
 from ..model import Transformer, padding_causal_mask, position_ids_from_mask
@@ -96,11 +94,7 @@ def is_reward_model(path) -> bool:
 
 def save_reward_model(rm: RewardModel, tokenizer, path, extra: dict[str, str] | None = None):
     """The body as a HF folder, the head and the config marker (and `extra` text files), moved into place at once."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
-    try:
-        folder = tmp / "rm"
+    with atomic_folder(path) as folder:
         save_model(rm.body, tokenizer, folder)
         head = {k: v.detach().contiguous().cpu() for k, v in rm.head.state_dict().items()}
         save_file(head, str(folder / HEAD_FILE), metadata={"format": "pt"})
@@ -108,9 +102,6 @@ def save_reward_model(rm: RewardModel, tokenizer, path, extra: dict[str, str] | 
         (folder / "config.json").write_text(json.dumps({**config, RM_MARKER: True}, indent=2))
         for name, text in (extra or {}).items():
             (folder / name).write_text(text)
-        replace_dir(folder, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_reward_model(path, dtype=None, device=None) -> tuple[RewardModel, object]:
