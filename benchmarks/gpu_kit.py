@@ -23,7 +23,9 @@ stage that fails or runs out of time is recorded with what it measured, and the 
 import argparse
 import contextlib
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -209,11 +211,15 @@ def run(kit: Path, out: Path, tiny: bool, device, budgets: dict | None = None):
             command = [sys.executable, __file__, "stage", str(kit), str(work), "--name", name, "--device", device.type,
                        *(["--tiny"] if tiny else [])]
             start, limit = time.perf_counter(), (budgets or {}).get(name)
+            # a session of its own: out of time, the stage goes with every process it started (train.py, compile
+            # workers), which would otherwise hold its output open and keep this waiting
+            stage = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
             try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
-                log, failed = done.stdout + done.stderr, done.returncode != 0 and f"exit {done.returncode}"
-            except subprocess.TimeoutExpired as e:
-                log, failed = str(e.stdout or "") + str(e.stderr or ""), f"stopped after {limit} s"
+                log, failed = stage.communicate(timeout=limit)[0], stage.wait() != 0 and f"exit {stage.returncode}"
+            except subprocess.TimeoutExpired:
+                os.killpg(stage.pid, signal.SIGKILL)
+                log, failed = stage.communicate()[0], f"stopped after {limit} s"
             (out / f"{name}.log").write_text(log)
             result = work / f"{name}.json"
             results[name] = json.loads(result.read_text()) if result.exists() and not failed else \

@@ -71,3 +71,20 @@ def test_a_stage_out_of_time_is_recorded_and_the_next_still_runs(kit, tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["sampling"]["failed"] == "stopped after 0.5 s"
     assert results["iteration"]["train_tokens_per_s"] > 0
+
+
+def test_a_stage_out_of_time_stops_with_the_processes_it_started(kit, tmp_path):
+    """The iteration stage runs train.py in a process of its own: stopped at its limit, the stage goes with it (one
+    process group), so no train.py goes on alone, holding the GPU (read from /proc: Linux)."""
+    gpu_kit.run(kit, tmp_path / "out", True, torch.device("cpu"), budgets={"iteration": 5})
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["iteration"]["failed"] == "stopped after 5 s"
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().decode(errors="replace") if proc.name.isdigit() else ""
+        except OSError:  # (a process that ended meanwhile)
+            continue
+        if "train.py" in command and str(kit) in command:
+            alive.append(command.replace("\0", " "))
+    assert alive == []
