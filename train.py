@@ -284,28 +284,30 @@ def final_answers(s: Settings, last: Path, out: Path):
 
 
 @contextlib.contextmanager
-def timed(s: Settings, folder: Path, step: str, what: str = ""):
-    """Say what runs (and what the same step took last iteration); add its wall time to folder/timing.json, under
-    `step` (a step finished over two attempts, or run in several parts, adds up)."""
+def timed(s: Settings, folder: Path, phase: str, what: str = ""):
+    """Say what runs (and what the same phase took last iteration); add its wall time to folder/timing.json, under
+    `phase` (a phase finished over two attempts, or run in several parts, adds up); on a GPU, its peak memory to
+    folder/memory.json (the highest over attempts)."""
     if s.ranks.main and what:
         t = int(folder.name.split("_")[1]) if folder.name.startswith("iter_") else None  # not final/, generator/
         last = folder.with_name(f"iter_{t - 1}") / "timing.json" if t else None
-        before = json.loads(last.read_text()).get(step) if last and last.exists() else None
-        print(f"[{folder.name}] {step}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""),
+        before = json.loads(last.read_text()).get(phase) if last and last.exists() else None
+        print(f"[{folder.name}] {phase}: {what}" + (f" (last iteration: {before:.0f} s)" if before else ""),
               file=sys.stderr)
     start = time.perf_counter()
-    if s.device.type == "cuda":  # on a GPU also the step's peak memory, in GiB, to folder/memory.json
+    if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
     yield
     if s.ranks.main:
         path = folder / "timing.json"
         seconds = json.loads(path.read_text()) if path.exists() else {}
-        seconds[step] = round(seconds.get(step, 0) + time.perf_counter() - start, 1)
+        seconds[phase] = round(seconds.get(phase, 0) + time.perf_counter() - start, 1)
         write_json(path, seconds)
     if s.ranks.main and s.device.type == "cuda":
         path = folder / "memory.json"
         peaks = json.loads(path.read_text()) if path.exists() else {}
-        write_json(path, peaks | {step: round(torch.cuda.max_memory_allocated(s.device) / 2**30, 2)})
+        peaks[phase] = max(peaks.get(phase, 0), round(torch.cuda.max_memory_allocated(s.device) / 2**30, 2))  # GiB
+        write_json(path, peaks)
 
 
 def cli(argv=None) -> int:

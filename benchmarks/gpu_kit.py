@@ -17,7 +17,7 @@ stage that fails or runs out of time is recorded with what it measured, and the 
   sampling   generate_batched, 256 prompts x 512 new tokens, compiled: the first call (its compile time and the
              graphs dynamo made), then a second (steady-state tokens/s, recompiles); peak memory
   iteration  train.py, one iteration on 64 prompts (LoRA r=16 above 3B, the memory model's micro-batch): each
-             stage's seconds and peak memory, training tokens/s and MFU (bench_packed_train.py's convention)
+             phase's seconds and peak memory, training tokens/s and MFU (bench_packed_train.py's convention)
 """
 
 import argparse
@@ -109,9 +109,8 @@ def synthetic_model(kit: Path, folder: Path, tiny: bool, device) -> Path:
 
 
 @contextlib.contextmanager
-def peak_memory(into: dict, name: str, path: Path | None = None):
-    """into[name]: the GPU memory a block peaked at, in GiB (nothing on a CPU), also when the block fails; written
-    to `path` as it comes, so that a process stopped later keeps it."""
+def peak_memory(into: dict, name: str):
+    """into[name]: the GPU memory a block peaked at, in GiB (nothing on a CPU), also when the block fails."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -120,8 +119,6 @@ def peak_memory(into: dict, name: str, path: Path | None = None):
     finally:
         if cuda:
             into[name] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        if path is not None:
-            write_json(path, into)
 
 
 def sampling(kit: Path, work: Path, tiny: bool, device) -> dict:
@@ -218,8 +215,11 @@ def run(kit: Path, out: Path, tiny: bool, device, budgets: dict | None = None):
             try:
                 log, failed = stage.communicate(timeout=limit)[0], stage.wait() != 0 and f"exit {stage.returncode}"
             except subprocess.TimeoutExpired:
-                os.killpg(stage.pid, signal.SIGKILL)
+                kill_group(stage)
                 log, failed = stage.communicate()[0], f"stopped after {limit} s"
+            except BaseException:  # Ctrl-C or a kill of the kit: the stage in its own session would not hear it
+                kill_group(stage)
+                raise
             (out / f"{name}.log").write_text(log)
             result = work / f"{name}.json"
             results[name] = json.loads(result.read_text()) if result.exists() and not failed else \
@@ -229,6 +229,12 @@ def run(kit: Path, out: Path, tiny: bool, device, budgets: dict | None = None):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results, indent=1))
+
+
+def kill_group(process):
+    """Kill `process` and every process in its group (it leads one: start_new_session)."""
+    with contextlib.suppress(ProcessLookupError):  # (the group may have ended meanwhile)
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def partial(work: Path) -> dict:

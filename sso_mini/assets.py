@@ -52,17 +52,28 @@ def undo_on_failure(path, undo):
 
 @contextlib.contextmanager
 def atomic_folder(path):
-    """A temporary folder beside `path` to write into, which takes the place of `path` (and of an old folder there)
-    when the block ends; whatever stops the block, the temporary folder goes and `path` stays as it was."""
+    """A temporary folder beside `path` to write into, which takes the place of `path` when the block ends
+    (replace_folder); whatever stops the block, the temporary folder goes and `path` stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-")), path.with_name(path.name + ".old")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp-"))
     with undo_on_failure(path, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         yield tmp
-        if path.exists():  # a folder cannot be replaced in one rename: the old one steps aside first
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, path)
+
+
+def replace_folder(tmp: Path, path: Path):
+    """Rename the finished folder `tmp` to `path`. A folder there cannot be replaced in one rename: it steps aside
+    first, and comes back if this is stopped between the two renames."""
+    old = tmp.with_name(tmp.name + ".old")  # this call's own name
+    try:
+        if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

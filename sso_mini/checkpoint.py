@@ -105,16 +105,21 @@ def _as_list(x):
 
 def save_model(model: Transformer, tokenizer: Tokenizer, path, dtype=None):
     """Write a HF folder that transformers (and load_model) read back to the same logits."""
+    with atomic_folder(path) as tmp:  # a full disk: named, no debris
+        write_model(model, tokenizer, tmp, dtype)
+
+
+def write_model(model: Transformer, tokenizer: Tokenizer, folder: Path, dtype=None):
+    """save_model's files, written into `folder`."""
     config = model.config.to_hf_dict()
     state = {(name if name == "lm_head.weight" else "model." + name): t.detach().to(dtype or t.dtype).contiguous().cpu()
              for name, t in model.state_dict().items()}
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    with atomic_folder(path) as tmp:  # a full disk: named, no debris
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        tokenizer.save(tmp)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tokenizer.save(folder)
 
 
 def default_gguf() -> Path:

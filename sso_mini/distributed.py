@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from .assets import sha256, write_atomic
+from .assets import replace_folder, sha256, write_atomic
 
 WAIT = datetime.timedelta(minutes=60)  # a rank may wait long for the others (a longer share to sample, a compile)
 
@@ -160,7 +160,7 @@ class Ranks:
         try:
             recorded.result()
             failed = None
-        except (OSError, CheckpointException) as e:  # a full disk: every rank stops, not only the one that failed
+        except (Exception, CheckpointException) as e:  # a full disk: every rank stops, not only the one that failed
             failed = f"rank {self.rank}: {e}"
         failures = [f for f in self.gather(failed) if f]
         if failures:
@@ -170,8 +170,7 @@ class Ranks:
                           "save before it stays")
         if self.main:
             write_atomic(tmp / "state.json", json.dumps({"step": step, "world_size": self.size}))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
+            replace_folder(tmp, path)
         self.wait()
 
     def load_state(self, path, model, optimizer) -> int:

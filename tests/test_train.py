@@ -549,6 +549,36 @@ def test_a_full_disk_names_the_file_keeps_the_state_and_resume_ends_equal(tiny_m
     assert_same_weights(tmp_path, uninterrupted)
 
 
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """assets.atomic_folder (the model folder, the resume state): the new folder takes the old one's place; stopped
+    inside the block, or by Ctrl-C between its two renames, the old folder stays as it was, nothing left beside it."""
+    from sso_mini import assets
+
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "a").write_text("old")
+    with assets.atomic_folder(path) as tmp:
+        (tmp / "a").write_text("new")
+    assert (path / "a").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with pytest.raises(KeyboardInterrupt), assets.atomic_folder(path) as tmp:
+        (tmp / "a").write_text("newer")
+        raise KeyboardInterrupt
+    assert (path / "a").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    real, renames = os.replace, []
+
+    def interrupted_second(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:  # the old folder has stepped aside, the new one is not yet in its place
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(assets.os, "replace", interrupted_second)
+    with pytest.raises(KeyboardInterrupt), assets.atomic_folder(path) as tmp:
+        (tmp / "a").write_text("newer")
+    assert len(renames) == 3  # the old folder came back
+    assert (path / "a").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 @pytest.mark.parametrize("how", ["truncated", "one bit flipped"])
 @pytest.mark.parametrize("damaged", ["iter_0/ref_logps.safetensors", "iter_0/resume/weights.safetensors"])
 def test_a_damaged_cache_is_never_used_and_resume_ends_equal(tiny_model_dir, tmp_path, uninterrupted, damaged, how):

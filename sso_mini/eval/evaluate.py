@@ -165,7 +165,7 @@ def table(result: dict) -> str:
 def main(argv=None):
     """`python -m sso_mini.eval.evaluate MODEL_DIR`: measure one model, print a table, write JSON."""
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("model", help="HF model folder or known model name")
+    ap.add_argument("model", help="HF model folder or a model's name")
     ap.add_argument("--pairs", help="pairs.jsonl of an iteration: on-policy log-prob and judge accuracy")
     ap.add_argument("--out", help="where to write the JSON result (default: MODEL_DIR/eval.json if a folder)")
     ap.add_argument("--baseline", help="an earlier result JSON: report the paired IFEval difference")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ..assets import atomic_folder, write_json
 from ..batches import collate, collate_groups, is_capped, response_ids, truncate
-from ..checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, save_model
+from ..checkpoint import DEFAULT_MODEL, CheckpointError, load_model, resolve, write_model
 from ..logprobs import packed_logprobs
 from ..metrics import wilson_interval
 from ..model import Transformer, padding_causal_mask, position_ids_from_mask
@@ -95,7 +95,7 @@ def is_reward_model(path) -> bool:
 def save_reward_model(rm: RewardModel, tokenizer, path, extra: dict[str, str] | None = None):
     """The body as a HF folder, the head and the config marker (and `extra` text files), moved into place at once."""
     with atomic_folder(path) as folder:
-        save_model(rm.body, tokenizer, folder)
+        write_model(rm.body, tokenizer, folder)
         head = {k: v.detach().contiguous().cpu() for k, v in rm.head.state_dict().items()}
         save_file(head, str(folder / HEAD_FILE), metadata={"format": "pt"})
         config = json.loads((folder / "config.json").read_text())
@@ -330,7 +330,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m sso_mini.eval.reward", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a reward model on pairs files")
-    t.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder, known name, or a reward model folder")
+    t.add_argument("--model", default=DEFAULT_MODEL, help="HF model folder, a model's name, or a reward model folder")
     t.add_argument("--pairs", nargs="+", required=True, help="SSO pairs.jsonl and/or prompt/chosen/rejected JSONL")
     t.add_argument("--out", required=True, help="output folder (HF-style)")
     t.add_argument("--sso-pairs", default="base", help="which SSO pairs to use: comma list of base,p,n")
