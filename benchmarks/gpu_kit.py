@@ -151,8 +151,8 @@ def sampling(kit: Path, work: Path, tiny: bool, device) -> dict:
 
 
 def iteration(kit: Path, work: Path, tiny: bool, device) -> dict:
-    """train.py for one iteration, in a process of its own (its output goes to this stage's log); each stage's
-    seconds and, on a GPU, peak memory, as train.py records them (iter_0/timing.json, memory.json)."""
+    """train.py for one iteration, in a process of its own (its output goes to this stage's log); each phase's
+    seconds and, on a GPU, peak memory, as train.py records them (partial)."""
     _, new_tokens, prompts = SIZES["tiny" if tiny else "7b"]
     run = work / "run"
     subprocess.run([sys.executable, str(HERE.parent / "train.py"), "--model", str(work / "model"), "--prompts",
@@ -160,7 +160,6 @@ def iteration(kit: Path, work: Path, tiny: bool, device) -> dict:
                     "--iterations", "1", "--prompts-per-iteration", str(prompts), "--eval-prompts", "0",
                     "--max-new-tokens", str(new_tokens), "--out", str(run), "--device", device.type, "--no-progress",
                     "--batch-size", "4" if tiny else "8"], check=True)
-    memory = partial(work).get("peak_memory_gib", {})
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in steps if r["split"] == "train"]
     rate = statistics.median(rates[1:] or rates)  # the first step warms up
@@ -170,8 +169,7 @@ def iteration(kit: Path, work: Path, tiny: bool, device) -> dict:
     per_token = 4 if settings["lora"] else 6  # LoRA computes no gradient of the frozen weights
     name = torch.cuda.get_device_name() if device.type == "cuda" else ""
     peak = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in name), None)
-    return {"seconds": json.loads((run / "iter_0" / "timing.json").read_text()), "peak_memory_gib": memory,
-            "train_tokens_per_s": round(rate), "lora": settings["lora"],
+    return {"peak_memory_gib": {}, **partial(work), "train_tokens_per_s": round(rate), "lora": settings["lora"],
             "tokens_per_micro_batch": plan["tokens_per_micro_batch"],
             "gradient_checkpointing": plan["gradient_checkpointing"],
             "mfu": round(rate * per_token * counted_params(model) / (peak * 1e12), 3) if peak else None}
@@ -238,7 +236,7 @@ def kill_group(process):
 
 
 def partial(work: Path) -> dict:
-    """What a stopped iteration had measured: its stages' seconds and peak memory so far."""
+    """What train.py's iteration has measured (so far, if stopped): its phases' seconds and peak memory."""
     folder = work / "run" / "iter_0"
     files = {"seconds": folder / "timing.json", "peak_memory_gib": folder / "memory.json"}
     return {k: json.loads(p.read_text()) for k, p in files.items() if p.exists()}

@@ -159,10 +159,19 @@ def first_plan(args, config: ModelConfig, lora: bool, ranks, longest: int) -> tu
     GPU's free memory (rank 0's, so every rank plans alike): (tokens per micro-batch, gradient checkpointing, the
     memory plan planned_config plans each iteration's micro-batches from)."""
     free = ranks.on_rank0(lambda: plan_bytes(torch.device(args.device)))
-    memory_plan = dict(config=config, free_bytes=free, lora_rank=args.lora_rank if lora else None, n_ranks=ranks.size)
-    tokens, checkpointing = micro_batch_tokens(**memory_plan, record=longest)
-    given = args.gradient_checkpointing  # None: planned; a bool: --(no-)gradient-checkpointing
-    return tokens, checkpointing if given is None else given, memory_plan | {"checkpointing": given}
+    # checkpointing: None, planned; a bool, --(no-)gradient-checkpointing
+    memory_plan = dict(config=config, free_bytes=free, lora_rank=args.lora_rank if lora else None, n_ranks=ranks.size,
+                       checkpointing=args.gradient_checkpointing)
+    return *plan(memory_plan, longest), memory_plan
+
+
+def plan(memory_plan: dict, record: int) -> tuple[int, bool]:
+    """micro_batch_tokens for a record of `record` tokens, under memory_plan (its inputs, and "checkpointing": the
+    flag's value, which stays when given)."""
+    inputs = dict(memory_plan)
+    given = inputs.pop("checkpointing")
+    tokens, checkpointing = micro_batch_tokens(**inputs, record=record)
+    return tokens, checkpointing if given is None else given
 
 
 def planned_config(cfg, memory_plan: dict, records: list, tokenizer):
@@ -170,10 +179,8 @@ def planned_config(cfg, memory_plan: dict, records: list, tokenizer):
     records are far shorter than --cutoff's bound, so fewer need checkpointing). memory_plan: micro_batch_tokens's
     inputs, and "checkpointing", the flag's value (None: planned here too)."""
     longest = max(row_length(record_groups(tokenizer, r, cfg.cutoff, columns=cfg.columns)) for r in records)
-    plan = dict(memory_plan)
-    given = plan.pop("checkpointing")
-    tokens, checkpointing = micro_batch_tokens(**plan, record=longest)
-    return replace(cfg, tokens_per_micro_batch=tokens, gradient_checkpointing=checkpointing if given is None else given)
+    tokens, checkpointing = plan(memory_plan, longest)
+    return replace(cfg, tokens_per_micro_batch=tokens, gradient_checkpointing=checkpointing)
 
 
 def main():
